@@ -1,0 +1,197 @@
+"""Whole-volume segmentation inference: overlapping sliding windows, Gaussian blending, flip TTA.
+
+A model trained on fixed-size sub-volumes (e.g. 64x64x32) is applied to a whole scan by tiling it
+with windows of that size. Windows overlap by a fraction `overlap` of their size; each window's
+prediction is weighted by a Gaussian centred on the window (sigma = window / 8 per axis, as in
+nnU-Net), because a conv net is least reliable near a window's edge where it sees zero padding.
+The result is sum(w * p) / sum(w) per voxel. Axes are channels-last: a volume is (x, y, z, C)
+(or (x, y, C) in 2D) and the model returns (B, *window, K) probabilities.
+
+Axes shorter than the window are zero-padded (centred) up to the window and the padding is cropped
+from the output; zero is "air" for CT mapped to [0, 1] and background for min-max MRI.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+
+from genesis_jax.data.volume import Volume
+
+
+class InferenceInputError(ValueError):
+  """A volume, window or model output that sliding-window inference cannot work with."""
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+  """Start indices of windows along one axis of length `size` (>= window), first at 0, last at the end.
+
+  The stride is window * (1 - overlap) at most; the windows are spread evenly so the last one
+  ends exactly at `size`. With overlap 0 and size a multiple of window this is an exact tiling.
+  """
+  if size <= window:
+    return [0]
+  step = max(1, int(window * (1.0 - overlap)))
+  n = math.ceil((size - window) / step) + 1
+  return sorted({int(round(s)) for s in np.linspace(0, size - window, n)})
+
+
+def gaussian_importance(window: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+  """Window-shaped float32 weights, 1 at the centre, falling off as a Gaussian (sigma = w * scale).
+
+  Strictly positive everywhere, so every voxel covered by some window gets a defined average.
+  """
+  axes = []
+  for w in window:
+    c = (w - 1) / 2.0
+    sigma = max(w * sigma_scale, 1e-6)
+    axes.append(np.exp(-0.5 * ((np.arange(w) - c) / sigma) ** 2))
+  g = axes[0]
+  for a in axes[1:]:
+    g = np.multiply.outer(g, a)
+  g = g / g.max()
+  return np.maximum(g, np.finfo(np.float32).tiny).astype(np.float32)
+
+
+def _flip_sets(ndim: int) -> list[tuple[int, ...]]:
+  """Every subset of the spatial axes (1..ndim of a (B, *spatial, C) batch), the empty set first."""
+  axes = range(1, ndim + 1)
+  return [c for r in range(ndim + 1) for c in itertools.combinations(axes, r)]
+
+
+def sliding_window_predict(apply_fn: Callable, volume: np.ndarray, window: tuple, *,
+                           overlap: float = 0.5, batch_size: int = 4, gaussian: bool = True,
+                           tta_flip: bool = False, num_outputs: int | None = None) -> np.ndarray:
+  """Predicts a whole volume with overlapping windows.
+
+  Args:
+    apply_fn: batch (B, *window, C) float32 -> (B, *window, K) probabilities; must be traceable
+      by jax. It is jitted once here (or used as is if already jitted): every batch has the
+      same shape, the last one padded with zeros.
+    volume: (x, y, z, C) or (x, y, C), any size; axes smaller than the window are padded.
+    window: spatial window size, (wx, wy, wz) or (wx, wy).
+    overlap: fraction of the window shared by neighbouring windows, in [0, 1).
+    batch_size: windows per forward pass.
+    gaussian: weight each window by `gaussian_importance`; False = plain averaging.
+    tta_flip: also predict every flip of the window (all 2**ndim subsets of spatial axes), flip
+      the predictions back and average them.
+    num_outputs: K, checked against the model's output if given.
+
+  Returns:
+    (x, y, z, K) (or (x, y, K)) float32 weighted average of the window predictions.
+  """
+  vol = np.asarray(volume, dtype=np.float32)
+  window = tuple(int(w) for w in window)
+  nd = len(window)
+  if vol.ndim != nd + 1:
+    raise InferenceInputError(
+        f"volume shape {vol.shape} must be (*spatial, C) with {nd} spatial axes to match window "
+        f"{window}; add a channel axis with volume[..., None]")
+  if any(w < 1 for w in window):
+    raise InferenceInputError(f"window {window} must be positive")
+  if not 0.0 <= overlap < 1.0:
+    raise InferenceInputError(f"overlap must be in [0, 1), got {overlap}")
+  if batch_size < 1:
+    raise InferenceInputError(f"batch_size must be >= 1, got {batch_size}")
+
+  spatial = vol.shape[:nd]
+  pad = [(max(0, w - s) // 2, max(0, w - s) - max(0, w - s) // 2) for s, w in zip(spatial, window)]
+  if any(sum(p) for p in pad):
+    vol = np.pad(vol, pad + [(0, 0)])
+  padded = vol.shape[:nd]
+  channels = vol.shape[-1]
+
+  fwd = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
+  batch_shape = (batch_size, *window, channels)
+  out_struct = jax.eval_shape(fwd, jax.ShapeDtypeStruct(batch_shape, jnp.float32))
+  out_shape = tuple(getattr(out_struct, "shape", ()))
+  if len(out_shape) != nd + 2 or out_shape[:-1] != batch_shape[:-1]:
+    raise InferenceInputError(
+        f"apply_fn maps {batch_shape} to {out_shape}; expected (B, *window, K) = "
+        f"{(*batch_shape[:-1], 'K')}")
+  k = out_shape[-1]
+  if num_outputs is not None and num_outputs != k:
+    raise InferenceInputError(f"apply_fn returns {k} output channels, num_outputs={num_outputs}")
+
+  flips = _flip_sets(nd) if tta_flip else [()]
+
+  def predict(x: np.ndarray) -> jax.Array:
+    x = jnp.asarray(x)
+    acc = None
+    for axes in flips:
+      y = fwd(jnp.flip(x, axes) if axes else x)
+      y = jnp.flip(y, axes) if axes else y
+      acc = y if acc is None else acc + y
+    return acc / len(flips) if len(flips) > 1 else acc
+
+  weight_map = gaussian_importance(window) if gaussian else np.ones(window, np.float32)
+  weight_map = weight_map[..., None]
+  out = np.zeros((*padded, k), np.float32)
+  norm = np.zeros((*padded, 1), np.float32)
+
+  starts = list(itertools.product(*(window_starts(s, w, overlap) for s, w in zip(padded, window))))
+
+  def accumulate(y_dev: jax.Array, chunk: list[tuple[int, ...]]) -> None:
+    y = np.asarray(y_dev, dtype=np.float32)
+    for i, start in enumerate(chunk):
+      sl = tuple(slice(s, s + w) for s, w in zip(start, window))
+      out[sl] += y[i] * weight_map
+      norm[sl] += weight_map
+
+  # Dispatch batch i+1 (asynchronously) before pulling batch i back to the host, so the device
+  # computes while the host gathers patches and accumulates.
+  pending = None
+  for b in range(0, len(starts), batch_size):
+    chunk = starts[b:b + batch_size]
+    x = np.zeros(batch_shape, np.float32)
+    for i, start in enumerate(chunk):
+      x[i] = vol[tuple(slice(s, s + w) for s, w in zip(start, window))]
+    y_dev = predict(x)
+    if pending is not None:
+      accumulate(*pending)
+    pending = (y_dev, chunk)
+  accumulate(*pending)
+
+  out /= norm
+  crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pad, spatial))
+  return out[crop]
+
+
+def predict_to_nifti(apply_fn: Callable, vol: Volume, window, out_path: str | os.PathLike, *,
+                     threshold: float | None = 0.5,
+                     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                     **kw) -> np.ndarray:
+  """Segments a `Volume` with `sliding_window_predict` and writes the result as NIfTI.
+
+  `vol.data` (x, y, z) is fed to the model as one channel; it must already be in the model's
+  input units (e.g. HU clipped and mapped to [0, 1]) unless `preprocess` maps it there. The file
+  uses `vol.affine` (canonical RAS+), so it overlays the source scan in any viewer.
+
+  Output written and returned:
+    - threshold None: probabilities, float32 (x, y, z) for K = 1 or (x, y, z, K);
+    - K = 1: uint8 mask, prob >= threshold;
+    - K > 1: uint8 label map argmax over the K outputs (threshold unused).
+  `kw` is passed to `sliding_window_predict` (overlap, batch_size, gaussian, tta_flip, ...).
+  """
+  data = np.asarray(vol.data, np.float32)
+  if data.ndim != 3:
+    raise InferenceInputError(f"{vol.source or 'volume'}: data must be (x, y, z), got {data.shape}")
+  if preprocess is not None:
+    data = np.asarray(preprocess(data), np.float32)
+  probs = sliding_window_predict(apply_fn, data[..., None], window, **kw)
+  if threshold is None:
+    result = probs[..., 0] if probs.shape[-1] == 1 else probs
+  elif probs.shape[-1] == 1:
+    result = (probs[..., 0] >= threshold).astype(np.uint8)
+  else:
+    result = np.argmax(probs, axis=-1).astype(np.uint8)
+  img = nib.Nifti1Image(result, np.asarray(vol.affine, np.float64))
+  img.header.set_xyzt_units("mm")
+  nib.save(img, os.fspath(out_path))
+  return result

@@ -1,0 +1,178 @@
+"""Evaluation metrics for the target tasks: AUC (classification), Dice, IoU and HD95 (segmentation).
+
+numpy in, python floats out. Masks are binary arrays (bool or {0, 1}) of any spatial shape,
+(x, y, z) for 3D or (x, y) for 2D. `dice` and `iou` pool every voxel they are given, so a stack
+(N, x, y, z) gives the global (dataset-level) score; `segmentation_metrics` gives per-case scores.
+
+Empty-mask policy (chosen so that every case has a finite Dice/IoU and means stay defined):
+- Dice and IoU: prediction and ground truth both empty -> 1.0 (perfect agreement on "nothing
+  there"); exactly one of them empty -> 0.0.
+- HD95: both empty -> 0.0; exactly one empty -> inf (no surface to measure to). The mean HD95 in
+  `segmentation_metrics` is taken over the finite cases and the undefined ones are counted.
+
+AUC is sklearn's `roc_auc_score`; surface distances use scipy.ndimage's Euclidean distance
+transform with the voxel spacing in millimetres, so HD95 is in millimetres.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from sklearn import metrics as sk_metrics
+
+
+class MetricInputError(ValueError):
+  """Inputs a metric cannot score: wrong shapes, non-binary masks, a single class for AUC."""
+
+
+def _as_mask(x, name: str) -> np.ndarray:
+  """Returns `x` as a bool array; raises if it holds values other than 0/1 (e.g. probabilities)."""
+  a = np.asarray(x)
+  if a.dtype == bool:
+    return a
+  if a.size and not np.all((a == 0) | (a == 1)):
+    bad = a[(a != 0) & (a != 1)].ravel()[0]
+    raise MetricInputError(
+        f"{name} must be a binary mask (bool or 0/1), found value {bad!r}; threshold "
+        "probabilities first (e.g. probs >= 0.5).")
+  return a.astype(bool)
+
+
+def _pair(pred, target) -> tuple[np.ndarray, np.ndarray]:
+  p, t = _as_mask(pred, "pred"), _as_mask(target, "target")
+  if p.shape != t.shape:
+    raise MetricInputError(f"pred shape {p.shape} != target shape {t.shape}")
+  return p, t
+
+
+def auc(labels, scores) -> float:
+  """Area under the ROC curve for binary labels (0/1) and real-valued scores (higher = positive)."""
+  y = np.asarray(labels).ravel()
+  s = np.asarray(scores, dtype=np.float64).ravel()
+  if y.shape != s.shape:
+    raise MetricInputError(f"labels has {y.size} entries but scores has {s.size}")
+  classes = np.unique(y)
+  if classes.size != 2:
+    raise MetricInputError(
+        f"AUC needs both classes present in labels, found {classes.tolist()}")
+  if not np.all(np.isfinite(s)):
+    raise MetricInputError("scores contain NaN or Inf")
+  return float(sk_metrics.roc_auc_score(y, s))
+
+
+def dice(pred, target) -> float:
+  """Dice = 2|P & T| / (|P| + |T|); 1.0 when both are empty (see module docstring)."""
+  p, t = _pair(pred, target)
+  denom = int(p.sum()) + int(t.sum())
+  if denom == 0:
+    return 1.0
+  return 2.0 * int(np.logical_and(p, t).sum()) / denom
+
+
+def iou(pred, target) -> float:
+  """Intersection over union (Jaccard) = |P & T| / |P | T|; 1.0 when both are empty."""
+  p, t = _pair(pred, target)
+  union = int(np.logical_or(p, t).sum())
+  if union == 0:
+    return 1.0
+  return int(np.logical_and(p, t).sum()) / union
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+  """Voxels of `mask` with a face-neighbour outside it; the array border counts as outside."""
+  structure = ndimage.generate_binary_structure(mask.ndim, 1)
+  return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def surface_distances(pred, target, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """Directed surface distances in mm: (pred surface -> target surface, target -> pred).
+
+  Both masks must be non-empty.
+  """
+  p, t = _pair(pred, target)
+  sp = tuple(float(s) for s in spacing)
+  if len(sp) != p.ndim:
+    raise MetricInputError(
+        f"spacing {sp} has {len(sp)} entries for masks with {p.ndim} spatial axes {p.shape}")
+  if not p.any() or not t.any():
+    raise MetricInputError("surface distances need non-empty pred and target")
+  ps, ts = _surface(p), _surface(t)
+  # EDT of the complement gives, at every voxel, the distance to the nearest surface voxel.
+  to_t = ndimage.distance_transform_edt(~ts, sampling=sp)
+  to_p = ndimage.distance_transform_edt(~ps, sampling=sp)
+  return to_t[ps], to_p[ts]
+
+
+def hd95(pred, target, spacing: Sequence[float] = (1, 1, 1)) -> float:
+  """95th-percentile symmetric Hausdorff distance in mm between the mask surfaces.
+
+  The percentile is taken over both directed distance sets pooled (MedPy's definition).
+  `spacing` is the voxel size along each mask axis, e.g. `Volume.spacing`. Both empty -> 0.0,
+  one empty -> inf.
+  """
+  p, t = _pair(pred, target)
+  if len(tuple(spacing)) != p.ndim:
+    raise MetricInputError(
+        f"spacing {tuple(spacing)} does not match masks with {p.ndim} axes {p.shape}; hd95 takes "
+        "one case (use segmentation_metrics for a stack) and 2D masks need a 2-entry spacing")
+  if not p.any() and not t.any():
+    return 0.0
+  if not p.any() or not t.any():
+    return float("inf")
+  d_pt, d_tp = surface_distances(p, t, spacing)
+  return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
+
+
+def segmentation_metrics(preds, targets, spacing=None, hd: bool = False) -> dict:
+  """Per-case and mean Dice/IoU (and HD95 if `hd`) over a set of cases.
+
+  Args:
+    preds, targets: a stacked array (N, x, y, z) / (N, x, y), or sequences of N binary masks
+      (cases may differ in shape).
+    spacing: None (unit voxels), one spacing for every case, or a sequence of N spacings.
+    hd: also compute HD95 (slower: two distance transforms per case).
+
+  Returns:
+    {"n", "dice", "iou", "mean_dice", "std_dice", "mean_iou", "std_iou"} and, with `hd`,
+    {"hd95", "mean_hd95", "hd95_undefined"}: lists hold per-case python floats, std is the
+    population std over cases, mean_hd95 is over finite cases (NaN if none) and
+    hd95_undefined counts cases with exactly one empty mask.
+  """
+  preds, targets = list(preds), list(targets)
+  if len(preds) != len(targets):
+    raise MetricInputError(f"{len(preds)} predictions but {len(targets)} targets")
+  n = len(preds)
+  if n == 0:
+    raise MetricInputError("segmentation_metrics needs at least one case")
+  if spacing is None:
+    spacings = [None] * n
+  elif np.ndim(spacing) == 1:
+    spacings = [tuple(float(s) for s in spacing)] * n
+  elif np.ndim(spacing) == 2:
+    spacings = [tuple(float(v) for v in s) for s in spacing]
+    if len(spacings) != n:
+      raise MetricInputError(f"{len(spacings)} spacings for {n} cases")
+  else:
+    raise MetricInputError(f"spacing must be one (x, y, z) tuple or one per case, got {spacing!r}")
+
+  out: dict = {"n": n, "dice": [], "iou": []}
+  if hd:
+    out["hd95"] = []
+  for i, (p, t) in enumerate(zip(preds, targets)):
+    try:
+      out["dice"].append(dice(p, t))
+      out["iou"].append(iou(p, t))
+      if hd:
+        sp = spacings[i] if spacings[i] is not None else (1.0,) * np.ndim(p)
+        out["hd95"].append(hd95(p, t, sp))
+    except MetricInputError as e:
+      raise MetricInputError(f"case {i}: {e}") from e
+  for k in ("dice", "iou"):
+    out[f"mean_{k}"] = float(np.mean(out[k]))
+    out[f"std_{k}"] = float(np.std(out[k]))
+  if hd:
+    finite = [h for h in out["hd95"] if np.isfinite(h)]
+    out["mean_hd95"] = float(np.mean(finite)) if finite else float("nan")
+    out["hd95_undefined"] = n - len(finite)
+  return out

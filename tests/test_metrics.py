@@ -1,0 +1,139 @@
+"""Metrics against hand-computed values, sklearn/scipy references and a brute-force HD95."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+from sklearn.metrics import roc_auc_score
+
+from genesis_jax import metrics
+
+
+def test_auc_hand_computed_and_sklearn():
+  # Positive/negative pairs: (0.35 > 0.1), (0.35 < 0.4), (0.8 > both) -> 3 of 4 ordered right.
+  assert metrics.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+  assert metrics.auc([1, 0], [0.9, 0.1]) == 1.0
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 2, 200)
+  s = rng.random(200) + 0.3 * y
+  assert metrics.auc(y, s) == pytest.approx(roc_auc_score(y, s))
+  assert isinstance(metrics.auc(y, s), float)
+
+
+def test_auc_rejects_single_class_and_mismatch():
+  with pytest.raises(ValueError, match="both classes"):
+    metrics.auc([1, 1, 1], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="entries"):
+    metrics.auc([0, 1], [0.1, 0.2, 0.3])
+
+
+def test_dice_iou_hand_computed():
+  pred = np.array([1, 1, 0, 0], bool).reshape(1, 2, 2)
+  target = np.array([1, 0, 1, 0], bool).reshape(1, 2, 2)
+  assert metrics.dice(pred, target) == pytest.approx(0.5)  # 2*1 / (2+2)
+  assert metrics.iou(pred, target) == pytest.approx(1 / 3)  # 1 / 3
+  a = np.zeros((6, 6, 6), np.uint8)
+  b = np.zeros((6, 6, 6), np.uint8)
+  a[:4], b[2:] = 1, 1  # 144 and 144 voxels, overlap 72.
+  assert metrics.dice(a, b) == pytest.approx(0.5)
+  assert metrics.iou(a, b) == pytest.approx(72 / 216)
+  assert metrics.dice(a, a) == 1.0 and metrics.iou(a, a) == 1.0
+
+
+def test_dice_iou_relation_on_random_masks():
+  rng = np.random.default_rng(1)
+  p, t = rng.random((2, 5, 6, 7)) > 0.6
+  d, j = metrics.dice(p, t), metrics.iou(p, t)
+  assert d == pytest.approx(2 * j / (1 + j))
+
+
+def test_empty_mask_policy():
+  z = np.zeros((4, 4, 4), bool)
+  o = z.copy()
+  o[1, 1, 1] = True
+  assert metrics.dice(z, z) == 1.0 and metrics.iou(z, z) == 1.0
+  assert metrics.dice(z, o) == 0.0 and metrics.dice(o, z) == 0.0
+  assert metrics.iou(o, z) == 0.0
+  assert metrics.hd95(z, z) == 0.0
+  assert metrics.hd95(z, o) == float("inf") and metrics.hd95(o, z) == float("inf")
+
+
+def test_bad_masks_raise():
+  with pytest.raises(ValueError, match="binary"):
+    metrics.dice(np.full((2, 2, 2), 0.7), np.ones((2, 2, 2)))
+  with pytest.raises(ValueError, match="shape"):
+    metrics.iou(np.ones((2, 2, 2)), np.ones((2, 2, 3)))
+  with pytest.raises(ValueError, match="spacing"):
+    metrics.hd95(np.ones((2, 3, 3, 3)), np.ones((2, 3, 3, 3)))
+
+
+def test_hd95_single_voxels_with_spacing():
+  a = np.zeros((8, 4, 4), bool)
+  b = np.zeros((8, 4, 4), bool)
+  a[1, 2, 2], b[4, 2, 2] = True, True
+  assert metrics.hd95(a, b) == pytest.approx(3.0)
+  assert metrics.hd95(a, b, spacing=(2.0, 1.0, 0.5)) == pytest.approx(6.0)
+  assert metrics.hd95(a, a) == 0.0
+
+
+def _brute_hd95(p, t, spacing):
+  """Reference: surface voxels by explicit 6-neighbour test, all pairwise distances."""
+  def surface(m):
+    padded = np.pad(m, 1)
+    inner = np.ones_like(m)
+    for ax in range(m.ndim):
+      for sh in (-1, 1):
+        inner &= np.roll(padded, sh, axis=ax)[tuple(slice(1, -1) for _ in m.shape)]
+    return np.argwhere(m & ~inner) * np.asarray(spacing)
+  ps, ts = surface(p), surface(t)
+  d = cdist(ps, ts)
+  return np.percentile(np.concatenate([d.min(1), d.min(0)]), 95)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hd95_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  grid = np.stack(np.meshgrid(*(np.arange(n) for n in (14, 12, 10)), indexing="ij"), -1)
+  spacing = (0.7, 1.0, 2.5)
+
+  def blob():
+    c = rng.uniform(3, 8, 3)
+    r = rng.uniform(2, 4)
+    return (np.linalg.norm((grid - c) * spacing, axis=-1) < r * 1.5) | (rng.random(grid.shape[:3]) > 0.995)
+
+  p, t = blob(), blob()
+  assert metrics.hd95(p, t, spacing) == pytest.approx(_brute_hd95(p, t, spacing), rel=1e-6)
+
+
+def test_hd95_2d():
+  a = np.zeros((10, 10), bool)
+  b = np.zeros((10, 10), bool)
+  a[2:5, 2:5] = True
+  b[2:5, 6:9] = True
+  assert metrics.hd95(a, b, spacing=(1.0, 1.0)) == pytest.approx(_brute_hd95(a, b, (1, 1)))
+
+
+def test_segmentation_metrics_per_case_and_means():
+  a = np.zeros((3, 6, 6, 6), bool)
+  b = np.zeros((3, 6, 6, 6), bool)
+  a[0, :4], b[0, 2:] = True, True  # dice 0.5
+  a[1, :3], b[1, :3] = True, True  # dice 1
+  b[2, 0, 0, 0] = True  # pred empty, target not: dice 0, hd95 undefined
+  r = metrics.segmentation_metrics(a, b, spacing=(1.0, 1.0, 2.0), hd=True)
+  assert r["n"] == 3
+  assert r["dice"] == pytest.approx([0.5, 1.0, 0.0])
+  assert r["iou"] == pytest.approx([1 / 3, 1.0, 0.0])
+  assert r["mean_dice"] == pytest.approx(0.5)
+  assert r["std_dice"] == pytest.approx(np.std([0.5, 1.0, 0.0]))
+  assert r["hd95"][1] == 0.0 and r["hd95"][2] == float("inf")
+  assert r["hd95"][0] == pytest.approx(metrics.hd95(a[0], b[0], (1.0, 1.0, 2.0)))
+  assert r["mean_hd95"] == pytest.approx(np.mean(r["hd95"][:2]))
+  assert r["hd95_undefined"] == 1
+  # Cases of different shapes, one spacing per case.
+  r2 = metrics.segmentation_metrics([a[0], a[1, :5]], [b[0], b[1, :5]],
+                                    spacing=[(1, 1, 1), (2, 2, 2)], hd=True)
+  assert r2["dice"] == pytest.approx([0.5, 1.0]) and "hd95" in r2
+  with pytest.raises(ValueError, match="case 1"):
+    metrics.segmentation_metrics([a[0], a[1]], [b[0], b[1, :5]])
+  with pytest.raises(ValueError, match="spacings"):
+    metrics.segmentation_metrics(a, b, spacing=[(1, 1, 1)] * 2, hd=True)
