@@ -1,0 +1,162 @@
+"""grain input pipelines: pre-training cubes and target-task (image, label) samples.
+
+Every loader is a `grain.python.DataLoader` driven by an `IndexSampler`, so the order is a pure
+function of (seed, shard) and `iter(loader).get_state()` / `.set_state()` resume exactly (store
+the state with the checkpoint). Arrays are channels-last: cubes (x, y, z, 1), 2D slices (x, y, 1);
+batches add a leading N. Sharding is by host process: each process reads a disjoint subset of the
+records and yields its per-process batch.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import grain.python as grain
+import numpy as np
+
+from genesis_jax.data import prepare as prepare_lib
+
+_SPLITS = ("train", "val")
+
+
+class CubeSource(grain.RandomAccessDataSource):
+  """The cubes of one split of a prepared dataset, memory-mapped shard by shard.
+
+  Item i is float32 (*crop, 1) in [0, 1]. Shards are opened lazily per process (memmaps are not
+  pickled to grain workers), so reading a cube touches only its own pages on disk.
+  """
+
+  def __init__(self, dataset_dir: str | os.PathLike, split: str):
+    if split not in _SPLITS:
+      raise ValueError(f"split must be one of {_SPLITS}, got {split!r}.")
+    self._dir = pathlib.Path(dataset_dir)
+    manifest = prepare_lib.validate_dataset(self._dir)
+    self._split = split
+    self.crop = tuple(manifest["crop"])
+    shards = [s for s in manifest["shards"] if s["split"] == split and s["count"] > 0]
+    if not shards:
+      raise ValueError(f"{self._dir}: the {split!r} split holds no cubes "
+                       f"(counts {manifest['counts']}); use more scans or another val_fraction.")
+    self._paths = [str(prepare_lib.shard_path(self._dir, s)) for s in shards]
+    self._starts = list(np.cumsum([0] + [s["count"] for s in shards[:-1]]).tolist())
+    self._len = int(sum(s["count"] for s in shards))
+    self._arrays: list[np.ndarray | None] = [None] * len(shards)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    index = int(index)
+    if not 0 <= index < self._len:
+      raise IndexError(f"cube {index} out of range [0, {self._len}) in {self!r}.")
+    shard = bisect.bisect_right(self._starts, index) - 1
+    array = self._arrays[shard]
+    if array is None:
+      array = self._arrays[shard] = np.load(self._paths[shard], mmap_mode="r", allow_pickle=False)
+    return np.asarray(array[index - self._starts[shard]], np.float32)[..., None]
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, "_arrays": [None] * len(self._arrays)}
+
+  def __repr__(self) -> str:
+    # grain checks repr(source) when restoring an iterator state: keep it free of object ids.
+    return f"CubeSource({str(self._dir)!r}, {self._split!r}, len={self._len})"
+
+
+class ArraySource(grain.RandomAccessDataSource):
+  """In-memory (or np.memmap) arrays of a target task: item i = {"image": images[i],
+  "label": labels[i]}; images channels-last, labels a mask or a class."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if len(images) != len(labels):
+      raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length.")
+    if len(images) == 0:
+      raise ValueError("task_loader needs at least one sample.")
+    self._images, self._labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"image": np.asarray(self._images[index]), "label": np.asarray(self._labels[index])}
+
+  def __repr__(self) -> str:
+    return (f"ArraySource(images={self._images.shape}:{self._images.dtype}, "
+            f"labels={self._labels.shape}:{self._labels.dtype})")
+
+
+class ToImage(grain.MapTransform):
+  """Cube -> {"image": cube}. A top-level class so spawned grain workers can unpickle it."""
+
+  def map(self, element: np.ndarray) -> dict[str, np.ndarray]:
+    return {"image": element}
+
+
+def _allow_workers(worker_count: int) -> None:
+  # grain 0.2.18 workers read absl flags; outside an absl app nothing marks them parsed.
+  if worker_count > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+
+
+def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_index: int,
+            shard_count: int, shuffle: bool, num_epochs: int | None, worker_count: int,
+            drop_remainder: bool) -> grain.DataLoader:
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count}).")
+  if len(source) < shard_count:
+    raise ValueError(f"{source!r}: {len(source)} records cannot feed {shard_count} processes.")
+  _allow_workers(worker_count)
+  shard_options = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
+                                     drop_remainder=True)  # Equal shards: processes stay in step.
+  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options,
+                               shuffle=shuffle, num_epochs=num_epochs, seed=int(seed))
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[*operations, grain.Batch(batch_size=batch_size, drop_remainder=drop_remainder)],
+      worker_count=worker_count, shard_options=shard_options)
+
+
+def pretrain_loader(source: CubeSource, *, batch_size: int, seed: int, shard_index: int = 0,
+                    shard_count: int = 1, worker_count: int = 0) -> grain.DataLoader:
+  """Infinite, reshuffled each epoch, per-process batches {"image": float32 (B, *crop, 1)}."""
+  return _loader(source, [ToImage()], batch_size=batch_size, seed=seed, shard_index=shard_index,
+                 shard_count=shard_count, shuffle=True, num_epochs=None,
+                 worker_count=worker_count, drop_remainder=True)
+
+
+def eval_batches(source: CubeSource, batch_size: int, max_batches: int | None = None, *,
+                 drop_remainder: bool = False, shard_index: int = 0,
+                 shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass in fixed order (no shuffle): {"image": (B, *crop, 1)}. The last batch is short unless
+  `drop_remainder`; with shard_count > 1 each process gets a disjoint strided subset."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  indices = range(shard_index, len(source), shard_count)
+  for n, start in enumerate(range(0, len(indices), batch_size)):
+    if max_batches is not None and n >= max_batches:
+      return
+    chunk = indices[start:start + batch_size]
+    if drop_remainder and len(chunk) < batch_size:
+      return
+    yield {"image": np.stack([source[i] for i in chunk])}
+
+
+def task_loader(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
+                shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
+                repeat: bool = True, worker_count: int = 0) -> grain.DataLoader:
+  """Target-task batches {"image": (B, ...), "label": (B, ...)} from arrays (memmaps welcome).
+
+  repeat=True: infinite, full batches only (fixed shapes for jit); repeat=False: one pass whose
+  last batch may be short.
+  """
+  return _loader(ArraySource(images, labels), [], batch_size=batch_size, seed=seed,
+                 shard_index=shard_index, shard_count=shard_count, shuffle=shuffle,
+                 num_epochs=None if repeat else 1, worker_count=worker_count,
+                 drop_remainder=repeat)
