@@ -310,6 +310,7 @@ def _process_scan(path: pathlib.Path, scan_id: str, settings: CubeSettings, data
   from genesis_jax.data import readers  # pylint: disable=import-outside-toplevel
 
   volume = readers.load_volume(path)
+  readers.check_volume(volume)  # NaN/Inf or constant scans; size is checked after preprocessing.
   raw_shape, raw_spacing = volume.shape, volume.spacing
   volume = preprocess_lib.preprocess(volume, data_cfg)
   cubes = extract_cubes(volume.data, settings, scan_rng(seed, scan_id), source=str(path))
@@ -342,6 +343,9 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
   manifest_path = out_dir / MANIFEST
   shard_dir = out_dir / "shards"
   shard_dir.mkdir(parents=True, exist_ok=True)
+  # Temp files of a killed run (one writer per dataset dir is assumed).
+  for stale in [*out_dir.glob(".*.tmp-*"), *shard_dir.glob(".*.tmp-*")]:
+    stale.unlink()
 
   fingerprint = settings.fingerprint()
   shards, skipped = [], []
