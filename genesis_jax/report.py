@@ -1,0 +1,245 @@
+"""Experiment statistics and report: mean +- std per arm, p-values between arms, table and chart.
+
+Mirrors the paper's results table (e.g. NCC AUC: scratch 94.25 +- 5.07 vs Genesis 98.20 +- 0.51):
+for every task, each arm (scratch, genesis, ...) has N independent trials of one metric. The
+summary gives per arm the mean and the sample standard deviation (ddof=1) of the trials, and for
+each arm against the task's baseline arm two two-sided tests:
+- Welch's t-test, `scipy.stats.ttest_ind(a, b, equal_var=False)` (the paper reports t-test
+  p-values; Welch's does not assume equal variances, which the published stds contradict);
+- Mann-Whitney U, `scipy.stats.mannwhitneyu(a, b, alternative="two-sided")`, which does not
+  assume normality (few trials, bounded metrics).
+A p-value is None where the test is undefined (fewer than 2 trials in an arm for Welch, or both
+arms constant).
+
+Metric values are stored as given (e.g. AUC in [0, 1]); `scale` is only a display multiplier
+(default 100, the paper's percentages).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import stats
+
+TESTS = {
+    "welch": "two-sided Welch's t-test, scipy.stats.ttest_ind(equal_var=False)",
+    "mannwhitney": "two-sided Mann-Whitney U, scipy.stats.mannwhitneyu(alternative='two-sided')",
+}
+
+
+class TrialResultsError(ValueError):
+  """Trial results that cannot be summarised: empty arms, non-finite values, unknown baseline."""
+
+
+def _p_or_none(p) -> float | None:
+  p = float(p)
+  return None if math.isnan(p) else min(max(p, 0.0), 1.0)
+
+
+def _compare(a: np.ndarray, b: np.ndarray) -> dict:
+  """Both tests of arm `a` against baseline `b`."""
+  out = {"welch_t": None, "welch_p": None, "mannwhitney_u": None, "mannwhitney_p": None}
+  if a.size >= 2 and b.size >= 2 and (np.ptp(a) > 0 or np.ptp(b) > 0):
+    with warnings.catch_warnings():
+      # One constant arm (e.g. AUC 1.0 in every trial) is legitimate: Welch uses the other's
+      # variance; scipy still warns about the zero variance it computes.
+      warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+      t = stats.ttest_ind(a, b, equal_var=False)
+    out["welch_t"], out["welch_p"] = float(t.statistic), _p_or_none(t.pvalue)
+  if a.size >= 1 and b.size >= 1:
+    u = stats.mannwhitneyu(a, b, alternative="two-sided")
+    out["mannwhitney_u"], out["mannwhitney_p"] = float(u.statistic), _p_or_none(u.pvalue)
+  return out
+
+
+def summarize_trials(results: Mapping[str, Mapping[str, Sequence[float]]],
+                     metric_names: Mapping[str, str], *, baseline: str | None = None,
+                     scale: float | Mapping[str, float] = 100.0) -> dict:
+  """Per-task, per-arm statistics and tests against a baseline arm.
+
+  Args:
+    results: {task: {arm: [metric value of each independent trial]}}; arms may differ by task.
+    metric_names: {task: metric name shown in the table, e.g. "AUC", "IoU"}.
+    baseline: the arm every other arm is tested against; default "scratch" where a task has it,
+      else the task's first arm.
+    scale: display multiplier for the table and chart, one for all tasks or {task: scale}.
+
+  Returns:
+    A JSON-serialisable dict: {"tests", "std", "arms" (all arms, first-seen order), "tasks":
+    {task: {"metric", "scale", "baseline", "arms": {arm: {"n", "mean", "std", "median", "min",
+    "max", "trials"}}, "comparisons": [{"arm", "vs", "diff", "welch_t", "welch_p",
+    "mannwhitney_u", "mannwhitney_p"}]}}}.
+  """
+  if not results:
+    raise TrialResultsError("results is empty: no tasks to summarise")
+  summary: dict = {"tests": dict(TESTS), "std": "sample standard deviation (ddof=1) over trials",
+                   "arms": [], "tasks": {}}
+  for task, arms in results.items():
+    if task not in metric_names:
+      raise TrialResultsError(f"task {task!r} has no entry in metric_names")
+    if not arms:
+      raise TrialResultsError(f"task {task!r} has no arms")
+    values = {}
+    for arm, trials in arms.items():
+      v = np.asarray(list(trials), dtype=np.float64).ravel()
+      if v.size == 0:
+        raise TrialResultsError(f"results[{task!r}][{arm!r}] has no trials")
+      if not np.all(np.isfinite(v)):
+        raise TrialResultsError(f"results[{task!r}][{arm!r}] has a NaN or Inf trial: {v.tolist()}")
+      values[arm] = v
+      if arm not in summary["arms"]:
+        summary["arms"].append(arm)
+    if baseline is not None:
+      if baseline not in values:
+        raise TrialResultsError(
+            f"baseline arm {baseline!r} missing from task {task!r} (arms: {list(values)})")
+      base = baseline
+    else:
+      base = "scratch" if "scratch" in values else next(iter(values))
+    task_scale = float(scale[task]) if isinstance(scale, Mapping) else float(scale)
+    entry = {"metric": metric_names[task], "scale": task_scale, "baseline": base,
+             "arms": {}, "comparisons": []}
+    for arm, v in values.items():
+      entry["arms"][arm] = {
+          "n": int(v.size), "mean": float(v.mean()),
+          "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+          "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
+          "trials": v.tolist()}
+    for arm, v in values.items():
+      if arm != base:
+        entry["comparisons"].append(
+            {"arm": arm, "vs": base, "diff": float(v.mean() - values[base].mean()),
+             **_compare(v, values[base])})
+    summary["tasks"][task] = entry
+  return summary
+
+
+def _fmt_p(p: float | None) -> str:
+  if p is None:
+    return "n/a"
+  return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def to_markdown(summary: dict) -> str:
+  """The results table: one row per task, `mean ± std (n=N)` per arm, p-values per comparison."""
+  arms = summary["arms"]
+  pairs = []
+  for entry in summary["tasks"].values():
+    for c in entry["comparisons"]:
+      if (c["arm"], c["vs"]) not in pairs:
+        pairs.append((c["arm"], c["vs"]))
+  header = ["task", "metric", *arms]
+  for a, b in pairs:
+    header += [f"p Welch ({a} vs {b})", f"p MWU ({a} vs {b})"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for task, entry in summary["tasks"].items():
+    s = entry["scale"]
+    row = [task, entry["metric"] + ("" if s == 1 else f" (x{s:g})")]
+    for arm in arms:
+      st = entry["arms"].get(arm)
+      row.append("—" if st is None else
+                 f"{st['mean'] * s:.2f} ± {st['std'] * s:.2f} (n={st['n']})")
+    comps = {(c["arm"], c["vs"]): c for c in entry["comparisons"]}
+    for pair in pairs:
+      c = comps.get(pair)
+      row += ["—", "—"] if c is None else [_fmt_p(c["welch_p"]), _fmt_p(c["mannwhitney_p"])]
+    lines.append("| " + " | ".join(row) + " |")
+  notes = [
+      "# Results", "",
+      f"Mean ± {summary['std']}, n independent trials per arm. "
+      f"p Welch: {summary['tests']['welch']}; p MWU: {summary['tests']['mannwhitney']}; "
+      "each arm against its task's baseline. n/a: test undefined (fewer than 2 trials or "
+      "constant arms).", "", *lines, "", "## Trials", ""]
+  for task, entry in summary["tasks"].items():
+    for arm, st in entry["arms"].items():
+      vals = ", ".join(f"{v * entry['scale']:.2f}" for v in st["trials"])
+      notes.append(f"- {task} / {arm}: {vals}")
+  return "\n".join(notes) + "\n"
+
+
+# Chart geometry, pixels.
+_PANEL_W, _PANEL_H, _MARGIN_L, _MARGIN_B, _MARGIN_T = 300, 380, 64, 48, 40
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+def _font(size: int):
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font.
+    return ImageFont.load_default()
+
+
+def draw_chart(summary: dict) -> Image.Image:
+  """One panel per task: every trial as a dot, the mean as a bar, ± one std as a whisker."""
+  tasks = list(summary["tasks"].items())
+  img = Image.new("RGB", (_PANEL_W * len(tasks), _PANEL_H), "white")
+  d = ImageDraw.Draw(img)
+  font, small = _font(14), _font(11)
+  colour = {arm: _COLOURS[i % len(_COLOURS)] for i, arm in enumerate(summary["arms"])}
+  for p, (task, entry) in enumerate(tasks):
+    s = entry["scale"]
+    x0, x1 = p * _PANEL_W + _MARGIN_L, (p + 1) * _PANEL_W - 12
+    y0, y1 = _MARGIN_T, _PANEL_H - _MARGIN_B
+    lo = min(min(a["min"], a["mean"] - a["std"]) for a in entry["arms"].values()) * s
+    hi = max(max(a["max"], a["mean"] + a["std"]) for a in entry["arms"].values()) * s
+    pad = (hi - lo) * 0.08 or max(abs(hi) * 0.05, 1e-3)
+    lo, hi = lo - pad, hi + pad
+    to_y = lambda v: y1 - (v * s - lo) / (hi - lo) * (y1 - y0)
+    d.text(((x0 + x1) / 2, 8), f"{task} ({entry['metric']})", fill="black", font=font, anchor="mt")
+    d.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
+    for t in np.linspace(lo, hi, 6)[1:-1]:
+      y = y1 - (t - lo) / (hi - lo) * (y1 - y0)
+      d.line([(x0 - 4, y), (x0, y)], fill="black")
+      d.line([(x0 + 1, y), (x1, y)], fill=(230, 230, 230))
+      d.text((x0 - 6, y), f"{t:.4g}", fill="black", font=small, anchor="rm")
+    arms = list(entry["arms"].items())
+    slot = (x1 - x0) / len(arms)
+    for i, (arm, st) in enumerate(arms):
+      cx = x0 + slot * (i + 0.5)
+      c = colour[arm]
+      half = min(slot * 0.3, 40)
+      d.line([(cx - half, to_y(st["mean"])), (cx + half, to_y(st["mean"]))], fill=c, width=3)
+      ylo, yhi = to_y(st["mean"] - st["std"]), to_y(st["mean"] + st["std"])
+      d.line([(cx, ylo), (cx, yhi)], fill=c, width=2)
+      for yy in (ylo, yhi):
+        d.line([(cx - half / 2, yy), (cx + half / 2, yy)], fill=c, width=2)
+      n = len(st["trials"])
+      for j, v in enumerate(st["trials"]):
+        # Deterministic spread beside the whisker so coincident trials stay visible.
+        dx = half * 0.8 * ((j + 0.5) / n - 0.5) * 2 if n > 1 else 0.0
+        y = to_y(v)
+        d.ellipse([cx + dx - 3, y - 3, cx + dx + 3, y + 3], outline=c, fill=(255, 255, 255))
+      d.text((cx, y1 + 6), arm, fill="black", font=small, anchor="mt")
+      d.text((cx, y1 + 22), f"{st['mean'] * s:.2f}±{st['std'] * s:.2f}", fill=c, font=small,
+             anchor="mt")
+  return img
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [_json_safe(v) for v in x]
+  return x
+
+
+def write_report(summary: dict, out_dir: str | os.PathLike) -> tuple[str, str, str]:
+  """Writes results.md, results.json and results.png into `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  md = os.path.join(out_dir, "results.md")
+  js = os.path.join(out_dir, "results.json")
+  png = os.path.join(out_dir, "results.png")
+  with open(md, "w") as f:
+    f.write(to_markdown(summary))
+  with open(js, "w") as f:
+    json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
+  draw_chart(summary).save(png)
+  return md, js, png
