@@ -12,6 +12,7 @@ from the output; zero is "air" for CT mapped to [0, 1] and background for min-ma
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -65,6 +66,32 @@ def _flip_sets(ndim: int) -> list[tuple[int, ...]]:
   return [c for r in range(ndim + 1) for c in itertools.combinations(axes, r)]
 
 
+@functools.lru_cache(maxsize=16)
+def _jit_partial(func: Callable, kw_items: tuple) -> Callable:
+  kw = dict(kw_items)
+  return jax.jit(lambda args, x: func(*args, x, **kw))
+
+
+def _jit_once(apply_fn: Callable) -> Callable:
+  """jit `apply_fn`, keeping the positional arguments of a `functools.partial` as jit arguments.
+
+  `functools.partial(model.apply, variables)` is the intended way to pass a model: the variables
+  then stay device buffers fed to one compiled program, instead of being baked into it as
+  constants (a closure would: slow compiles and a recompile for every new set of weights).
+  The partial's keywords (e.g. train=False) are static.
+  """
+  if hasattr(apply_fn, "lower"):  # Already jitted.
+    return apply_fn
+  if isinstance(apply_fn, functools.partial) and apply_fn.args:
+    try:
+      jitted = _jit_partial(apply_fn.func, tuple(sorted(apply_fn.keywords.items())))
+    except TypeError:  # Unhashable keywords: fall back to a plain jit of the partial.
+      return jax.jit(apply_fn)
+    args = apply_fn.args
+    return lambda x: jitted(args, x)
+  return jax.jit(apply_fn)
+
+
 def sliding_window_predict(apply_fn: Callable, volume: np.ndarray, window: tuple, *,
                            overlap: float = 0.5, batch_size: int = 4, gaussian: bool = True,
                            tta_flip: bool = False, num_outputs: int | None = None) -> np.ndarray:
@@ -72,8 +99,9 @@ def sliding_window_predict(apply_fn: Callable, volume: np.ndarray, window: tuple
 
   Args:
     apply_fn: batch (B, *window, C) float32 -> (B, *window, K) probabilities; must be traceable
-      by jax. It is jitted once here (or used as is if already jitted): every batch has the
-      same shape, the last one padded with zeros.
+      by jax. Pass a model as `functools.partial(model.apply, variables)` (see `_jit_once`).
+      It is jitted once here (or used as is if already jitted): every batch has the same
+      shape, the last one padded with zeros.
     volume: (x, y, z, C) or (x, y, C), any size; axes smaller than the window are padded.
     window: spatial window size, (wx, wy, wz) or (wx, wy).
     overlap: fraction of the window shared by neighbouring windows, in [0, 1).
@@ -107,7 +135,7 @@ def sliding_window_predict(apply_fn: Callable, volume: np.ndarray, window: tuple
   padded = vol.shape[:nd]
   channels = vol.shape[-1]
 
-  fwd = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
+  fwd = _jit_once(apply_fn)
   batch_shape = (batch_size, *window, channels)
   out_struct = jax.eval_shape(fwd, jax.ShapeDtypeStruct(batch_shape, jnp.float32))
   out_shape = tuple(getattr(out_struct, "shape", ()))

@@ -1,6 +1,8 @@
 """Sliding-window inference: exact tilings reproduce the forward pass, odd sizes are fully covered."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import nibabel as nib
@@ -126,6 +128,22 @@ def test_apply_fn_traced_once_with_padded_last_batch():
   out = inference.sliding_window_predict(model, vol, (4, 4, 4), overlap=0.0, batch_size=5)
   assert len(set(traces)) == 1 and traces[0] == (5, 4, 4, 4, 1)
   np.testing.assert_allclose(out, 1 / (1 + np.exp(-vol)), rtol=1e-5)
+
+
+def test_partial_params_are_jit_arguments_not_constants():
+  """Two weight sets through one `functools.partial` pattern: one trace, each result its own."""
+  traces = []
+
+  def apply(scale, x, *, offset):
+    traces.append(1)
+    return x * scale + offset
+
+  vol = np.random.default_rng(8).random((6, 6, 6, 1), dtype=np.float32)
+  outs = [inference.sliding_window_predict(
+      functools.partial(apply, jnp.float32(s), offset=1.0), vol, (4, 4, 4)) for s in (2.0, 3.0)]
+  assert len(traces) == 1
+  np.testing.assert_allclose(outs[0], vol * 2 + 1, rtol=1e-6)
+  np.testing.assert_allclose(outs[1], vol * 3 + 1, rtol=1e-6)
 
 
 def test_bad_inputs_raise():
