@@ -19,6 +19,8 @@
 #   --workdir DIR        run folder; on a pod it must be a bucket (gs://...): every host writes
 #                        its part of each Orbax checkpoint there, and a re-run resumes from it
 #   --results DIR        local folder for `fetch` [default results/NAME]
+#   --stage-data SRC     `install` also copies SRC (gs://... prepared dataset) to ~/data on every
+#                        worker; point --config.data.path at ~/data/<name>
 #   --detach             `run` starts the job under nohup and returns (log: ~/genesis_run.log
 #                        on every worker; `fetch` copies worker 0's)
 set -euo pipefail
@@ -41,6 +43,7 @@ config=""
 workdir=""
 results=""
 detach=0
+stage_data=""
 dry_run="${DRY_RUN:-0}"
 
 [[ $# -gt 0 ]] || usage 2
@@ -58,6 +61,7 @@ while [[ $# -gt 0 ]]; do
     --workdir) workdir="$2"; shift 2 ;;
     --results) results="$2"; shift 2 ;;
     --detach) detach=1; shift ;;
+    --stage-data) stage_data="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;
@@ -112,7 +116,10 @@ step_install() {
   run gcloud compute tpus tpu-vm scp "$tarball" "$name:genesis_jax-src.tar.gz" "${where[@]}" --worker=all
   on_all_workers 'set -e; mkdir -p ~/genesis_jax; tar -xzf ~/genesis_jax-src.tar.gz -C ~/genesis_jax;'\
 ' python3 -m venv ~/genesis_venv; ~/genesis_venv/bin/pip install -q -U pip;'\
-' ~/genesis_venv/bin/pip install -q -e "$HOME/genesis_jax[io,tpu]"' 
+' ~/genesis_venv/bin/pip install -q -e "$HOME/genesis_jax[io,tpu]"'
+  if [[ -n "$stage_data" ]]; then  # Every host reads its own shard of the data from local disk.
+    on_all_workers "mkdir -p ~/data && gcloud storage cp -r $(printf '%q' "$stage_data") ~/data/"
+  fi
 }
 
 step_run() {

@@ -183,3 +183,10 @@ def test_k8s_logs_and_delete_dry_run():
       ["kubectl", "logs", "-f", "-l", "job-name=mg,batch.kubernetes.io/job-completion-index=0"]]
   assert _commands(_run("k8s.sh", "delete", "--name", "mg", env={"DRY_RUN": "1"}).stdout) == [
       ["kubectl", "delete", "job,service", "mg", "--ignore-not-found"]]
+
+
+def test_tpu_vm_install_can_stage_data_on_every_worker():
+  out = _run("tpu_vm.sh", "install", "--dry-run", "--name", "g4", "--stage-data", "gs://b/prepared").stdout
+  assert _commands(out)[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "g4", "--zone=us-west4-a",
+                                "--worker=all",
+                                "--command=mkdir -p ~/data && gcloud storage cp -r gs://b/prepared ~/data/"]
