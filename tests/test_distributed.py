@@ -36,7 +36,7 @@ def test_genesis_env_as_set_by_local_sh():
              "GENESIS_PROCESS_ID": "3", "GENESIS_LOCAL_DEVICE_IDS": "0,1"})
   assert d["multi_process"] and d["source"] == "env"
   assert (d["num_processes"], d["process_id"], d["local_device_ids"]) == (4, 3, [0, 1])
-  assert d["cluster_detection_method"] is None
+  assert d["cluster_detection_method"] == "deactivate"  # A stray SLURM env must not interfere.
 
 
 def test_one_process_from_env_is_not_multi_process():
@@ -49,6 +49,7 @@ def test_kubernetes_indexed_job_takes_process_id_from_completion_index():
   d = _plan({"GENESIS_COORDINATOR": "genesis-0.genesis:1234", "GENESIS_NUM_PROCESSES": "4",
              "JOB_COMPLETION_INDEX": "2", "KUBERNETES_SERVICE_HOST": "10.0.0.1"})
   assert d["source"] == "kubernetes" and d["process_id"] == 2 and d["multi_process"]
+  assert _plan({"JOB_COMPLETION_INDEX": "2"})["multi_process"] is False  # Some other indexed Job.
 
 
 @pytest.mark.parametrize("environ, message", [
@@ -71,6 +72,9 @@ def test_slurm_multi_task_defers_to_jax_slurm_detection():
   assert d["multi_process"] and d["source"] == "slurm" and d["cluster_detection_method"] == "slurm"
   assert d["num_processes"] is None and d["process_id"] is None  # JAX reads them from SLURM_*.
   assert _plan({**slurm, "SLURM_NTASKS": "1"})["multi_process"] is False
+  assert d["local_device_ids"] is None  # One task per GPU: JAX picks GPU SLURM_LOCALID.
+  per_node = _plan({**slurm, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"})
+  assert per_node["local_device_ids"] == list(range(8))  # One task per node drives all 8 GPUs.
 
 
 def test_tpu_detection_and_switches():

@@ -101,8 +101,10 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
     num_processes = _int_env(env, "GENESIS_NUM_PROCESSES")
     process_id = _int_env(env, "GENESIS_PROCESS_ID")
     source = "env"
-    if process_id is None and (index := _int_env(env, "JOB_COMPLETION_INDEX")) is not None:
-      # Indexed Kubernetes Job: one pod per host, its completion index is its process id.
+    index = _int_env(env, "JOB_COMPLETION_INDEX")
+    if process_id is None and index is not None and (coordinator_address or num_processes):
+      # Our indexed Kubernetes Job: one pod per host, its completion index is its process id.
+      # (Other indexed Jobs, e.g. a sweep of independent runs, stay single-process.)
       process_id, source = index, "kubernetes"
 
   if switch == "off":
@@ -123,8 +125,11 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
     if ":" not in coordinator_address:
       raise DistributedConfigError(
           f"Coordinator address {coordinator_address!r} needs a port, e.g. 'host:1234'.")
+    # "deactivate": everything is given, so JAX must not let a cluster it detects on its own
+    # (say SLURM variables inside an salloc shell) override the device choice.
     decision.update(coordinator_address=coordinator_address, num_processes=num_processes,
-                    process_id=process_id, source=source, multi_process=num_processes > 1)
+                    process_id=process_id, source=source, multi_process=num_processes > 1,
+                    cluster_detection_method="deactivate")
     return decision
 
   if switch == "auto":
@@ -134,6 +139,11 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
   if (_int_env(env, "SLURM_NTASKS") or 1) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_NODELIST" in env:
     decision.update(multi_process=True, source="slurm", cluster_detection_method="slurm",
                     num_processes=None, process_id=None)
+    gpus = _int_env(env, "SLURM_GPUS_ON_NODE") or 0
+    if devices is None and env.get("SLURM_NTASKS_PER_NODE") == "1" and gpus > 1:
+      # JAX gives each SLURM task the one GPU numbered SLURM_LOCALID; with one task per node
+      # that would leave all but one GPU idle.
+      decision["local_device_ids"] = list(range(gpus))
   elif (_int_env(env, "OMPI_COMM_WORLD_SIZE") or 1) > 1:
     decision.update(multi_process=True, source="ompi", cluster_detection_method="ompi",
                     num_processes=None, process_id=None)
