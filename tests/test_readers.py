@@ -193,6 +193,18 @@ def test_dicom_series_loads_same_voxels_and_orientation(tmp_path):
   assert find_scans(tmp_path) == [tmp_path / "series"]
 
 
+def test_dicom_without_suffix_is_found_and_appledouble_files_ignored(tmp_path):
+  raw = _ramp()
+  series = _write_dicom_series(tmp_path / "export", raw)
+  for k, p in enumerate(sorted(series.iterdir())):
+    p.rename(series / f"IM{k:04d}")
+  (series / "._IM0000.dcm").write_bytes(b"\x00\x05\x16\x07 mac resource fork")
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "README").write_text("not a scan")
+  assert find_scans(tmp_path) == [series]
+  _assert_same_world(load_volume(series), raw * 2.0 - 1024.0, _itk_geometry()[3])
+
+
 # --- find_scans ------------------------------------------------------------------------------------
 
 

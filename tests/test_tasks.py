@@ -206,7 +206,8 @@ def test_read_candidates_csv_lps_to_ras_and_formats(tmp_path):
                    tasks.Candidate("1.3.6.2", (-53.21, 244.4, -245.17), 1)]
   ras = tasks.read_candidates_csv(path, frame="ras")
   assert ras[0].world_xyz_mm == (-56.08, -67.85, -311.92)
-  path.write_text("SeriesUID,coordZ,coordY,coordX,label\nab,3,2,1,1\n")  # Any column order.
+  # Any column order, "label" for "class", and the byte-order mark Excel puts in front.
+  path.write_text("\ufeffSeriesUID,coordZ,coordY,coordX,label\nab,3,2,1,1\n", encoding="utf-8")
   assert tasks.read_candidates_csv(path, frame="ras")[0].world_xyz_mm == (1.0, 2.0, 3.0)
 
 
@@ -285,6 +286,10 @@ def test_classification_missing_scan_and_outside_candidate():
     tasks.classification_cubes({"s": vol}, cands, (4, 4, 2), _cfg())
   images, labels = tasks.classification_cubes({"s": vol}, cands, (4, 4, 2), _cfg(), missing="skip")
   assert images.shape[0] == 1 and labels.tolist() == [1]
+  nan = _coded_volume("nan.nii.gz")
+  nan.data[1, 1, 1] = np.nan
+  with pytest.raises(VolumeReadError, match="nan.nii.gz: 1 of .* NaN"):
+    tasks.classification_cubes({"s": nan}, cands[:1], (4, 4, 2), _cfg())
   far = [tasks.Candidate("s", (500.0, 10.0, 40.0), 1)]
   with pytest.raises(VolumeReadError, match=r"scan.nii.gz: candidate 0 .* outside the volume .*LPS"):
     tasks.classification_cubes({"s": vol}, far, (4, 4, 2), _cfg())

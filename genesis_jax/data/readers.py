@@ -59,15 +59,29 @@ def _suffix(path: pathlib.Path) -> str:
   return ""
 
 
+def _is_dicom_file(path: pathlib.Path) -> bool:
+  """A DICOM Part 10 file: 128-byte preamble then "DICM" (many exports have no .dcm suffix)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(132)[128:] == b"DICM"
+  except OSError:
+    return False
+
+
 def _is_dicom_dir(path: pathlib.Path) -> bool:
-  return any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file())
+  files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+  if any(p.suffix.lower() == ".dcm" for p in files):
+    return True
+  # Suffix-less exports (IM0001, ...): look at one such file only, to keep the scan cheap.
+  bare = sorted(p for p in files if not p.suffix)
+  return bool(bare) and _is_dicom_file(bare[0])
 
 
 def find_scans(folder: str | pathlib.Path) -> list[pathlib.Path]:
   """All scans under `folder` (searched recursively), sorted by path.
 
   A scan is a file with a supported suffix (.nii, .nii.gz, .mhd, .mha, .nrrd, .nhdr) or a folder
-  holding .dcm files (one DICOM series). Hidden files (".*", e.g. the "._x.nii.gz" AppleDouble
+  holding .dcm files or suffix-less DICOM files (one DICOM series). Hidden files (".*", e.g. the "._x.nii.gz" AppleDouble
   files shipped inside the Decathlon archives) are skipped. `.raw` files belong to their `.mhd`.
   """
   root = pathlib.Path(folder)
@@ -321,7 +335,8 @@ def _read_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   files = files_by_series[chosen]
   in_series = {pathlib.Path(f).name for s in series for f in files_by_series[s]}
   unreadable = sorted(p.name for p in folder.iterdir()
-                      if p.suffix.lower() == ".dcm" and p.name not in in_series)
+                      if p.suffix.lower() == ".dcm" and p.name not in in_series
+                      and not p.name.startswith("."))
   if unreadable:
     # GDCM silently leaves out files it cannot parse, which would leave a gap in the volume.
     raise VolumeReadError(

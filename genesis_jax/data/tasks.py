@@ -225,7 +225,7 @@ def read_candidates_csv(path: str | pathlib.Path, *, frame: str = "lps") -> list
     raise ValueError(f"frame must be 'lps' or 'ras', got {frame!r}.")
   sign = np.array([-1.0, -1.0, 1.0]) if frame == "lps" else np.ones(3)
   try:
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # -sig: CSVs saved by Excel start with a BOM.
   except (OSError, UnicodeDecodeError) as e:
     raise VolumeReadError(f"{path}: cannot read the candidates file ({e}).") from e
   rows = csv.reader(text.splitlines())
@@ -305,6 +305,7 @@ def classification_cubes(scans: Mapping[str, Volume], candidates: Sequence[Candi
         continue
       raise VolumeReadError(f"candidate scan id {sid!r} has no scan among the {len(scans)} given.")
     vol = preprocess_lib.preprocess(scans[sid], cfg)
+    check_volume(vol)  # NaN/Inf would pass silently into the cubes.
     for i in indices:
       ijk = world_to_voxel(vol, candidates[i].world_xyz_mm)
       center = np.round(ijk).astype(int)
