@@ -47,17 +47,32 @@ def _pair(pred, target) -> tuple[np.ndarray, np.ndarray]:
 
 
 def auc(labels, scores) -> float:
-  """Area under the ROC curve for binary labels (0/1) and real-valued scores (higher = positive)."""
+  """Area under the ROC curve.
+
+  Binary: labels 0/1 (N,), scores (N,) real-valued, higher = positive; (N, 2) class
+  probabilities use column 1. Multi-class: integer labels 0..K-1 and scores (N, K) class
+  probabilities (rows summing to 1), macro-averaged one-vs-rest AUC.
+  """
   y = np.asarray(labels).ravel()
-  s = np.asarray(scores, dtype=np.float64).ravel()
-  if y.shape != s.shape:
-    raise MetricInputError(f"labels has {y.size} entries but scores has {s.size}")
+  s = np.asarray(scores, dtype=np.float64)
+  if s.ndim == 2 and s.shape[1] == 2:
+    s = s[:, 1]
+  if s.ndim == 2 and s.shape[1] == 1:
+    s = s[:, 0]
+  if s.ndim > 2 or s.shape[0] != y.size:
+    raise MetricInputError(f"labels has {y.size} entries but scores has shape {s.shape}")
+  if not np.all(np.isfinite(s)):
+    raise MetricInputError("scores contain NaN or Inf")
   classes = np.unique(y)
+  if s.ndim == 2:
+    if not set(classes.tolist()) <= set(range(s.shape[1])) or classes.size != s.shape[1]:
+      raise MetricInputError(
+          f"multi-class AUC needs every class 0..{s.shape[1] - 1} present in labels, found "
+          f"{classes.tolist()}")
+    return float(sk_metrics.roc_auc_score(y, s, multi_class="ovr", average="macro"))
   if classes.size != 2:
     raise MetricInputError(
         f"AUC needs both classes present in labels, found {classes.tolist()}")
-  if not np.all(np.isfinite(s)):
-    raise MetricInputError("scores contain NaN or Inf")
   return float(sk_metrics.roc_auc_score(y, s))
 
 

@@ -25,6 +25,19 @@ def test_auc_rejects_single_class_and_mismatch():
     metrics.auc([1, 1, 1], [0.1, 0.2, 0.3])
   with pytest.raises(ValueError, match="entries"):
     metrics.auc([0, 1], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="every class"):
+    metrics.auc([0, 1, 1], np.full((3, 3), 1 / 3))
+
+
+def test_auc_two_column_and_multiclass():
+  y = np.array([0, 0, 1, 1])
+  s = np.array([0.1, 0.4, 0.35, 0.8])
+  assert metrics.auc(y, np.stack([1 - s, s], 1)) == pytest.approx(0.75)
+  rng = np.random.default_rng(2)
+  y3 = np.arange(30) % 3
+  p = rng.random((30, 3)) + np.eye(3)[y3]
+  p /= p.sum(1, keepdims=True)
+  assert metrics.auc(y3, p) == pytest.approx(roc_auc_score(y3, p, multi_class="ovr"))
 
 
 def test_dice_iou_hand_computed():
