@@ -178,7 +178,7 @@ case "$step" in
     show "${cmd[@]}"
     [[ "$dry_run" == 1 ]] || "${cmd[@]}" ;;
   delete)
-    cmd=("${kubectl_ns[@]}" delete job,service "$name" --ignore-not-found)
+    cmd=("${kubectl_ns[@]}" delete "job,service" "$name" --ignore-not-found)
     show "${cmd[@]}"
     [[ "$dry_run" == 1 ]] || "${cmd[@]}" ;;
 esac

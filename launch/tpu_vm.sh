@@ -20,9 +20,12 @@
 #                        its part of each Orbax checkpoint there, and a re-run resumes from it
 #   --results DIR        local folder for `fetch` [default results/NAME]
 #   --stage-data SRC     `install` also copies SRC (gs://... prepared dataset) to ~/data on every
-#                        worker; point --config.data.path at ~/data/<name>
+#                        worker; point --config.data.path at ../data/<name> (the job runs
+#                        in ~/genesis_jax)
 #   --detach             `run` starts the job under nohup and returns (log: ~/genesis_run.log
 #                        on every worker; `fetch` copies worker 0's)
+
+# shellcheck disable=SC2329  # The step_* functions are called by name: "step_$s".
 set -euo pipefail
 
 usage() {  # The header comment above is the manual; to stderr when called for a mistake.
@@ -114,6 +117,7 @@ step_install() {
   run tar -C "$repo_root" --exclude=.git --exclude='.venv*' --exclude=runs --exclude=results \
     --exclude=launch_logs --exclude=__pycache__ -czf "$tarball" .
   run gcloud compute tpus tpu-vm scp "$tarball" "$name:genesis_jax-src.tar.gz" "${where[@]}" --worker=all
+  # shellcheck disable=SC2016  # $HOME is expanded on the worker.
   on_all_workers 'set -e; mkdir -p ~/genesis_jax; tar -xzf ~/genesis_jax-src.tar.gz -C ~/genesis_jax;'\
 ' python3 -m venv ~/genesis_venv; ~/genesis_venv/bin/pip install -q -U pip;'\
 ' ~/genesis_venv/bin/pip install -q -e "$HOME/genesis_jax[io,tpu]"'
