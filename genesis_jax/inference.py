@@ -153,7 +153,7 @@ def sliding_window_predict(apply_fn: Callable, volume: np.ndarray, window: tuple
     x = jnp.asarray(x)
     acc = None
     for axes in flips:
-      y = fwd(jnp.flip(x, axes) if axes else x)
+      y = fwd(jnp.flip(x, axes) if axes else x).astype(jnp.float32)  # bf16 models: sum in f32.
       y = jnp.flip(y, axes) if axes else y
       acc = y if acc is None else acc + y
     return acc / len(flips) if len(flips) > 1 else acc
