@@ -13,7 +13,7 @@
 # Options: --name (default genesis), --namespace, --image (an image with this repository
 # installed, `pip install -e .[io,cuda]`), --hosts (pods, default 2), --gpus (per pod, default 8;
 # 0 for CPU pods), --port (default 1234), --config, --workdir, --pvc CLAIM (a ReadWriteMany volume
-# mounted at /runs; leave empty when the workdir is a bucket path such as gs://...).
+# mounted at /runs; leave empty when the image mounts shared storage itself).
 set -euo pipefail
 
 usage() {  # The header comment above is the manual; to stderr when called for a mistake.

@@ -4,8 +4,8 @@
 #   launch/tpu_vm.sh STEPS [options] [-- --config.field=value ...]
 #     STEPS: create | install | run | fetch | delete | status, comma-joined (create,install,run),
 #            or all (= create,install,run,fetch,delete; delete runs even if a step failed).
-#   launch/tpu_vm.sh all --name genesis-v5e --zone us-west4-a --accelerator v5litepod-16 \
-#       --config configs/pretrain_genesis.py --workdir gs://my-bucket/runs/genesis
+#   launch/tpu_vm.sh all --name genesis-v5e --zone us-west4-a --accelerator v5litepod-8 \
+#       --config configs/pretrain_genesis.py --workdir runs/genesis
 #   launch/tpu_vm.sh run --dry-run ...     # or DRY_RUN=1: print the gcloud commands, run nothing
 #
 # Options (environment fallbacks in brackets):
@@ -16,8 +16,10 @@
 #   --version RUNTIME    TPU software version [TPU_RUNTIME, default v2-alpha-tpuv5-lite]
 #   --spot               create a Spot TPU (cheaper, preemptible; resume by re-running `run`)
 #   --config FILE        config file, relative to the repository root
-#   --workdir DIR        run folder; on a pod it must be a bucket (gs://...): every host writes
-#                        its part of each Orbax checkpoint there, and a re-run resumes from it
+#   --workdir DIR        run folder; on a multi-host slice it must be storage every host sees
+#                        (a bucket mounted with gcsfuse at the same path on every worker, or a
+#                        gs://... path where the run's code takes one): every host writes its
+#                        part of each Orbax checkpoint there, and a re-run resumes from it
 #   --results DIR        local folder for `fetch` [default results/NAME]
 #   --stage-data SRC     `install` also copies SRC (gs://... prepared dataset) to ~/data on every
 #                        worker; point --config.data.path at ../data/<name> (the job runs
@@ -143,7 +145,9 @@ step_fetch() {
   if [[ "$workdir" == gs://* ]]; then
     run gcloud storage cp -r "$workdir" "$results/"
   elif [[ -n "$workdir" ]]; then
-    run gcloud compute tpus tpu-vm scp --recurse "$name:$workdir" "$results/" "${where[@]}" --worker=0
+    local remote="$workdir"  # Relative paths are relative to the checkout the job ran in.
+    [[ "$remote" == /* ]] || remote="genesis_jax/$remote"
+    run gcloud compute tpus tpu-vm scp --recurse "$name:$remote" "$results/" "${where[@]}" --worker=0
   fi
   if ((detach)); then
     run gcloud compute tpus tpu-vm scp "$name:genesis_run.log" "$results/" "${where[@]}" --worker=0

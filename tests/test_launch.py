@@ -190,3 +190,10 @@ def test_tpu_vm_install_can_stage_data_on_every_worker():
   assert _commands(out)[-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "g4", "--zone=us-west4-a",
                                 "--worker=all",
                                 "--command=mkdir -p ~/data && gcloud storage cp -r gs://b/prepared ~/data/"]
+
+
+def test_tpu_vm_fetches_a_relative_workdir_from_the_checkout_on_worker_0():
+  out = _run("tpu_vm.sh", "fetch", "--dry-run", "--name", "g5", "--workdir", "runs/g").stdout
+  assert _commands(out) == [["mkdir", "-p", "results/g5"],
+                            ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse",
+                             "g5:genesis_jax/runs/g", "results/g5/", "--zone=us-west4-a", "--worker=0"]]
