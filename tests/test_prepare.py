@@ -231,3 +231,27 @@ def test_ensure_dataset_folder_and_prepared(scans, tmp_path):
   (out / "manifest.json").unlink()
   with pytest.raises(prepare_lib.DatasetIncompleteError):
     prepare_lib.ensure_dataset(_config(source="prepared", path=str(out)), tmp_path / "x")
+
+
+def test_ensure_dataset_phantom_uses_images_only_and_is_reused(tmp_path, monkeypatch):
+  cfg = _config(source="phantom", path="", prepared_dir="", phantom_subjects=3,
+                phantom_shape=(48, 48, 32), crop=(16, 16, 8), cubes_per_scan=2)
+  out = prepare_lib.ensure_dataset(cfg, tmp_path, seed=0)
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert [pathlib.Path(s["source"]).parent.name for s in manifest["shards"]] == ["imagesTr"] * 3
+  assert manifest["counts"]["train"]["cubes"] + manifest["counts"]["val"]["cubes"] == 6
+
+  def fail(*args, **kwargs):
+    raise AssertionError("phantoms and their cubes must be reused")
+  monkeypatch.setattr(prepare_lib, "_process_scan", fail)
+  assert prepare_lib.ensure_dataset(cfg, tmp_path, seed=0) == out
+
+
+def test_other_processes_wait_for_process_zero(scans, tmp_path, monkeypatch):
+  monkeypatch.setattr(prepare_lib, "_process_info", lambda: (1, 2))
+  cfg = _config(source="folder", path=str(scans), prepared_dir=str(tmp_path / "ds"))
+  with pytest.raises(TimeoutError, match="process 0"):
+    prepare_lib.ensure_dataset(cfg, tmp_path, seed=0, wait_timeout_s=0.0)
+  assert not (tmp_path / "ds").exists()  # Process 1 never writes.
+  prepare_lib.prepare(cfg, scans, tmp_path / "ds", seed=0, progress=False)
+  assert prepare_lib.ensure_dataset(cfg, tmp_path, seed=0, wait_timeout_s=0.0) == tmp_path / "ds"

@@ -337,7 +337,10 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
   val_fraction = float(_field(data_cfg, "val_fraction", 0.2))
   src_folder = pathlib.Path(src_folder).absolute()
   out_dir = pathlib.Path(out_dir)
-  scans = sorted(pathlib.Path(p).absolute() for p in readers.find_scans(src_folder))
+  # Label maps of Decathlon/nnU-Net style folders (labelsTr/, labelsTs/) are not images.
+  scans = sorted(p for p in (pathlib.Path(p).absolute() for p in readers.find_scans(src_folder))
+                 if not any(part.lower().startswith("labels")
+                            for part in p.relative_to(src_folder).parts[:-1]))
   if not scans:
     raise PrepareError(f"{src_folder}: no scans found.")
   manifest_path = out_dir / MANIFEST
