@@ -1,6 +1,7 @@
 """Scan readers: NIfTI, MetaImage (LUNA16 .mhd/.raw), NRRD and DICOM series -> `Volume`.
 
-Every reader returns float32 data in (x, y, z) order, reoriented to the closest canonical RAS+
+Every reader returns contiguous float32 data (C or Fortran memory order, whichever is cheaper) in
+(x, y, z) order, reoriented to the closest canonical RAS+
 orientation (index i grows towards +R, j towards +A, k towards +S; a permutation and flips only,
 oblique rotations stay in the affine), with the 4x4 voxel -> world (RAS mm) affine kept.
 Scaled integers are read with their slope/intercept applied (NIfTI scl_slope/scl_inter, DICOM
@@ -135,7 +136,7 @@ def load_volume(path: str | pathlib.Path, *, channel: int | None = None) -> Volu
     raise VolumeReadError(f"{path}: the image is empty (shape {data.shape}).")
   _check_affine(affine, path)
   data, affine = _to_canonical(data, affine)
-  return Volume(data=np.ascontiguousarray(data, dtype=np.float32), affine=affine, source=str(path))
+  return Volume(data=_compact(data), affine=affine, source=str(path))
 
 
 def check_volume(vol: Volume, min_shape: Sequence[int] | None = None) -> None:
@@ -184,6 +185,19 @@ def _check_affine(affine: np.ndarray, path: pathlib.Path) -> None:
   if not (spacing > 0).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * np.prod(spacing):
     raise VolumeReadError(
         f"{path}: the voxel-to-world affine is singular (voxel sizes {spacing} mm):\n{affine}")
+
+
+def _compact(data: np.ndarray) -> np.ndarray:
+  """float32 in one contiguous block, in whichever order (C or F) the data is closest to.
+
+  Files store x fastest, so most volumes arrive Fortran-ordered (flipped views after
+  reorientation); forcing C order would be a cache-hostile transpose costing seconds per CT.
+  """
+  data = np.asarray(data, dtype=np.float32)
+  if data.flags.c_contiguous or data.flags.f_contiguous:
+    return data
+  strides = np.abs(data.strides)
+  return np.asfortranarray(data) if strides[0] <= strides[-1] else np.ascontiguousarray(data)
 
 
 def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
