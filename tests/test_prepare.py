@@ -103,6 +103,14 @@ def test_changed_settings_recompute_and_drop_the_old_manifest_first(scans, tmp_p
     pipeline.CubeSource(out, "train")
 
 
+def test_truncated_shard_is_detected(scans, tmp_path):
+  out = prepare_lib.prepare(_config(), scans, tmp_path / "ds", seed=0, progress=False)
+  shard = sorted((out / "shards").glob("*.npy"))[0]
+  shard.write_bytes(shard.read_bytes()[:-100])
+  with pytest.raises(prepare_lib.DatasetIncompleteError, match="file size"):
+    pipeline.CubeSource(out, "val")
+
+
 def test_interrupted_prepare_resumes_to_identical_dataset(scans, tmp_path, monkeypatch):
   reference = prepare_lib.prepare(_config(), scans, tmp_path / "ref", seed=0, progress=False)
   calls = []

@@ -9,6 +9,7 @@ records and yields its per-process batch.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import pathlib
 from collections.abc import Iterator
@@ -103,6 +104,13 @@ def _allow_workers(worker_count: int) -> None:
       flags.FLAGS.mark_as_parsed()
 
 
+def _grain_seed(seed: int) -> int:
+  """grain shuffles epoch e with seed + e, so runs with seeds 0 and 1 would see the same orders
+  one epoch apart; hashing the seed makes repeated runs independent."""
+  digest = hashlib.sha256(f"genesis_jax.pipeline:{int(seed)}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") >> 1  # grain wants a non-negative 32-bit seed.
+
+
 def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_index: int,
             shard_count: int, shuffle: bool, num_epochs: int | None, worker_count: int,
             drop_remainder: bool) -> grain.DataLoader:
@@ -116,7 +124,7 @@ def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_
   shard_options = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
                                      drop_remainder=True)  # Equal shards: processes stay in step.
   sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options,
-                               shuffle=shuffle, num_epochs=num_epochs, seed=int(seed))
+                               shuffle=shuffle, num_epochs=num_epochs, seed=_grain_seed(seed))
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[*operations, grain.Batch(batch_size=batch_size, drop_remainder=drop_remainder)],

@@ -246,6 +246,24 @@ def shard_path(dataset_dir: str | os.PathLike, shard: dict) -> pathlib.Path:
   return pathlib.Path(dataset_dir) / shard["file"]
 
 
+def npy_shape(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) from a .npy header, checking the file holds all the data it announces (a
+  truncated copy would otherwise fail only when a late cube is read)."""
+  with open(path, "rb") as f:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+      shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    data_start = f.tell()
+  expected = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if fortran or dtype.hasobject:
+    raise ValueError("not a C-ordered numeric array")
+  if os.path.getsize(path) != expected:
+    raise ValueError(f"file size {os.path.getsize(path)} bytes, the header needs {expected}")
+  return tuple(shape), dtype
+
+
 def validate_dataset(dataset_dir: str | os.PathLike) -> dict:
   """Checks every shard named by the manifest exists with its recorded shape; returns the manifest."""
   manifest = load_manifest(dataset_dir)
@@ -253,12 +271,12 @@ def validate_dataset(dataset_dir: str | os.PathLike) -> dict:
   for shard in manifest["shards"]:
     path = shard_path(dataset_dir, shard)
     try:
-      array = np.load(path, mmap_mode="r", allow_pickle=False)
+      shape, _ = npy_shape(path)
     except (OSError, ValueError) as e:
       raise DatasetIncompleteError(f"{dataset_dir}: shard {path} is missing or unreadable ({e}).") from e
-    if array.shape != (shard["count"], *crop):
+    if shape != (shard["count"], *crop):
       raise DatasetIncompleteError(
-          f"{path}: shape {array.shape}, the manifest says {(shard['count'], *crop)}.")
+          f"{path}: shape {shape}, the manifest says {(shard['count'], *crop)}.")
   return manifest
 
 
