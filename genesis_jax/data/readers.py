@@ -1,9 +1,9 @@
 """Scan readers: NIfTI, MetaImage (LUNA16 .mhd/.raw), NRRD and DICOM series -> `Volume`.
 
-Every reader returns contiguous float32 data (C or Fortran memory order, whichever is cheaper) in
-(x, y, z) order, reoriented to the closest canonical RAS+
+Every reader returns float32 data in (x, y, z) order, reoriented to the closest canonical RAS+
 orientation (index i grows towards +R, j towards +A, k towards +S; a permutation and flips only,
-oblique rotations stay in the affine), with the 4x4 voxel -> world (RAS mm) affine kept.
+oblique rotations stay in the affine), with the 4x4 voxel -> world (RAS mm) affine kept. The array
+is contiguous in C or Fortran memory order, whichever was cheaper to produce.
 Scaled integers are read with their slope/intercept applied (NIfTI scl_slope/scl_inter, DICOM
 RescaleSlope/RescaleIntercept), so CT data comes back in Hounsfield units.
 
@@ -104,7 +104,7 @@ def find_scans(folder: str | pathlib.Path) -> list[pathlib.Path]:
   if not scans:
     raise VolumeReadError(
         f"{root}: no scans found (looked for {', '.join(SCAN_SUFFIXES)} files and folders of"
-        " .dcm files).")
+        " DICOM files).")
   return sorted(scans, key=str)
 
 
