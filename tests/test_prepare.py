@@ -85,6 +85,20 @@ def test_prepare_is_deterministic_and_incremental(scans, tmp_path, monkeypatch):
   assert _tree(a) == before
 
 
+def test_worker_processes_give_the_same_dataset(scans, tmp_path):
+  serial = prepare_lib.prepare(_config(), scans, tmp_path / "serial", seed=0, progress=False)
+  parallel = prepare_lib.prepare(_config(num_workers=2), scans, tmp_path / "parallel", seed=0,
+                                 progress=False)
+  assert _tree(parallel) == _tree(serial)
+  with pytest.raises(ValueError, match="broken.nii.gz"):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.nii.gz").write_bytes(b"junk")
+    (bad / "case_00.nii.gz").write_bytes((scans / "case_00.nii.gz").read_bytes())
+    prepare_lib.prepare(_config(num_workers=2, on_error="raise"), bad, tmp_path / "ds", seed=0,
+                        progress=False)
+
+
 def test_changed_settings_recompute_and_drop_the_old_manifest_first(scans, tmp_path, monkeypatch):
   out = prepare_lib.prepare(_config(), scans, tmp_path / "ds", seed=0, progress=False)
   calls = []

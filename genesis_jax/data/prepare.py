@@ -18,11 +18,13 @@ A released-cubes view (`source="npy"`, the original's `bat_32_s_64x64x32_{k}.npy
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob as globlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -313,13 +315,6 @@ def scan_key(rel_path: str) -> str:
   return f"{stem}-{hashlib.sha256(rel_path.encode()).hexdigest()[:8]}"
 
 
-def _progress(iterable, total: int, enabled: bool, desc: str):
-  if not enabled:
-    return iterable
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(iterable, total=total, desc=desc, unit="scan")
-
-
 def _process_scan(path: pathlib.Path, scan_id: str, settings: CubeSettings, data_cfg: Any,
                   seed: int) -> tuple[np.ndarray, dict]:
   """Reads, preprocesses and crops one scan. Raises ValueError/OSError naming the file."""
@@ -338,13 +333,77 @@ def _process_scan(path: pathlib.Path, scan_id: str, settings: CubeSettings, data
   return cubes, info
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  """One scan to turn into a shard; plain data so it crosses into worker processes."""
+  path: pathlib.Path
+  rel: str  # Path relative to the source folder: the scan id that seeds its crops.
+  key: str
+  npy: pathlib.Path
+  sidecar: pathlib.Path
+  identity: dict  # What the sidecar must match for the shard to be reused.
+
+
+def _reusable_record(job: _Job) -> dict | None:
+  if not (job.sidecar.exists() and job.npy.exists()):
+    return None
+  try:
+    record = json.loads(job.sidecar.read_text())
+  except json.JSONDecodeError:
+    return None
+  return record if {k: record.get(k) for k in job.identity} == job.identity else None
+
+
+def _run_job(job: _Job, settings: CubeSettings, data_cfg: Any, seed: int
+             ) -> tuple[dict | None, Exception | None]:
+  """Scan -> shard + sidecar (in that order: the sidecar marks the shard complete)."""
+  try:
+    cubes, info = _process_scan(job.path, job.rel, settings, data_cfg, seed)
+  except (ValueError, OSError) as e:
+    return None, e
+  _write_npy(job.npy, cubes)
+  record = {**job.identity, **info, "count": int(cubes.shape[0])}
+  _write_json(job.sidecar, record)
+  return record, None
+
+
+def _run_jobs(todo: list[_Job], settings: CubeSettings, data_cfg: Any, seed: int, total: int,
+              progress: bool, workers: int):
+  """Yields (job, (record, error)); in `workers` spawned processes when > 0. Each shard depends
+  only on (seed, scan id), so the result does not depend on the worker count."""
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=total, initial=total - len(todo), desc="prepare", unit="scan")
+  try:
+    if workers <= 0 or len(todo) <= 1:
+      for job in todo:
+        yield job, _run_job(job, settings, data_cfg, seed)
+        if bar is not None:
+          bar.update()
+      return
+    context = multiprocessing.get_context("spawn")  # fork + threads (grain, XLA) can deadlock.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+      futures = {pool.submit(_run_job, job, settings, data_cfg, seed): job for job in todo}
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          yield futures[future], future.result()
+          if bar is not None:
+            bar.update()
+      finally:
+        pool.shutdown(cancel_futures=True)
+  finally:
+    if bar is not None:
+      bar.close()
+
+
 def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.PathLike, *,
             seed: int = 0, progress: bool = True) -> pathlib.Path:
   """Extracts cubes from every scan under `src_folder` into a prepared dataset at `out_dir`.
 
   Incremental: scans whose shard was made with the same settings from the same file (size and
-  mtime) are reused; the rest are (re)computed. Bad scans are skipped and reported
-  (`data.on_error="skip"`) or raise (`"raise"`). Returns `out_dir`.
+  mtime) are reused; the rest are (re)computed, in `data.num_workers` processes when > 0. Bad
+  scans are skipped and reported (`data.on_error="skip"`) or raise (`"raise"`). Returns `out_dir`.
   """
   from genesis_jax.data import readers  # pylint: disable=import-outside-toplevel
 
@@ -369,47 +428,47 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
     stale.unlink()
 
   fingerprint = settings.fingerprint()
-  shards, skipped = [], []
-  for path in _progress(scans, len(scans), progress, "prepare"):
+  jobs, records = [], {}
+  for path in scans:
     rel = pathlib.Path(os.path.relpath(path, src_folder)).as_posix()
     key = scan_key(rel)
-    npy, sidecar = shard_dir / f"{key}.npy", shard_dir / f"{key}.json"
     stat = path.stat()
-    identity = {"fingerprint": fingerprint, "seed": int(seed), "source": rel,
-                "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    record = None
-    if sidecar.exists() and npy.exists():
-      try:
-        record = json.loads(sidecar.read_text())
-      except json.JSONDecodeError:
-        record = None
-      if record is not None and {k: record.get(k) for k in identity} != identity:
-        record = None
+    job = _Job(path=path, rel=rel, key=key, npy=shard_dir / f"{key}.npy",
+               sidecar=shard_dir / f"{key}.json",
+               identity={"fingerprint": fingerprint, "seed": int(seed), "source": rel,
+                         "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    jobs.append(job)
+    records[key] = _reusable_record(job)
+  todo = [job for job in jobs if records[job.key] is None]
+  if todo and manifest_path.exists():
+    # Shards are about to change: an earlier manifest must not describe them any more.
+    manifest_path.unlink()
+
+  errors = {}
+  for job, (record, error) in _run_jobs(todo, settings, data_cfg, seed, len(scans), progress,
+                                        int(_field(data_cfg, "num_workers", 0))):
+    if error is not None:
+      if on_error == "raise":
+        if str(job.path) in str(error) or job.path.name in str(error):
+          raise error
+        raise PrepareError(f"{job.path}: {type(error).__name__}: {error}") from error
+      logging.warning("prepare: skipping %s: %s", job.path, error)
+      errors[job.key] = f"{type(error).__name__}: {error}"
+    records[job.key] = record
+
+  shards, skipped = [], []
+  for job in jobs:  # Scan order, whatever order the workers finished in.
+    record = records[job.key]
     if record is None:
-      try:
-        cubes, info = _process_scan(path, rel, settings, data_cfg, seed)
-      except (ValueError, OSError) as e:
-        if on_error == "raise":
-          if str(path) in str(e) or path.name in str(e):
-            raise
-          raise PrepareError(f"{path}: {type(e).__name__}: {e}") from e
-        logging.warning("prepare: skipping %s: %s", path, e)
-        skipped.append({"path": str(path), "reason": f"{type(e).__name__}: {e}"})
-        continue
-      # Shards are about to change: an earlier manifest must not describe them any more.
-      if manifest_path.exists():
-        manifest_path.unlink()
-      _write_npy(npy, cubes)
-      record = {**identity, **info, "count": int(cubes.shape[0])}
-      _write_json(sidecar, record)
-    if record["count"] == 0:
-      skipped.append({"path": str(path), "reason": "no cube passed the filters "
+      skipped.append({"path": str(job.path), "reason": errors[job.key]})
+    elif record["count"] == 0:
+      skipped.append({"path": str(job.path), "reason": "no cube passed the filters "
                       f"(lung_filter={settings.lung_filter})"})
-      continue
-    shards.append({"key": key, "file": f"shards/{key}.npy", "source": str(path),
-                   "count": record["count"], "shape": record["shape"],
-                   "spacing": record["spacing"], "prepared_shape": record["prepared_shape"],
-                   "prepared_spacing": record["prepared_spacing"]})
+    else:
+      shards.append({"key": job.key, "file": f"shards/{job.key}.npy", "source": str(job.path),
+                     "count": record["count"], "shape": record["shape"],
+                     "spacing": record["spacing"], "prepared_shape": record["prepared_shape"],
+                     "prepared_spacing": record["prepared_spacing"]})
 
   if not shards:
     report = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
