@@ -175,7 +175,7 @@ def test_killed_subprocess_then_rerun_matches_uninterrupted(scans, tmp_path):
   assert _tree(out) == _tree(reference)
 
 
-def test_bad_scans_are_skipped_with_a_report_or_raise(scans, tmp_path):
+def test_bad_scans_are_skipped_with_a_report_or_raise(scans, tmp_path, monkeypatch):
   folder = tmp_path / "mixed"
   folder.mkdir()
   for name in ("case_00.nii.gz", "case_01.nii.gz", "case_02.nii.gz"):
@@ -190,6 +190,14 @@ def test_bad_scans_are_skipped_with_a_report_or_raise(scans, tmp_path):
   assert len(manifest["shards"]) == 3
   with pytest.raises(ValueError, match="broken.nii.gz"):
     prepare_lib.prepare(_config(on_error="raise"), folder, tmp_path / "raise", seed=0, progress=False)
+  # Known-bad files are remembered until they change: a re-run reads nothing and stays complete.
+  before = _tree(out)
+  monkeypatch.setattr(prepare_lib, "_process_scan", lambda *a, **k: 1 / 0)
+  prepare_lib.prepare(_config(), folder, out, seed=0, progress=False)
+  assert _tree(out) == before
+  with pytest.raises(ValueError, match="broken.nii.gz"):
+    prepare_lib.prepare(_config(on_error="raise"), folder, out, seed=0, progress=False)
+  monkeypatch.undo()
   only_bad = tmp_path / "bad"
   only_bad.mkdir()
   (only_bad / "broken.nii.gz").write_bytes(b"junk")

@@ -345,13 +345,16 @@ class _Job:
 
 
 def _reusable_record(job: _Job) -> dict | None:
-  if not (job.sidecar.exists() and job.npy.exists()):
+  """The sidecar of an up-to-date shard (or of a scan known to be bad), else None."""
+  if not job.sidecar.exists():
     return None
   try:
     record = json.loads(job.sidecar.read_text())
   except json.JSONDecodeError:
     return None
-  return record if {k: record.get(k) for k in job.identity} == job.identity else None
+  if {k: record.get(k) for k in job.identity} != job.identity:
+    return None
+  return record if "error" in record or job.npy.exists() else None
 
 
 def _run_job(job: _Job, settings: CubeSettings, data_cfg: Any, seed: int
@@ -359,7 +362,12 @@ def _run_job(job: _Job, settings: CubeSettings, data_cfg: Any, seed: int
   """Scan -> shard + sidecar (in that order: the sidecar marks the shard complete)."""
   try:
     cubes, info = _process_scan(job.path, job.rel, settings, data_cfg, seed)
-  except (ValueError, OSError) as e:
+  except ValueError as e:
+    # Bad content stays bad until the file changes (size/mtime): remember it, so re-running a
+    # complete prepare touches nothing. I/O errors (OSError) may be transient: not remembered.
+    _write_json(job.sidecar, {**job.identity, "error": f"{type(e).__name__}: {e}"})
+    return None, e
+  except OSError as e:
     return None, e
   _write_npy(job.npy, cubes)
   record = {**job.identity, **info, "count": int(cubes.shape[0])}
@@ -444,7 +452,13 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
     # Shards are about to change: an earlier manifest must not describe them any more.
     manifest_path.unlink()
 
-  errors = {}
+  errors = {job.key: records[job.key]["error"] for job in jobs
+            if records[job.key] is not None and "error" in records[job.key]}
+  if errors and on_error == "raise":
+    key, error = next(iter(errors.items()))
+    raise PrepareError(f"{next(j.path for j in jobs if j.key == key)}: {error}")
+  for key in errors:
+    records[key] = None
   for job, (record, error) in _run_jobs(todo, settings, data_cfg, seed, len(scans), progress,
                                         int(_field(data_cfg, "num_workers", 0))):
     if error is not None:
