@@ -41,6 +41,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.prepared_dir = ""  # Where `prepare` writes; default <workdir>/data.
   c.data.crop = (64, 64, 32)  # Cube size (x, y, z); two entries = 2D slices (x, y).
   c.data.cubes_per_scan = 32
+  c.data.scales = (1.0,)  # In-plane zoom-out factors; cube k of a scan uses scales[k % len].
   c.data.val_fraction = 0.2  # Split by scan, never by cube.
   c.data.modality = "ct"  # ct | mri
   c.data.hu_window = (-1000.0, 1000.0)  # CT: clip, then map linearly to [0, 1].
@@ -52,6 +53,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.on_error = "skip"  # Bulk prepare: "skip" (and report) or "raise" on a bad scan.
   c.data.num_workers = 0  # grain worker processes (0 = in-process).
   c.data.phantom_subjects = 24  # Built-in data: number of phantom subjects.
+  c.data.phantom_seed = 0  # Built-in data: which subjects (target tasks use other seeds).
   c.data.phantom_shape = (128, 128, 96)
 
   c.train = ml_collections.ConfigDict()
@@ -77,4 +79,72 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.samples_every_eval = True  # PNG grids in <workdir>/samples/ at each evaluation.
 
 
+  return c
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """Target-task fine-tuning: the original's recipe (Adam 1e-3, early stopping on val loss)."""
+  c = pretrain_config()
+  c.mode = "finetune"
+  c.num_steps = 2000
+
+  c.task = ml_collections.ConfigDict()
+  c.task.kind = "classify"  # classify (encoder + MLP head) | segment (encoder-decoder)
+  c.task.n_class = 1  # 1 = binary (sigmoid); >1 = softmax over classes.
+  c.task.loss = "dice"  # segment: "dice" | "dice+ce". classify: BCE (n_class 1) or CE.
+
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.init = ""  # "" = scratch; a pre-training workdir, converted dir, or .pt/.h5 file.
+  c.finetune.which = "best"  # best | latest checkpoint of a pre-training workdir.
+  c.finetune.step = -1  # A given checkpoint step instead (-1 = use `which`).
+  c.finetune.freeze_encoder = False
+  c.finetune.pretrained_lr_mult = 1.0  # Learning-rate multiplier for the loaded sub-trees.
+  c.finetune.keep_head = False  # segment: keep the pre-trained 1x1 output conv if shapes match.
+  c.finetune.dont_load = ()  # fnmatch patterns of param paths to keep fresh, e.g. "params/decoder/*".
+  c.finetune.adapt_input_channels = False  # Replicate a 1-channel first conv to C channels / C.
+
+  # Target-task data (config.data.source "phantom" or "folder"). For "folder": segment reads the
+  # MSD / nnU-Net layout at data.path (imagesTr/, labelsTr/); classify reads scans at data.path
+  # and the LUNA16-style CSV at data.candidates.
+  c.data.candidates = ""
+  c.data.train_cases = 8  # Labelled budget: number of training subjects (cases).
+  c.data.val_cases = 4
+  c.data.test_cases = 8
+  c.data.cubes_per_case = 16  # segment: training cubes per case.
+  c.data.fg_fraction = 0.75  # segment: share of cubes centred on foreground.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.overlap = 0.5  # Sliding-window overlap for whole-volume segmentation.
+  c.eval.tta_flip = False
+  c.eval.hd95 = False
+  c.eval.write_predictions = False  # NIfTI predictions in <workdir>/predictions/.
+
+  c.train.optimizer = "adam"
+  c.train.learning_rate = 1e-3
+  c.train.schedule = "constant"
+  c.train.batch_size = 16
+  c.train.early_stop_patience = 10
+  c.eval_every = 100
+  c.eval_batches = 0  # 0 = the whole validation split.
+  c.checkpoint_every = 100
+  c.log_every = 20
+  c.samples_every_eval = False
+  return c
+
+
+def experiment_config() -> ml_collections.ConfigDict:
+  """Scratch-vs-Genesis experiment: N fine-tuning trials per arm and task, then a results table."""
+  c = finetune_config()
+  c.mode = "experiment"
+  c.experiment = ml_collections.ConfigDict()
+  # Target-task config files, comma-separated (each a fine-tuning config with get_config()).
+  c.experiment.tasks = "configs/finetune_ncc.py,configs/finetune_ncs.py"
+  # Arms "name=init" comma-separated; init "" = scratch, "@pretrain" = the pre-training this
+  # experiment runs first in <workdir>/pretrain with experiment.pretrain_config.
+  c.experiment.arms = "scratch=,genesis=@pretrain"
+  c.experiment.pretrain_config = "configs/pretrain_phantom.py"
+  c.experiment.pretrain_overrides = ""  # "key=value,key=value" applied to the pre-training config.
+  c.experiment.overrides = ""  # "key=value,..." applied to every task config (e.g. num_steps=200).
+  c.experiment.trials = 5
+  c.experiment.seed = 0  # Trial t of every arm uses seed experiment.seed + t.
   return c

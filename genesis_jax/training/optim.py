@@ -43,15 +43,15 @@ def _base_optimizer(train_cfg, learning_rate) -> optax.GradientTransformation:
 
 def make_optimizer(train_cfg, *, global_batch: int, num_steps: int,
                    wrap=None) -> optax.GradientTransformation:
-  """`wrap(tx_fn) -> tx_fn` lets fine-tuning add per-subtree rules (freezing, lower lr)."""
+  """`wrap(make_opt) -> tx` lets fine-tuning add per-subtree rules (freezing, lower lr); it gets a
+  function that builds a fresh base optimizer (each subtree needs its own state)."""
   schedule = make_schedule(train_cfg, base_learning_rate(train_cfg, global_batch), num_steps)
   clip = float(train_cfg.grad_clip)
 
   def build(learning_rate):
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    opt = _base_optimizer(train_cfg, learning_rate)
-    if wrap is not None:
-      opt = wrap(opt, learning_rate)
+    make_opt = lambda: _base_optimizer(train_cfg, learning_rate)
+    opt = make_opt() if wrap is None else wrap(make_opt)
     return optax.chain(*parts, opt)
 
   return optax.inject_hyperparams(build)(learning_rate=schedule)

@@ -65,7 +65,7 @@ def make_eval_step(corruption: corruptions.CorruptionParams) -> Callable:
 def train(config, workdir: str | pathlib.Path) -> dict:
   """Runs (or resumes) pre-training in `workdir`. Returns a summary dict (also summary.json)."""
   from genesis_jax.data import pipeline, prepare  # Data stays out of jitted code paths.
-  from genesis_jax.models import unet
+  from genesis_jax.models import heads
 
   workdir = pathlib.Path(workdir)
   ckpt_lib.check_writable(workdir)
@@ -86,7 +86,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
       shard_count=jax.process_count(), worker_count=config.data.num_workers)
   data_iter = iter(loader)
 
-  model = unet.build_model(config.model, task="restore", n_class=sample.shape[-1])
+  model = heads.build_model(config.model, task="restore", n_class=sample.shape[-1])
   tx = optim.make_optimizer(config.train, global_batch=global_batch, num_steps=config.num_steps)
   state = loop.create_state(model, tx, sample.shape, config.seed, mesh)
   loop.log(f"model: {loop.count_params(state.params):,} parameters | global batch {global_batch} "
@@ -98,7 +98,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
   def evaluate(state):
     return loop.evaluate_source(
-        state, val_src, eval_step, mesh, per_process, max_batches=config.eval_batches,
+        state, val_src, eval_step, mesh, per_process, max_batches=config.eval_batches or None,
         seed=config.seed, keep_first=True)
 
   def on_eval(state, result, step):

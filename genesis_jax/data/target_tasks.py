@@ -1,0 +1,121 @@
+"""Target-task data for fine-tuning, split by case: train / val / test.
+
+Cases are the subjects of an MSD / nnU-Net layout folder (segmentation), or the scans that a
+LUNA16-style candidates CSV refers to (classification). The built-in phantom data is written in
+exactly that layout first, so the built-in tasks go through the same code as users' data.
+Splits take cases in sorted order: the first `train_cases` train, the next `val_cases` validate,
+the next `test_cases` test; they never depend on the trial seed, so every arm and trial of an
+experiment sees the same split.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from genesis_jax.data import preprocess as preprocess_lib
+from genesis_jax.data import readers, tasks
+
+
+def _root(config, workdir: pathlib.Path) -> pathlib.Path:
+  d = config.data
+  if d.source == "phantom":
+    from genesis_jax.data import phantoms
+    n = int(d.train_cases + d.val_cases + d.test_cases)
+    root = pathlib.Path(d.path) if d.path else workdir / "phantoms"
+    return pathlib.Path(phantoms.write_phantom_dataset(root, n, int(d.phantom_seed),
+                                                       tuple(d.phantom_shape)))
+  if d.source != "folder":
+    raise ValueError(f"fine-tuning reads config.data.source 'phantom' or 'folder', got {d.source!r}.")
+  return pathlib.Path(d.path)
+
+
+def _split_ids(ids: list[str], d, what: str) -> dict[str, list[str]]:
+  need = int(d.train_cases + d.val_cases + d.test_cases)
+  if len(ids) < need:
+    raise ValueError(f"{what}: {len(ids)} cases, but train_cases + val_cases + test_cases = {need} "
+                     f"({d.train_cases} + {d.val_cases} + {d.test_cases}); lower them in config.data.")
+  a, b = int(d.train_cases), int(d.train_cases + d.val_cases)
+  return {"train": ids[:a], "val": ids[a:b], "test": ids[b:need]}
+
+
+def _segmentation(config, root: pathlib.Path) -> dict[str, Any]:
+  d = config.data
+  cases = tasks.segmentation_cases(root)
+  num_classes = tasks.read_num_classes(root)
+  by_id = {c.case_id: c for c in cases}
+  split = _split_ids(sorted(by_id), d, f"segmentation data at {root}")
+  pairs = {k: [tasks.load_segmentation_case(by_id[i], num_classes) for i in ids]
+           for k, ids in split.items()}
+  out = {}
+  for k, seed in (("train", 0), ("val", 1)):  # Fixed data seeds: the same cubes in every trial.
+    out[k] = tasks.segmentation_cubes(pairs[k], d.crop, d, per_case=int(d.cubes_per_case),
+                                      fg_fraction=float(d.fg_fraction), seed=seed)
+  out["test_volumes"] = [preprocess_lib.preprocess_pair(v, lab, d) for v, lab in pairs["test"]]
+  out["split"] = split
+  return out
+
+
+class _LazyScans(dict):
+  """scan id -> Volume, loaded on first access (classification_cubes reads each once)."""
+
+  def __init__(self, paths: dict[str, pathlib.Path]):
+    super().__init__()
+    self._paths = paths
+
+  def __contains__(self, key):
+    return key in self._paths
+
+  def __getitem__(self, key):
+    return readers.load_volume(self._paths[key])
+
+  def keys(self):
+    return self._paths.keys()
+
+
+def _scan_paths(root: pathlib.Path) -> dict[str, pathlib.Path]:
+  folder = root / "imagesTr" if (root / "imagesTr").is_dir() else root
+  paths = {}
+  for p in readers.find_scans(folder):
+    sid = readers.scan_id(p)
+    if sid.endswith("_0000"):  # nnU-Net channel suffix: phantom_007_0000 -> phantom_007.
+      sid = sid[: -len("_0000")]
+    paths[sid] = p
+  return paths
+
+
+def _classification(config, root: pathlib.Path) -> dict[str, Any]:
+  d = config.data
+  csv_path = pathlib.Path(d.candidates) if d.candidates else root / "candidates.csv"
+  if not csv_path.exists():
+    raise FileNotFoundError(f"candidates CSV {csv_path} does not exist (config.data.candidates).")
+  candidates = tasks.read_candidates_csv(csv_path)
+  paths = _scan_paths(root)
+  ids = sorted({c.scan_id for c in candidates} & set(paths))
+  missing = sorted({c.scan_id for c in candidates} - set(paths))
+  if missing:
+    raise ValueError(f"{csv_path}: {len(missing)} scan id(s) have no scan under {root}, "
+                     f"e.g. {missing[:3]}.")
+  split = _split_ids(ids, d, f"classification data at {root}")
+  out = {}
+  for k, sids in split.items():
+    chosen = [c for c in candidates if c.scan_id in set(sids)]
+    scans = _LazyScans({s: paths[s] for s in sids})
+    x, y = tasks.classification_cubes(scans, chosen, d.crop, d)
+    if k != "test" and len(np.unique(y)) < 2:
+      raise ValueError(f"classification {k} split has only class {np.unique(y)}; add cases.")
+    out[k] = (x, y)
+  out["split"] = split
+  return out
+
+
+def load(config, workdir: pathlib.Path) -> dict[str, Any]:
+  """{"train": (x, y), "val": (x, y), "test": (x, y)} (classify) or with "test_volumes" (segment).
+
+  x: (N, *crop, 1) float32 in [0, 1]; y: (N,) int (classify) or (N, *crop, 1) uint8 (segment).
+  """
+  root = _root(config, pathlib.Path(workdir))
+  if config.task.kind == "segment":
+    return _segmentation(config, root)
+  return _classification(config, root)

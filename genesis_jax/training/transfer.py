@@ -1,0 +1,168 @@
+"""Transfer of pre-trained weights into a fine-tuning model, reported path by path.
+
+`load_pretrained(init)` reads any of: a pre-training workdir (its best or latest Orbax
+checkpoint), a converted release (`python -m genesis_jax.models.convert`), or a released PyTorch
+(.pt/.pth/.tar) or Keras (.h5) file. `merge_params` then copies every matching leaf into the
+freshly initialised tree and says what it did; a shape mismatch on a leaf that is not excluded by
+`dont_load` is an error naming the paths, never a silent fallback to random init.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+
+class TransferError(ValueError):
+  pass
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(tree) if tree else {}).items()}
+
+
+def _unflat(flat: dict[str, Any]) -> dict:
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+@dataclasses.dataclass
+class TransferReport:
+  source: str
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  fresh: list[str] = dataclasses.field(default_factory=list)
+  ignored: list[str] = dataclasses.field(default_factory=list)
+  adapted: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    def groups(paths):  # Collapse to the first two path components for a readable log.
+      out: dict[str, int] = {}
+      for p in paths:
+        g = "/".join(p.split("/")[:3])
+        out[g] = out.get(g, 0) + 1
+      return ", ".join(f"{g} ({n})" for g, n in sorted(out.items())) or "-"
+    return (f"transfer from {self.source}:\n  loaded  {len(self.loaded)} arrays: {groups(self.loaded)}\n"
+            f"  fresh   {len(self.fresh)} arrays: {groups(self.fresh)}\n"
+            f"  ignored {len(self.ignored)} arrays: {groups(self.ignored)}"
+            + (f"\n  adapted {self.adapted}" if self.adapted else ""))
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _adapt_first_conv(src: np.ndarray, dst_shape: tuple[int, ...]) -> np.ndarray | None:
+  """First conv kernel (*k, C_in, C_out) with C_in=1 -> C_in=n: replicate / n (keeps the response
+  to an image repeated over channels). None when this is not such a case."""
+  if src.ndim < 3 or src.shape[:-2] != dst_shape[:-2] or src.shape[-1] != dst_shape[-1]:
+    return None
+  if src.shape[-2] != 1:
+    return None
+  n = dst_shape[-2]
+  return np.repeat(src, n, axis=-2) / n
+
+
+def merge_params(init_vars: dict, loaded_vars: dict, *, source: str, dont_load=(),
+                 adapt_input_channels: bool = False) -> tuple[dict, TransferReport]:
+  """Copies `loaded_vars` leaves into `init_vars` where the paths match.
+
+  Paths are "collection/module/.../leaf" (e.g. "params/encoder/down1_conv1/kernel"); `dont_load`
+  holds fnmatch patterns of target paths to keep fresh (e.g. "params/out/*" for a new head).
+  """
+  report = TransferReport(source=source)
+  target = _flat({c: init_vars.get(c, {}) for c in init_vars})
+  src = _flat({c: loaded_vars.get(c, {}) for c in loaded_vars})
+  mismatched = []
+  out = {}
+  for path, init_leaf in target.items():
+    if any(fnmatch.fnmatch(path, pat) for pat in dont_load) or path not in src:
+      out[path] = init_leaf
+      report.fresh.append(path)
+      continue
+    value = np.asarray(src[path])
+    if value.shape != tuple(init_leaf.shape):
+      adapted = _adapt_first_conv(value, tuple(init_leaf.shape)) if adapt_input_channels else None
+      if adapted is None:
+        mismatched.append(f"{path}: checkpoint {value.shape} vs model {tuple(init_leaf.shape)}")
+        continue
+      value = adapted
+      report.adapted.append(path)
+    out[path] = value.astype(init_leaf.dtype)
+    report.loaded.append(path)
+  if mismatched:
+    hint = ("" if adapt_input_channels else
+            " For more input channels than the checkpoint has, set config.finetune.adapt_input_channels=True.")
+    raise TransferError(f"shape mismatch between {source} and the model for {len(mismatched)} "
+                        f"array(s): " + "; ".join(mismatched[:10]) +
+                        (" ..." if len(mismatched) > 10 else "") +
+                        ". Add a config.finetune.dont_load pattern to re-initialise them." + hint)
+  report.ignored = sorted(p for p in src if p not in target)
+  if not report.loaded:
+    raise TransferError(f"nothing in {source} matches the model's parameter paths "
+                        f"(e.g. checkpoint has {sorted(src)[:3]}, model has {sorted(target)[:3]}); "
+                        "is it a Genesis checkpoint of the same network?")
+  return _unflat(out), report
+
+
+def load_pretrained(init: str, *, which: str = "best", step: int | None = None) -> tuple[dict, dict | None]:
+  """Reads pre-trained variables {"params", "batch_stats"} and, when known, their model config.
+
+  `init`: a pre-training workdir (or its checkpoints/ dir), a converted checkpoint dir, or a
+  released .pt/.pth/.tar/.h5 file. `which`: "best" or "latest" checkpoint of a workdir; `step`
+  picks a given step instead.
+  """
+  path = pathlib.Path(init).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f"pre-trained init {init!r} does not exist.")
+  suffix = path.suffix.lower()
+  if path.is_file():
+    from genesis_jax.models import pretrained_io
+    if suffix in (".h5", ".hdf5"):
+      return pretrained_io.import_keras(path), None
+    if suffix in (".pt", ".pth", ".tar", ".bin", ".ckpt"):
+      return pretrained_io.import_pytorch(path), None
+    raise TransferError(f"{path}: not a known weights file (expected .pt/.pth/.tar or .h5).")
+  if (path / "genesis_model.json").exists():
+    from genesis_jax.models import convert
+    variables, model_cfg = convert.load_converted(path)
+    return variables, model_cfg
+  ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  if not (ckdir / "latest").is_dir():
+    raise TransferError(
+        f"{path} is neither a pre-training workdir (no checkpoints/latest), a converted "
+        "checkpoint (no genesis_model.json), nor a .pt/.h5 file.")
+  return _restore_run_checkpoint(ckdir, path, which, step)
+
+
+def _restore_run_checkpoint(ckdir: pathlib.Path, workdir: pathlib.Path, which: str,
+                            step: int | None) -> tuple[dict, dict | None]:
+  import orbax.checkpoint as ocp
+  sub = ckdir / ("best" if which == "best" and step is None else "latest")
+  steps = sorted(int(p.name) for p in sub.iterdir() if p.name.isdigit()) if sub.is_dir() else []
+  if which == "best" and not steps:  # No evaluation yet: fall back to the latest, say so.
+    sub = ckdir / "latest"
+    steps = sorted(int(p.name) for p in sub.iterdir() if p.name.isdigit())
+  if not steps:
+    raise TransferError(f"{ckdir} holds no complete checkpoint.")
+  if step is not None and step not in steps:
+    raise TransferError(f"{sub} has no checkpoint at step {step}; it has {steps}.")
+  chosen = step if step is not None else steps[-1]
+  state_dir = sub / str(chosen) / "state"
+  meta = ocp.StandardCheckpointer().metadata(state_dir)
+  tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+  wanted = {k: v for k, v in dict(tree).items() if k in ("params", "batch_stats")}
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+  ckptr = ocp.PyTreeCheckpointer()
+  restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+      partial_restore=True))
+  model_cfg = None
+  cfg_file = workdir / "config.json"
+  if cfg_file.exists():
+    model_cfg = json.loads(cfg_file.read_text()).get("model")
+  variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+  return variables, model_cfg
