@@ -87,10 +87,12 @@ def test_nodules_masks_and_candidates(subjects):
       i, j, k = np.rint(c.center_vox).astype(int)
       # Juxta-pleural nodules are cut by the pleura, so look in a small neighbourhood.
       assert ph.nodule_mask[max(i - 2, 0):i + 3, max(j - 2, 0):j + 3, max(k - 1, 0):k + 2].any()
-    # Look-alikes are never on a nodule.
+    # Look-alikes lie in the lung and never on a nodule.
+    in_lung = [phantoms.TISSUE[k] for k in ("lung", "vessel", "lookalike")]
     for c in ph.candidates:
       if c.label == 0:
-        assert not ph.nodule_mask[tuple(np.rint(c.center_vox).astype(int))]
+        idx = tuple(np.rint(c.center_vox).astype(int))
+        assert not ph.nodule_mask[idx] and ph.tissue[idx] in in_lung
     # The mask's total volume matches the nodules' reported sizes.
     voxel_mm3 = float(np.prod(ph.volume.spacing))
     expected = sum(np.pi / 6 * c.diameter_mm ** 3 for c in nodules)

@@ -318,28 +318,32 @@ def _anatomy(rng, grid: _Grid):
   wobble = _smooth_field(rng, g.shape, (14, 14, 10)) * np.float32(rng.uniform(0.05, 0.10))
   heart_c = np.array([rng.uniform(-0.25, -0.08) * ax_b, cy_b + rng.uniform(0.05, 0.25) * ay_b,
                       z_base + rng.uniform(0.25, 0.40) * height])
-  heart_r = np.array([rng.uniform(0.28, 0.36) * ax_b, rng.uniform(0.38, 0.48) * ay_b,
+  heart_r = np.array([rng.uniform(0.26, 0.33) * ax_b, rng.uniform(0.36, 0.45) * ay_b,
                       rng.uniform(0.30, 0.40) * height])
   heart = (((g.x - heart_c[0]) / heart_r[0]) ** 2 + ((g.y - heart_c[1]) / heart_r[1]) ** 2
            + ((g.z - heart_c[2]) / heart_r[2]) ** 2) < 1
-  med_half = rng.uniform(0.07, 0.12) * ax_b
+  med_half = rng.uniform(0.06, 0.10) * ax_b
   spine_c = np.array([0.0, cy_b - rng.uniform(0.50, 0.60) * ay_b])
   spine_r = rng.uniform(0.12, 0.16) * ax_b
   rs = np.sqrt((g.x - spine_c[0]) ** 2 + (g.y - spine_c[1]) ** 2) / spine_r  # (X, Y, 1)
+  canal_y = spine_c[1] - 1.55 * spine_r  # Spinal canal, behind the vertebral body.
+  rc = np.sqrt((g.x - spine_c[0]) ** 2 + (g.y - canal_y) ** 2) / spine_r
   apex = np.clip(1 - ((g.z - z_taper) / (z_apex - z_taper)) ** 2, 1e-4, None)
   apex = np.where(g.z > z_taper, apex, 1).astype(np.float32)  # Squared radius scale, (1, 1, Z).
   lung = np.zeros(g.shape, bool)
   lungs = []
   for side in (1, -1):  # +x = patient right (larger lung), -x = left (heart side).
     size = 1.0 if side > 0 else rng.uniform(0.88, 0.97)
-    cx = side * rng.uniform(0.40, 0.48) * ax_b
+    cx = side * rng.uniform(0.44, 0.50) * ax_b
     cy = cy_b + rng.uniform(-0.08, 0.02) * ay_b
-    lax = size * rng.uniform(0.38, 0.44) * ax_b
-    lay = size * rng.uniform(0.68, 0.78) * ay_b
+    lax = size * rng.uniform(0.42, 0.48) * ax_b
+    lay = size * rng.uniform(0.72, 0.82) * ay_b
     r2d = ((g.x - cx) / lax) ** 2 + ((g.y - cy) / lay) ** 2  # (X, Y, 1)
     dome = rng.uniform(0.15, 0.30) * height
     z_dia = z_base + dome * (1 - np.clip(r2d, 0, 1))  # Dome: highest at the lung's centre.
-    in_plane = (side * g.x > med_half) & (r2d < 1.3) & (rb < r_cavity) & (rs > 1.25)
+    # Clear of the mediastinum, the rib cage, the vertebral body and the neural arch.
+    in_plane = ((side * g.x > med_half) & (r2d < 1.3) & (rb < r_cavity) & (rs > 1.25)
+                & (rc > 1.1))
     lung |= (r2d / apex + wobble < 1) & (g.z > z_dia) & (g.z < z_apex) & in_plane
     lungs.append(dict(side=side, c=np.array([cx, cy]), r=np.array([lax, lay]),
                       z=(z_base + dome, z_apex)))
@@ -357,8 +361,6 @@ def _anatomy(rng, grid: _Grid):
   # each body the neural arch around the spinal canal, and the spinous process.
   disc_period = rng.uniform(18, 26)
   disc = np.abs(((g.z - rng.uniform(0, disc_period)) / disc_period) % 1 - 0.5) > 0.42  # (1,1,Z)
-  canal_y = spine_c[1] - 1.55 * spine_r
-  rc = np.sqrt((g.x - spine_c[0]) ** 2 + (g.y - canal_y) ** 2) / spine_r
   cortex, cancellous = np.float32(rng.uniform(700, 950)), np.float32(rng.uniform(320, 420))
   bone = TISSUE["bone"]
   _fill(hu, tissue, (rs < 1) & ~disc, np.where(rs > 0.8, cortex, cancellous), bone)
@@ -371,7 +373,7 @@ def _anatomy(rng, grid: _Grid):
   # Ribs: oval cross-sections in the muscle shell, sloping down anteriorly, one every ~15 mm.
   rib_period = rng.uniform(13, 19)
   rib_h = rng.uniform(4.0, 6.5)  # Cranio-caudal height of a rib, mm.
-  rib_slope = rng.uniform(0.15, 0.35)  # mm of z per mm of y (anterior ends lower).
+  rib_slope = rng.uniform(0.5, 0.9)  # mm of z per mm of y (anterior ends lower).
   rib_t = t_muscle * rng.uniform(0.6, 0.85)
   rib_mid = r_cavity + rib_t / 2
   dr = (rb - rib_mid) / (rib_t / 2)  # (X, Y, 1)
@@ -588,7 +590,10 @@ def _lookalikes(rng, grid, hu, tissue, lung, lung_idx, segs, branch_points, edge
   margin = 6.0
 
   def take(c, kind, r=2.0):
-    if grid.index(c) is not None and claimed.free(c, r, margin):
+    # In the lung (vessels are drawn only there), not in a bronchus or its wall.
+    idx = grid.index(c)
+    if (idx is not None and lung[idx] and tissue[idx] in (TISSUE["lung"], TISSUE["lookalike"])
+        and claimed.free(c, r, margin)):
       claimed.add(c, r)
       out.append((np.asarray(c, np.float64), kind))
       return True
