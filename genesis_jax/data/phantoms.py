@@ -20,6 +20,9 @@ Two target tasks mirror the paper's NCS and NCC: `Phantom.nodule_mask` (segmenta
 `write_phantom_dataset` as an MSD/nnU-Net folder plus LUNA16-style candidates.csv:
 
   python -m genesis_jax.data.phantoms --out data/phantoms --subjects 24 --seed 0
+
+Subject i of the data set drawn with seed s is `make_phantom(subject_seed(s, i), shape)`, so a
+pipeline can also generate the same subjects in memory, on the fly, without the files.
 """
 from __future__ import annotations
 
@@ -66,7 +69,9 @@ class Phantom:
   volume: Volume  # HU, float32 (x, y, z); affine carries this subject's spacing.
   nodule_mask: np.ndarray  # uint8 (x, y, z), 1 inside nodules.
   candidates: list[Candidate]
-  tissue: np.ndarray | None = None  # uint8 (x, y, z), TISSUE codes (lung mask = tissue == 3).
+  # uint8 (x, y, z), TISSUE codes of what each voxel was drawn as. The lung region is the codes
+  # lung, vessel, nodule and lookalike together (for lung masks and cube filters).
+  tissue: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -247,7 +252,7 @@ def _tubes(grid: _Grid, segs: list[_Segment], edge: float, piece_mm: float = 3.0
 def _blob(grid: _Grid, rng, centre, radii, rotation, edge: float, lobulation: float = 0.0):
   """Soft occupancy of a lobulated ellipsoid (radii in mm along the rotation's columns)."""
   radii = np.asarray(radii, np.float64)
-  ext = radii.max() * (1 + lobulation) + edge
+  ext = radii.max() * (1 + 2 * lobulation) + edge  # Bumps can add up where they overlap.
   b = grid.box(centre - ext, centre + ext)
   if b is None:
     return None
@@ -719,8 +724,8 @@ def _make_phantom(seed: int, shape) -> Phantom:
   mask, nodules = _place_nodules(rng, grid, hu, tissue, lung, lung_idx, segs, edge, claimed)
   fakes, extra = _lookalikes(rng, grid, hu, tissue, lung, lung_idx, segs, branch_points, edge,
                              claimed)
-  # Vessels go under the lesions already drawn only where a lesion does not cover them: paint
-  # vessels into a separate occupancy and blend it where no nodule voxel is.
+  # Vessels last, from their own occupancy: nodules stay whole (a juxta-vascular nodule swallows
+  # the vessel it touches) and scars and pleural bumps are only half covered.
   vessel = _tubes(grid, segs + extra, edge)
   vessel *= lung
   vessel[mask.astype(bool)] = 0
@@ -730,8 +735,8 @@ def _make_phantom(seed: int, shape) -> Phantom:
 
   # Scanner: slight blur (in voxels; thinner in z where slices are thick) then Gaussian noise
   # whose standard deviation after the same blur is `sigma_hu`.
-  blur = (rng.uniform(0.5, 0.8), 0.0, rng.uniform(0.3, 0.5))
-  blur = (blur[0], blur[0], blur[2])
+  blur_xy, blur_z = rng.uniform(0.5, 0.8), rng.uniform(0.3, 0.5)
+  blur = (blur_xy, blur_xy, blur_z)
   sigma_hu = rng.uniform(10, 30)
   noise = rng.standard_normal(shape, dtype=np.float32)
   gain = np.prod([np.sqrt(np.sum(_gauss_kernel(s) ** 2)) for s in blur])
