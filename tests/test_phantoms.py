@@ -157,15 +157,16 @@ def test_write_dataset_round_trip(tmp_path):
     mine = [r for r in rows if r["seriesuid"] == name]
     assert len(mine) == len(ph.candidates)
     for r, c in zip(mine, ph.candidates):
-      world = [float(r["coordX"]), float(r["coordY"]), float(r["coordZ"])]
+      # candidates.csv is LUNA16-style LPS; the NIfTI affine is RAS.
+      world = [-float(r["coordX"]), -float(r["coordY"]), float(r["coordZ"])]
       np.testing.assert_allclose(_world_to_vox(img.affine, world), c.center_vox, atol=0.01)
       assert int(r["class"]) == c.label
     # A true nodule's world coordinate lands inside (or right next to) its mask.
     mask = np.asanyarray(lab.dataobj)
     for r in mine:
       if r["class"] == "1":
-        i_, j_, k_ = np.rint(_world_to_vox(lab.affine, [float(r[k]) for k in
-                                                        ("coordX", "coordY", "coordZ")])).astype(int)
+        lps = [float(r[k]) for k in ("coordX", "coordY", "coordZ")]
+        i_, j_, k_ = np.rint(_world_to_vox(lab.affine, [-lps[0], -lps[1], lps[2]])).astype(int)
         assert mask[max(i_ - 2, 0):i_ + 3, max(j_ - 2, 0):j_ + 3, max(k_ - 1, 0):k_ + 2].any()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # No temp leftovers.
 

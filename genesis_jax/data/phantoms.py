@@ -44,7 +44,7 @@ import threadpoolctl
 from genesis_jax.data.volume import Volume
 
 # Bump when the generator's output changes, so cached data sets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: candidates.csv in LPS (LUNA16).
 MANIFEST = "phantom_manifest.json"
 
 # Codes of `Phantom.tissue`: which structure each voxel was drawn as (before blur and noise).
@@ -801,6 +801,9 @@ def _nifti(data: np.ndarray, affine: np.ndarray):
   return img
 
 
+_RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
+
+
 def _write_all(tmp: pathlib.Path, n_subjects: int, seed: int, shape) -> None:
   (tmp / "imagesTr").mkdir()
   (tmp / "labelsTr").mkdir()
@@ -819,8 +822,9 @@ def _write_all(tmp: pathlib.Path, n_subjects: int, seed: int, shape) -> None:
       _nifti(ph.nodule_mask.astype(np.uint8), affine).to_filename(
           str(tmp / "labelsTr" / f"{name}.nii.gz"))
       for c in ph.candidates:
-        world = affine @ np.array([*c.center_vox, 1.0])
-        row = [name, *(f"{w:.3f}" for w in world[:3])]
+        # LUNA16 / ITK convention: world coordinates in LPS (RAS with x and y negated).
+        world = (affine @ np.array([*c.center_vox, 1.0]))[:3] * _RAS_TO_LPS
+        row = [name, *(f"{w:.3f}" for w in world)]
         cands.writerow(row + [c.label])
         if c.label == 1:
           annos.writerow(row + [f"{c.diameter_mm:.2f}"])
@@ -846,7 +850,7 @@ def write_phantom_dataset(root, n_subjects: int, seed: int = 0,
 
   Layout: imagesTr/phantom_XXX_0000.nii.gz (int16 HU), labelsTr/phantom_XXX.nii.gz (uint8 nodule
   mask), dataset.json, candidates.csv and annotations.csv (LUNA16 columns; coordinates are world
-  millimetres in the NIfTI's RAS+ frame, i.e. affine @ (i, j, k, 1), not LUNA16's LPS), and
+  millimetres in LUNA16's LPS frame, i.e. affine @ (i, j, k, 1) with x and y negated), and
   phantom_manifest.json. The set is built in a sibling temporary folder and renamed into place,
   so `root` is either absent or complete; a complete set with the same (n_subjects, seed, shape)
   is reused as is, one from other parameters is replaced, and any other non-empty folder at
