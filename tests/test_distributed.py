@@ -152,3 +152,40 @@ def test_two_processes_on_localhost_sum_a_global_array():
     assert r["source"] == "env" and r["collectives"] == "gloo"
     assert r["global_shape"] == [4, 3] and r["total"] == 630.0
     assert r["runtime"].startswith(f"process {pid} of 2 | devices: 2 local, 4 global | platform cpu")
+
+
+_FAILING_WORKER = textwrap.dedent("""
+    import sys, time
+    from genesis_jax.training import distributed
+    distributed.initialize(initialization_timeout_s=30)
+    import jax
+    if jax.process_index() == 1:
+      raise RuntimeError("worker 1 broke")  # Uncaught: the fail-fast excepthook ends it.
+    if jax.process_index() == 2:
+      distributed.exit_with_error("error: worker 2 has a bad config", code=3)
+    time.sleep(120)  # Process 0 is busy (a long compile, say) and never reaches shutdown in time.
+""")
+
+
+def test_a_failing_process_exits_at_once_instead_of_waiting_in_the_shutdown_barrier():
+  port = _free_port()
+  procs = []
+  for pid in range(3):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "GENESIS_"))}
+    env.update(GENESIS_COORDINATOR=f"127.0.0.1:{port}", GENESIS_NUM_PROCESSES="3",
+               GENESIS_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    procs.append(subprocess.Popen([sys.executable, "-c", _FAILING_WORKER], env=env, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    # Without the fail-fast exit, JAX keeps a failed process for its 300 s shutdown timeout.
+    out1, _ = procs[1].communicate(timeout=60)
+    out2, _ = procs[2].communicate(timeout=60)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
+  assert procs[1].returncode == 1 and "RuntimeError: worker 1 broke" in out1
+  assert procs[2].returncode == 3 and "error: worker 2 has a bad config" in out2

@@ -22,8 +22,9 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 # Google's PCI vendor id, and the device ids of TPU chips (v3 .. TPU7x). Other Google PCI
 # devices exist on every GCE VM (the gVNIC network card), so the vendor alone is not enough.
@@ -179,6 +180,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Single-process runs call nothing. Returns `plan`'s decision plus `cpu_collectives`, for the run
   log. Raises DistributedConfigError on incomplete settings, and RuntimeError (from JAX) when a
   backend already exists or the coordinator cannot be reached within the timeout.
+
+  In a multi-process run an uncaught exception ends its process at once (`fail_fast_excepthook`)
+  instead of waiting up to 5 minutes in JAX's shutdown barrier for processes that will never
+  reach it; the launchers (local.sh, srun --kill-on-bad-exit, a failed Job) then stop the rest.
   """
   decision = plan(coordinator_address, num_processes, process_id, local_device_ids)
   decision["cpu_collectives"] = None
@@ -196,7 +201,40 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       local_device_ids=decision["local_device_ids"],
       cluster_detection_method=decision["cluster_detection_method"],
       initialization_timeout=initialization_timeout_s)
+  sys.excepthook = fail_fast_excepthook
   return decision
+
+
+def _multi_process_running() -> bool:
+  if "jax" not in sys.modules:
+    return False
+  import jax
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def exit_now(code: int) -> NoReturn:
+  """Ends this process without JAX's shutdown barrier (multi-process) or normally (otherwise).
+
+  After an error, the other processes never reach that barrier, and JAX would hold this one for
+  its shutdown timeout (300 s) before aborting; a launcher sees the failure only then.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if _multi_process_running():
+    os._exit(code)
+  sys.exit(code)
+
+
+def exit_with_error(message: str, code: int = 1) -> NoReturn:
+  """`sys.exit(message)` that does not hang a multi-process run: prints, then `exit_now(code)`."""
+  print(message, file=sys.stderr)
+  exit_now(code)
+
+
+def fail_fast_excepthook(exc_type, exc, tb) -> None:
+  """sys.excepthook for multi-process runs: print the traceback, then `exit_now(1)`."""
+  sys.__excepthook__(exc_type, exc, tb)
+  exit_now(1)
 
 
 def is_primary() -> bool:
