@@ -206,10 +206,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _multi_process_running() -> bool:
+  # Only the distributed state is read: asking for process_count could create a backend.
   if "jax" not in sys.modules:
     return False
   import jax
-  return jax.distributed.is_initialized() and jax.process_count() > 1
+  return jax.distributed.is_initialized()
 
 
 def exit_now(code: int) -> NoReturn:
