@@ -1,0 +1,445 @@
+"""Models Genesis corruptions as pure JAX functions of (PRNG key, array).
+
+One sample is channels-last `(*spatial, C)`: (x, y, z, C) for cubes, (x, y, C) for 2D slices;
+`corrupt_batch` takes `(N, *spatial, C)`. Intensities are in [0, 1]. Every op keeps shape and
+dtype, jits, vmaps, and never leaves the device. The recipe and its default rates are the
+original's (SPEC.md "The corruptions"); sizes scale per axis from the axis length s exactly as the
+original's integer formulas do, so the defaults reproduce it at 64 x 64 x 32.
+
+Randomness. Scalars (rates, box sizes, curve controls) come from `jax.random`. Bulk randomness
+(noise fields, 10,000 shuffle blocks) comes from a counter-based integer hash seeded by two words
+drawn from the key: on XLA:CPU threefry costs ~20 ns per number, the hash ~1 ns and it fuses into
+its consumer. Both are functions of the key alone, so results are identical on every run and
+every device count.
+
+Local shuffling without a 10,000-step loop: the original reads each block from the un-shuffled
+cube and later blocks overwrite earlier ones, so a voxel shows the block with the latest time that
+covers it. Each block writes `time << bits | displacement` into its window with a scatter-max; the
+winner's displacement is then one gather. Block sizes,
+origins and count are the original's. Differences, both keeping each voxel's marginal law (source
+uniform over its block, so the fraction changed is the original's ~78.5%):
+- block order is a random 20-bit time key (ties, ~1e-6 per overlap, go to the larger payload);
+- each block is permuted by an independent uniform permutation per axis (rows, columns and slices
+  shuffled), a bijection of the block, instead of a uniform draw among all n! orders, which would
+  need a sort per block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+TRANSFORMS = ("nonlinear", "local", "outpaint", "inpaint")
+# Ablation groups of the paper: I non-linear, II local shuffling, III out-painting, IV in-painting.
+PRESETS = {
+    "all": frozenset(TRANSFORMS),
+    "v": frozenset(TRANSFORMS),
+    "i&ii": frozenset({"nonlinear", "local"}),
+    "iii&iv": frozenset({"outpaint", "inpaint"}),
+    "none": frozenset(),
+}
+
+
+class CorruptionConfigError(ValueError):
+  """A corruption config field names an unknown transform or an impossible rate."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CorruptionParams:
+  """Static (hashable) corruption settings; defaults are the original's."""
+  flip_rate: float = 0.4
+  local_rate: float = 0.5
+  nonlinear_rate: float = 0.9
+  paint_rate: float = 0.9
+  outpaint_rate: float = 0.8  # In-painting gets 1 - outpaint_rate of painted samples.
+  local_blocks: int = 10_000
+  flip_compat: bool = False  # True: the original's flip (axes channel, x, y; z never).
+  transforms: frozenset[str] = frozenset(TRANSFORMS)
+
+  def __post_init__(self):
+    object.__setattr__(self, "transforms", frozenset(self.transforms))
+    unknown = self.transforms - set(TRANSFORMS)
+    if unknown:
+      raise CorruptionConfigError(
+          f"corruption.transforms: unknown {sorted(unknown)}; known: {list(TRANSFORMS)}.")
+    for name in ("flip_rate", "local_rate", "nonlinear_rate", "paint_rate", "outpaint_rate"):
+      v = getattr(self, name)
+      if not 0.0 <= v <= 1.0:
+        raise CorruptionConfigError(f"corruption.{name} = {v} is not a probability in [0, 1].")
+    if self.local_blocks < 0:
+      raise CorruptionConfigError(f"corruption.local_blocks = {self.local_blocks} is negative.")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> CorruptionParams:
+    """From `config.corruption` (configs/pretrain_genesis.py); missing fields keep defaults."""
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    kw = {}
+    for f in dataclasses.fields(cls):
+      v = get(f.name, None)
+      if v is None:
+        continue
+      kw[f.name] = parse_transforms(v) if f.name == "transforms" else v
+    for name in ("flip_rate", "local_rate", "nonlinear_rate", "paint_rate", "outpaint_rate"):
+      if name in kw:
+        kw[name] = float(kw[name])
+    if "local_blocks" in kw:
+      kw["local_blocks"] = int(kw["local_blocks"])
+    if "flip_compat" in kw:
+      kw["flip_compat"] = bool(kw["flip_compat"])
+    return cls(**kw)
+
+  def effective_rates(self) -> dict[str, float]:
+    """Rates with the transforms left out of `transforms` switched off (the ablations)."""
+    t = self.transforms
+    paint = self.paint_rate
+    outp = self.outpaint_rate
+    if "inpaint" in t and "outpaint" not in t:
+      outp = 0.0
+    elif "outpaint" in t and "inpaint" not in t:
+      outp = 1.0
+    elif not {"inpaint", "outpaint"} & t:
+      paint = 0.0
+    return dict(flip=self.flip_rate,
+                local=self.local_rate if "local" in t else 0.0,
+                nonlinear=self.nonlinear_rate if "nonlinear" in t else 0.0,
+                paint=paint, outpaint=outp)
+
+
+def parse_transforms(spec: str | frozenset[str] | set[str] | tuple[str, ...]) -> frozenset[str]:
+  """"all"/"V", "I&II", "III&IV", "none" or a "+"-joined subset ("nonlinear+local")."""
+  if not isinstance(spec, str):
+    out = frozenset(spec)
+  elif spec.strip().lower() in PRESETS:
+    out = PRESETS[spec.strip().lower()]
+  else:
+    out = frozenset(p.strip().lower() for p in spec.split("+") if p.strip())
+    if not out:
+      raise CorruptionConfigError(f"corruption.transforms = {spec!r} is empty.")
+  unknown = out - set(TRANSFORMS)
+  if unknown:
+    raise CorruptionConfigError(
+        f"corruption.transforms = {spec!r}: unknown {sorted(unknown)}; known: {list(TRANSFORMS)}"
+        f" or presets {sorted(PRESETS)}.")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness: key -> seed words -> counter hash.
+
+def _seed(key: jax.Array) -> jax.Array:
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def _mix(h: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons): a full-avalanche 32-bit integer hash."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def _hash_bits(seed: jax.Array, shape: tuple[int, ...], stream: int) -> jax.Array:
+  """uint32 bits, one per element of `shape`, a function of (seed, stream, element index)."""
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(len(shape))):
+    idx = idx + lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
+    stride *= shape[d]
+  h = _mix(idx * jnp.uint32(0x9E3779B1) + seed[0] + jnp.uint32((stream * 0x85EBCA77) & 0xFFFFFFFF))
+  return _mix(h ^ seed[1])
+
+
+def _hash_uniform(seed: jax.Array, shape: tuple[int, ...], stream: int) -> jax.Array:
+  """float32 in [0, 1), 24 random bits each."""
+  return (_hash_bits(seed, shape, stream) >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
+def _check(x: jax.Array, name: str) -> tuple[int, ...]:
+  if x.ndim not in (3, 4):
+    raise ValueError(f"{name}: expected one sample (x, y, C) or (x, y, z, C), got shape {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name}: expected a floating dtype with intensities in [0, 1], got {x.dtype}.")
+  return tuple(x.shape[:-1])
+
+
+def _randint(key, lo, hi, shape=()):
+  """Uniform integers in the closed range [lo, hi] (Python `random.randint`)."""
+  return jax.random.randint(key, shape, lo, hi + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Flip.
+
+def flip(key: jax.Array, x: jax.Array, rate: float = 0.4, compat: bool = False) -> jax.Array:
+  """Up to 3 flips, each while u < rate, along a random axis; apply to input and target alike.
+
+  Default: the axis is uniform over the spatial axes. `compat=True` is the original: uniform over
+  (channel, x, y), so a third of the draws reverse the channel axis and z is never flipped.
+  """
+  spatial = _check(x, "flip")
+  axes = (x.ndim - 1, 0, 1) if compat else tuple(range(len(spatial)))
+  ku, ka = jax.random.split(key)
+  go = jnp.cumprod(jax.random.uniform(ku, (3,)) < rate)  # Repeat while u < rate, at most 3.
+  pick = jax.random.randint(ka, (3,), 0, len(axes))
+  for i, axis in enumerate(axes):
+    odd = (jnp.sum(go * (pick == i)) % 2) == 1  # Two flips along one axis cancel.
+    x = jnp.where(odd, jnp.flip(x, axis), x)
+  return x
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Local pixel shuffling.
+
+def _block_max(s: int) -> int:
+  return max(1, s // 10)  # Original: randint(1, s // 10); guard axes shorter than 10.
+
+
+def _rank(keys: jax.Array) -> jax.Array:
+  """Rank of each key along the last axis, ties to the lower index: a uniform permutation."""
+  a, b = keys[..., :, None], keys[..., None, :]
+  n = keys.shape[-1]
+  lower = lax.broadcasted_iota(jnp.int32, (n, n), 1) < lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  return jnp.sum((b < a) | ((b == a) & lower), axis=-1, dtype=jnp.int32)
+
+
+def _shuffle_group(seed, stream, count, spatial, bmax, code_bits):
+  """Scatter values (count, *bmax) and origins (count, rank) of `count` blocks.
+
+  A value is `time << code_bits | displacement code` inside the block and -1 past its size.
+  """
+  rank = len(spatial)
+  window = bmax
+  u = _hash_uniform(seed, (count, 2 * rank), stream)
+  sizes, origins = [], []
+  for a in range(rank):
+    b = 1 + jnp.floor(u[:, a] * bmax[a]).astype(jnp.int32)  # Uniform in 1..bmax.
+    sizes.append(b)
+    origins.append(jnp.floor(u[:, rank + a] * (spatial[a] - b + 1).astype(jnp.float32))
+                   .astype(jnp.int32))
+  time = (_hash_bits(seed, (count,), stream + 1) >> (32 - (31 - code_bits))).astype(jnp.int32)
+  shape = (count,) + window
+  value = jnp.zeros(shape, jnp.int32)
+  valid = jnp.ones(shape, bool)
+  stride = 1
+  for a in reversed(range(rank)):
+    # Independent uniform permutation of each axis of each block (positions >= size rank last).
+    keys = _hash_bits(seed, (count, window[a]), stream + 2 + a)
+    pos = jnp.arange(window[a], dtype=jnp.int32)
+    inside = pos[None, :] < sizes[a][:, None]
+    perm = _rank(jnp.where(inside, keys >> 1, jnp.uint32(0xFFFFFFFF)))
+    disp = perm - pos[None, :]  # Source offset minus destination offset, in [-(bmax-1), bmax-1].
+    bshape = [count] + [1] * rank
+    bshape[1 + a] = window[a]
+    value = value + (disp + bmax[a] - 1).reshape(bshape) * stride
+    valid = valid & inside.reshape(bshape)
+    stride *= 2 * bmax[a] - 1
+  value = jnp.where(valid, (time << code_bits).reshape((count,) + (1,) * rank) | value, -1)
+  return value, jnp.stack(origins, axis=-1)
+
+
+def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int = 10_000) -> jax.Array:
+  """Shuffle voxels inside `num_blocks` random small blocks (size per axis uniform in 1..s//10).
+
+  Equivalent in law per voxel to the original's sequential loop (see module docstring).
+  """
+  spatial = _check(x, "local_shuffle")
+  if num_blocks == 0:
+    return x
+  rank = len(spatial)
+  bmax = tuple(_block_max(s) for s in spatial)
+  code_bits = max(1, (math.prod(2 * m - 1 for m in bmax) - 1).bit_length())
+  seed = _seed(key)
+  # One static window of the largest block; positions past each block's drawn size hold -1.
+  value, origin = _shuffle_group(seed, 0, num_blocks, spatial, bmax, code_bits)
+  grid = jnp.full(tuple(s + m for s, m in zip(spatial, bmax)), -1, jnp.int32)
+  dnums = lax.ScatterDimensionNumbers(update_window_dims=tuple(range(1, rank + 1)),
+                                      inserted_window_dims=(),
+                                      scatter_dims_to_operand_dims=tuple(range(rank)))
+  grid = lax.scatter_max(grid, origin, value, dnums, indices_are_sorted=False,
+                         unique_indices=False, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  owner = grid[tuple(slice(0, s) for s in spatial)]
+  # Decode the winner's displacement; uncovered voxels (-1) decode to the centre code = no move.
+  centre = 0
+  stride = 1
+  for a in reversed(range(rank)):
+    centre += (bmax[a] - 1) * stride
+    stride *= 2 * bmax[a] - 1
+  code = jnp.where(owner < 0, centre, owner & ((1 << code_bits) - 1))
+  src = jnp.zeros(spatial, jnp.int32)
+  vol_stride = 1
+  for a in reversed(range(rank)):
+    src = src + (lax.broadcasted_iota(jnp.int32, spatial, a)) * vol_stride
+    vol_stride *= spatial[a]
+  stride = 1
+  vol_stride = 1
+  for a in reversed(range(rank)):
+    disp = (code // stride) % (2 * bmax[a] - 1) - (bmax[a] - 1)
+    src = src + disp * vol_stride
+    stride *= 2 * bmax[a] - 1
+    vol_stride *= spatial[a]
+  flat = x.reshape(-1, x.shape[-1])
+  return flat.at[src.reshape(-1)].get(mode="promise_in_bounds").reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Non-linear intensity transform.
+
+def _bezier(p0, p1, p2, p3, t):
+  s = 1.0 - t
+  return s * s * s * p0 + 3.0 * s * s * t * p1 + 3.0 * s * t * t * p2 + t * t * t * p3
+
+
+def bezier_map(v: jax.Array, controls: jax.Array, increasing: jax.Array,
+               iterations: int = 22) -> jax.Array:
+  """The curve's y where its x equals v; controls = (x1, y1, x2, y2) in [0, 1).
+
+  x(t) = Bezier(0, x1, x2, 1) is non-decreasing for controls in [0, 1], so t(v) is found by
+  bisection (22 halvings: |dt| < 2.4e-7). Decreasing maps use y controls (1, y2, y1, 0), the
+  original's inversion. Values outside [0, 1] clamp to the ends, as `np.interp` does.
+  """
+  x1, y1, x2, y2 = controls[0], controls[1], controls[2], controls[3]
+  v = jnp.clip(v, 0.0, 1.0)
+  # x(t) = ((a t + b) t + c) t in power form for the inner loop.
+  a = 1.0 + 3.0 * x1 - 3.0 * x2
+  b = 3.0 * x2 - 6.0 * x1
+  c = 3.0 * x1
+  lo = jnp.zeros_like(v)
+  hi = jnp.ones_like(v)
+  for _ in range(iterations):
+    mid = 0.5 * (lo + hi)
+    right = ((a * mid + b) * mid + c) * mid < v
+    lo = jnp.where(right, mid, lo)
+    hi = jnp.where(right, hi, mid)
+  t = jnp.where(v <= 0.0, 0.0, jnp.where(v >= 1.0, 1.0, 0.5 * (lo + hi)))
+  q0, q1, q2, q3 = (jnp.where(increasing, p, r) for p, r in
+                    ((0.0, 1.0), (y1, y2), (y2, y1), (1.0, 0.0)))
+  return _bezier(q0, q1, q2, q3, t)
+
+
+def nonlinear(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Monotone cubic Bezier intensity map: increasing or (p = 0.5) decreasing, the original's."""
+  _check(x, "nonlinear")
+  kc, kd = jax.random.split(key)
+  controls = jax.random.uniform(kc, (4,))
+  increasing = jax.random.uniform(kd) >= 0.5  # Original: u < 0.5 gives the inverted map.
+  y = bezier_map(x.astype(jnp.float32), controls, increasing)
+  return jnp.clip(y, 0.0, 1.0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. In-painting and out-painting.
+
+def _margin_origin(key, s: int, b: jax.Array) -> jax.Array:
+  """Origin uniform in {3 .. s - b - 3}; the margin shrinks on axes too short for 3."""
+  m = jnp.minimum(3, (s - b) // 2)
+  return jnp.floor(jax.random.uniform(key) * (s - b - 2 * m + 1)).astype(jnp.int32) + m
+
+
+def _box_mask(spatial, origin, size) -> jax.Array:
+  mask = jnp.ones(spatial, bool)
+  for a, s in enumerate(spatial):
+    i = lax.broadcasted_iota(jnp.int32, spatial, a)
+    mask = mask & (i >= origin[a]) & (i < origin[a] + size[a])
+  return mask
+
+
+def _boxes(key, spatial, first_always: bool, extra: int, draw_size):
+  """Union mask of 1 + `extra` boxes (first optional); each extra continues with p = 0.95."""
+  keys = jax.random.split(key, 2 + extra)
+  more = jax.random.uniform(keys[0], (1 + extra,)) < 0.95
+  if first_always:
+    more = more.at[0].set(True)
+  go = jnp.cumprod(more.astype(jnp.int32))
+  mask = jnp.zeros(spatial, bool)
+  for i in range(1 + extra):
+    ks = jax.random.split(keys[1 + i], 2 * len(spatial))
+    size = [draw_size(ks[a], s) for a, s in enumerate(spatial)]
+    origin = [_margin_origin(ks[len(spatial) + a], s, size[a]) for a, s in enumerate(spatial)]
+    mask = mask | (_box_mask(spatial, origin, size) & (go[i] > 0))
+  return mask
+
+
+def _inpaint_size(key, s):
+  return _randint(key, max(1, s // 6), max(1, s // 3))
+
+
+def _outpaint_size(key, s):
+  return jnp.clip(s - _randint(key, 3 * s // 7, 4 * s // 7), 1, s)
+
+
+def inpaint_mask(key: jax.Array, spatial: tuple[int, ...]) -> jax.Array:
+  """Up to 5 holes (continue before each with p = 0.95), size per axis uniform s//6..s//3."""
+  return _boxes(key, spatial, first_always=False, extra=4, draw_size=_inpaint_size)
+
+
+def outpaint_mask(key: jax.Array, spatial: tuple[int, ...]) -> jax.Array:
+  """Kept region: one box of s - U{3s//7..4s//7} per axis, plus up to 4 more (p = 0.95 each)."""
+  return _boxes(key, spatial, first_always=True, extra=4, draw_size=_outpaint_size)
+
+
+def _noise(key, x):
+  return _hash_uniform(_seed(key), x.shape, 0).astype(x.dtype)
+
+
+def inpaint(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Fill up to 5 random boxes with U[0, 1) noise (~5.6% of voxels at the defaults)."""
+  spatial = _check(x, "inpaint")
+  km, kn = jax.random.split(key)
+  return jnp.where(inpaint_mask(km, spatial)[..., None], _noise(kn, x), x)
+
+
+def outpaint(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Replace all but up to 5 random boxes with U[0, 1) noise (~32% kept at the defaults)."""
+  spatial = _check(x, "outpaint")
+  km, kn = jax.random.split(key)
+  return jnp.where(outpaint_mask(km, spatial)[..., None], x, _noise(kn, x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline.
+
+def corrupt(key: jax.Array, x: jax.Array, params: CorruptionParams = CorruptionParams()
+            ) -> tuple[jax.Array, jax.Array]:
+  """One sample (*spatial, C) -> (input, target): flip both, then shuffle, Bezier, paint the input.
+
+  Under vmap each `lax.cond` becomes a select: both branches run for every sample.
+  """
+  spatial = _check(x, "corrupt")
+  r = params.effective_rates()
+  k_flip, k_local, k_nl, k_paint, k_u = jax.random.split(key, 5)
+  u = jax.random.uniform(k_u, (4,))
+  target = flip(k_flip, x, r["flip"], params.flip_compat)
+  y = target
+  if r["local"] > 0 and params.local_blocks > 0:
+    y = lax.cond(u[0] < r["local"], lambda v: local_shuffle(k_local, v, params.local_blocks),
+                 lambda v: v, y)
+  if r["nonlinear"] > 0:
+    y = lax.cond(u[1] < r["nonlinear"], lambda v: nonlinear(k_nl, v), lambda v: v, y)
+  if r["paint"] > 0:
+    km, kn = jax.random.split(k_paint)
+    outp = u[3] >= 1.0 - r["outpaint"]  # Original: in-painting if u < inpaint_rate.
+    keep = jnp.where(outp, outpaint_mask(km, spatial), ~inpaint_mask(km, spatial))
+    keep = keep | (u[2] >= r["paint"])
+    y = jnp.where(keep[..., None], y, _noise(kn, y))
+  return y, target
+
+
+def corrupt_batch(key: jax.Array, x: jax.Array, params: CorruptionParams = CorruptionParams()
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(N, *spatial, C) -> (inputs, targets): `corrupt` vmapped over `jax.random.split(key, N)`."""
+  if x.ndim not in (4, 5):
+    raise ValueError(f"corrupt_batch: expected (N, x, y, C) or (N, x, y, z, C), got {x.shape}.")
+  keys = jax.random.split(key, x.shape[0])
+  # Under explicit sharding (jax.make_mesh's default) vmap needs keys split like the batch.
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec and spec[0] is not None:
+    keys = jax.sharding.reshard(
+        keys, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0])))
+  return jax.vmap(lambda k, v: corrupt(k, v, params))(keys, x)
