@@ -1,0 +1,81 @@
+"""Target-task models on the Genesis U-Net (SPEC.md): a classifier on the encoder, a segmenter on
+the whole encoder-decoder, and `build_model`, which makes either (or the restoration U-Net) from
+`config.model`.
+
+Transfer copies subtrees by name: `encoder` is the same module in UNet and Classifier, so a
+pre-trained `params['encoder']` (and `batch_stats['encoder']`) drops into a Classifier unchanged,
+and a whole pre-trained tree into a segmentation UNet (whose `out` may differ in n_class).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from genesis_jax.models import unet
+
+
+class ClassifierHead(nn.Module):
+  """Global average pool over space -> Dense 1024 -> ReLU -> Dense n_class (float32 logits)."""
+  n_class: int
+  hidden: int = 1024
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    pooled = features.astype(jnp.float32).mean(axis=tuple(range(1, features.ndim - 1)))
+    h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense_0")(pooled))
+    return nn.Dense(self.n_class, dtype=self.dtype, name="dense_1")(h).astype(jnp.float32)
+
+
+class Classifier(nn.Module):
+  """Encoder + ClassifierHead on its deepest features. x (N, *spatial, C) -> logits (N, n_class)."""
+  n_class: int
+  width: int = 32
+  depth: int = 3
+  spatial_dims: int = 3
+  variant: str = "pytorch"
+  bn: str = "standard"
+  dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+
+  def setup(self):
+    self.encoder = unet.Encoder(
+        width=self.width, depth=self.depth, spatial_dims=self.spatial_dims, variant=self.variant,
+        bn=self.bn, dtype=self.dtype, conv_impl=self.conv_impl)
+    self.classifier = ClassifierHead(self.n_class, dtype=self.dtype)
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bottom, _ = self.encoder(x, train)
+    return self.classifier(bottom)
+
+
+TASKS = ("restore", "segment", "classify")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
+                in_channels: int | None = None) -> nn.Module:
+  """Model for `task` from `config.model` (fields variant, width, depth, spatial_dims, bn, dtype,
+  conv_impl). restore: UNet with 1 output (logits; sigmoid + MSE in the loss). segment: UNet with
+  n_class outputs. classify: Classifier with n_class logits. in_channels is inferred at init.
+  """
+  del in_channels  # Flax infers input channels from the first batch.
+  get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d: getattr(model_cfg, k, d)
+  dtype_name = get("dtype", "float32")
+  if dtype_name not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, got {dtype_name!r}.")
+  kw = dict(width=int(get("width", 32)), depth=int(get("depth", 3)),
+            spatial_dims=int(get("spatial_dims", 3)), variant=get("variant", "pytorch"),
+            bn=get("bn", "standard"), dtype=_DTYPES[dtype_name],
+            conv_impl=get("conv_impl", "auto"))
+  unet._check_fields(kw["variant"], kw["bn"])  # Fail at build time, not at first call.
+  if task == "restore":
+    return unet.UNet(out_channels=1, **kw)
+  if task == "segment":
+    return unet.UNet(out_channels=n_class, **kw)
+  if task == "classify":
+    return Classifier(n_class=n_class, **kw)
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}.")

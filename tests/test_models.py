@@ -1,0 +1,247 @@
+"""Tests of the Genesis U-Net, its layers and heads (genesis_jax/models/{unet,layers,heads}.py)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax import lax
+
+from genesis_jax.models import heads, layers, unet
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _shapes(model, x_shape, **kw):
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False, **kw), x)
+
+
+# ---- parameter counts (SPEC.md) -------------------------------------------------------------
+
+def test_pytorch_variant_parameter_counts():
+  v = _shapes(unet.UNet(), (1, 64, 64, 32, 1))
+  p = v["params"]
+  assert _count(p) == 19_073_665
+  assert _count(p["encoder"]) == 7_027_776
+  assert _count(p["decoder"]) == 12_045_824
+  up = sum(_count(p["decoder"][f"up_{l}"]["up_conv"]) for l in range(3))
+  assert up == 2_753_408
+  assert _count(p["out"]) == 65
+  assert _count(v["batch_stats"]) == 4_672
+
+
+def test_keras_variant_parameter_count():
+  v = _shapes(unet.UNet(variant="keras"), (1, 64, 64, 32, 1))
+  assert "up_conv" not in v["params"]["decoder"]["up_0"]
+  assert _count(v["params"]) + _count(v["batch_stats"]) == 16_324_929
+
+
+def test_classifier_parameter_tree_shares_encoder():
+  u = _shapes(unet.UNet(width=4), (1, 16, 16, 8, 1))
+  c = _shapes(heads.Classifier(n_class=3, width=4), (1, 16, 16, 8, 1))
+  same = jax.tree.map(lambda a, b: a.shape == b.shape, u["params"]["encoder"], c["params"]["encoder"])
+  assert jax.tree.all(same)
+  cls = c["params"]["classifier"]
+  assert cls["dense_0"]["kernel"].shape == (4 * 16, 1024)
+  assert cls["dense_1"]["kernel"].shape == (1024, 3)
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["pytorch", "keras"])
+def test_output_shapes_3d_and_2d(variant):
+  # Shapes through the real module code, without compiling (jax.eval_shape).
+  m3 = unet.UNet(out_channels=3, width=2, variant=variant)
+  v3 = _shapes(m3, (2, 16, 16, 8, 1))
+  y3 = jax.eval_shape(lambda v, x: m3.apply(v, x, train=False), v3,
+                      jax.ShapeDtypeStruct((2, 16, 16, 8, 1), jnp.float32))
+  assert y3.shape == (2, 16, 16, 8, 3)
+  m2 = unet.UNet(out_channels=1, width=2, depth=2, spatial_dims=2, variant=variant)
+  v2 = _shapes(m2, (2, 16, 8, 2))
+  y2 = jax.eval_shape(lambda v, x: m2.apply(v, x, train=True, mutable=["batch_stats"])[0], v2,
+                      jax.ShapeDtypeStruct((2, 16, 8, 2), jnp.float32))
+  assert y2.shape == (2, 16, 8, 1) and y2.dtype == jnp.float32
+  assert v2["params"]["encoder"]["down_0"]["conv_0"]["conv"]["kernel"].shape == (3, 3, 2, 2)
+  assert v2["params"]["decoder"]["up_1"]["conv_0"]["conv"]["kernel"].shape == (3, 3, 16 + 8, 8)
+
+
+def test_2d_unet_runs():
+  m = unet.UNet(out_channels=2, width=2, depth=2, spatial_dims=2)
+  x = jnp.asarray(np.random.default_rng(7).uniform(size=(2, 8, 12, 1)), jnp.float32)
+  v = jax.jit(lambda k, x: m.init(k, x, train=False))(jax.random.key(0), x)
+  y = jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)
+  assert y.shape == (2, 8, 12, 2) and bool(jnp.isfinite(y).all())
+
+
+def test_encoder_feature_shapes():
+  enc = unet.Encoder(width=4, depth=3)
+  x = jax.ShapeDtypeStruct((1, 16, 16, 8, 1), jnp.float32)
+  bottom, skips = jax.eval_shape(
+      lambda x: enc.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  assert bottom.shape == (1, 2, 2, 1, 64)
+  assert [s.shape for s in skips] == [(1, 16, 16, 8, 8), (1, 8, 8, 4, 16), (1, 4, 4, 2, 32)]
+  dec = unet.Decoder(width=4, depth=3)
+  y = jax.eval_shape(lambda b, s: dec.init_with_output(jax.random.key(1), b, s, train=False)[0],
+                     bottom, skips)
+  assert y.shape == (1, 16, 16, 8, 8)
+
+
+def test_spatial_size_rule():
+  with pytest.raises(ValueError, match=r"divisible by 2\*\*depth = 8"):
+    unet.check_spatial_shape((64, 64, 20), 3)
+  unet.check_spatial_shape((64, 64, 32), 3)
+  m = unet.UNet(width=2)
+  with pytest.raises(ValueError, match="divisible by 2"):
+    _shapes(m, (1, 16, 16, 12, 1))
+
+
+def test_bad_fields_rejected():
+  with pytest.raises(ValueError, match="variant"):
+    heads.build_model(ml_collections.ConfigDict(dict(variant="caffe")))
+  with pytest.raises(ValueError, match="conv_impl"):
+    layers.resolve_conv_impl("im2col")
+
+
+# ---- layer formulations agree with the textbook ops -----------------------------------------
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_conv_impls_agree_with_lax(nd):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2,) + (6, 4, 4)[:nd] + (3,)), jnp.float32)
+  outs, grads = {}, {}
+  for impl in ("native", "unfold"):
+    conv = layers.Conv(5, 3, conv_impl=impl)
+    v = conv.init(jax.random.key(0), x)
+    outs[impl] = conv.apply(v, x)
+    grads[impl] = jax.grad(lambda v, x: (conv.apply(v, x) ** 2).sum(), argnums=(0, 1))(v, x)
+  k = v["params"]["kernel"]
+  spatial = "DHW"[-nd:]
+  ref = lax.conv_general_dilated(x, k, (1,) * nd, "SAME",
+                                 dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+  ref = ref + v["params"]["bias"]
+  np.testing.assert_allclose(outs["native"], ref, atol=1e-5)
+  np.testing.assert_allclose(outs["unfold"], ref, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads["native"]), jax.tree.leaves(grads["unfold"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_upconv_matches_conv_transpose_and_gradient(nd):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2,) + (3, 2, 2)[:nd] + (4,)), jnp.float32)
+  up = layers.UpConv(3)
+  v = up.init(jax.random.key(0), x)
+  ref_mod = nn.ConvTranspose(3, (2,) * nd, strides=(2,) * nd, padding="VALID")
+  f = lambda v, x: up.apply(v, x)
+  g = lambda v, x: ref_mod.apply(v, x)
+  np.testing.assert_allclose(f(v, x), g(v, x), atol=1e-5)
+  loss = lambda fn: jax.grad(lambda v, x: (fn(v, x) * jnp.arange(fn(v, x).size).reshape(
+      fn(v, x).shape)).sum(), argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree.leaves(loss(f)), jax.tree.leaves(loss(g))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_pooling_and_nearest_upsampling():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 6, 2, 3)), jnp.float32)
+  np.testing.assert_array_equal(layers.max_pool(x), nn.max_pool(x, (2, 2, 2), (2, 2, 2)))
+  ref = jnp.repeat(jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), 2, 3)
+  np.testing.assert_array_equal(layers.upsample_nearest(x), ref)
+
+
+def test_unet_conv_impls_agree_forward_and_backward():
+  x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 4, 4, 4, 1)), jnp.float32)
+  models = {impl: unet.UNet(width=2, depth=1, conv_impl=impl) for impl in ("native", "unfold")}
+  v = jax.jit(lambda k, x: models["native"].init(k, x, train=False))(jax.random.key(0), x)
+
+  def loss(params, impl):
+    y, _ = models[impl].apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                              mutable=["batch_stats"])
+    return jnp.mean(y ** 2)
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  ln, gn = grad(v["params"], "native")
+  lu, gu = grad(v["params"], "unfold")
+  np.testing.assert_allclose(ln, lu, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(gn), jax.tree.leaves(gu)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+# ---- batch norm modes ------------------------------------------------------------------------
+
+def test_batchnorm_train_eval_and_original_mode():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(2.0, 3.0, size=(4, 3, 2, 5)), jnp.float32)
+  bn = layers.BatchNorm(momentum=0.9, epsilon=1e-5)
+  v = bn.init(jax.random.key(0), x, train=False)
+  y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+  xs = np.asarray(x).reshape(-1, 5)
+  np.testing.assert_allclose(y.reshape(-1, 5), (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5),
+                             atol=1e-4)
+  # PyTorch's running update: momentum 0.1 towards the mean and the unbiased variance.
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * xs.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * xs.var(0, ddof=1), rtol=1e-5)
+  # Standard eval: running statistics.
+  v2 = {"params": v["params"], "batch_stats": upd["batch_stats"]}
+  y_eval = bn.apply(v2, x, train=False)
+  m, s = np.asarray(upd["batch_stats"]["mean"]), np.asarray(upd["batch_stats"]["var"])
+  np.testing.assert_allclose(y_eval.reshape(-1, 5), (xs - m) / np.sqrt(s + 1e-5), rtol=1e-4)
+  # Original: batch statistics at eval, batch_stats immutable.
+  y_orig = layers.BatchNorm(always_batch_stats=True).apply(v2, x, train=False)
+  np.testing.assert_allclose(y_orig, y, atol=1e-5)
+
+
+def test_original_bn_unet_eval_needs_no_mutable_stats():
+  x = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 4, 4, 4, 1)), jnp.float32)
+  m = unet.UNet(width=2, depth=1, bn="original")
+  v = jax.jit(lambda k, x: m.init(k, x, train=False))(jax.random.key(0), x)
+  y_eval = jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)
+  y_train, _ = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+  np.testing.assert_allclose(y_eval, y_train, atol=1e-5)
+  y_std = jax.jit(lambda v, x: unet.UNet(width=2, depth=1).apply(v, x, train=False))(v, x)
+  assert not np.allclose(y_std, y_eval, atol=1e-3)
+
+
+# ---- mixed precision, heads, build_model ---------------------------------------------------
+
+def test_bfloat16_compute_with_float32_params():
+  x = jnp.asarray(np.random.default_rng(6).uniform(size=(2, 4, 4, 4, 1)), jnp.float32)
+  m32 = unet.UNet(width=4, depth=1)
+  m16 = unet.UNet(width=4, depth=1, dtype=jnp.bfloat16)
+  v = jax.jit(lambda k, x: m16.init(k, x, train=False))(jax.random.key(0), x)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
+  run = jax.jit(lambda v, x, bf16: (m16 if bf16 else m32).apply(
+      v, x, train=True, mutable=["batch_stats"])[0], static_argnums=2)
+  y16, y32 = run(v, x, True), run(v, x, False)
+  assert y16.dtype == jnp.float32
+  assert not np.array_equal(y16, y32)  # really computed in bf16
+  assert float(jnp.abs(y16 - y32).max()) < 0.1 * float(jnp.abs(y32).max()) + 0.05
+
+
+def test_build_model_tasks():
+  cfg = ml_collections.ConfigDict(dict(variant="pytorch", width=2, depth=1, spatial_dims=3,
+                                       bn="standard", dtype="float32", conv_impl="auto"))
+  x = jnp.asarray(np.random.default_rng(8).uniform(size=(2, 4, 4, 4, 1)), jnp.float32)
+  seg = heads.build_model(cfg, task="segment", n_class=3)
+  vs = _shapes(seg, x.shape)
+  assert jax.eval_shape(lambda v: seg.apply(v, x, train=False), vs).shape == (2, 4, 4, 4, 3)
+  restore = heads.build_model(cfg, task="restore")
+  vr = jax.jit(lambda k, x: restore.init(k, x, train=False))(jax.random.key(0), x)
+  cls = heads.build_model(cfg, task="classify", n_class=2)
+  vc = jax.jit(lambda k, x: cls.init(k, x, train=False))(jax.random.key(1), x)
+  # Transfer by subtree: the restoration encoder drops into the classifier unchanged.
+  vc2 = {"params": dict(vc["params"], encoder=vr["params"]["encoder"]),
+         "batch_stats": dict(vc["batch_stats"], encoder=vr["batch_stats"]["encoder"])}
+  apply = jax.jit(lambda v, x: cls.apply(v, x, train=False))
+  y, y2 = apply(vc, x), apply(vc2, x)
+  assert y.shape == (2, 2) and y.dtype == jnp.float32
+  assert not np.allclose(y, y2)
+  cfg.dtype = "float16"
+  with pytest.raises(ValueError, match="dtype"):
+    heads.build_model(cfg)
+  with pytest.raises(ValueError, match="task"):
+    heads.build_model(ml_collections.ConfigDict(dict(width=2)), task="detect")
