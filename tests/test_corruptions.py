@@ -156,8 +156,8 @@ def test_paint_sizes_are_the_originals():
   f = jax.jit(jax.vmap(lambda k: C.inpaint_mask(k, CUBE)))
   g = jax.jit(jax.vmap(lambda k: C.outpaint_mask(k, CUBE)))
   # With p = 0.05 per extra box the first box is often alone: check its bounding box.
-  for masks, lo, hi in ((f(_keys(200)), (10, 10, 5), (21, 21, 10)),
-                        (g(_keys(200)), (28, 28, 14), (37, 37, 19))):
+  for masks, lo, hi in ((f(_keys(120)), (10, 10, 5), (21, 21, 10)),
+                        (g(_keys(120)), (28, 28, 14), (37, 37, 19))):
     masks = np.asarray(masks)
     sizes = np.array([box_sizes(m) for m in masks if m.any()])
     singles = sizes[np.all(sizes <= np.array(hi), axis=1)]
@@ -167,22 +167,19 @@ def test_paint_sizes_are_the_originals():
     assert np.min(origins) >= 3  # Boxes start 3 voxels in from every face.
 
 
-@pytest.mark.parametrize("transform,rate", [("local", 0.5), ("nonlinear", 0.9), ("inpaint", 0.9),
-                                            ("outpaint", 0.9)])
+@pytest.mark.parametrize("transform,rate", [("local", 0.5), ("nonlinear", 0.9)])
 def test_pipeline_fires_each_branch_at_its_rate(transform, rate):
   p = C.CorruptionParams(flip_rate=0.0, local_blocks=200, transforms=frozenset({transform}))
   x = _rand((1, 24, 24, 10, 1))  # Shuffle blocks up to 2 x 2 x 1.
-  n = 600
+  n = 400
   f = jax.jit(lambda k: C.corrupt_batch(k, jnp.tile(x[:1], (n, 1, 1, 1, 1)), p))
   inp, tgt = f(jax.random.key(1))
   np.testing.assert_array_equal(np.asarray(tgt), np.tile(np.asarray(x[:1]), (n, 1, 1, 1, 1)))
   fired = np.mean(np.any(np.asarray(inp) != np.asarray(tgt), axis=(1, 2, 3, 4)))
-  if transform == "inpaint":
-    rate = 0.9 * 0.95  # 5% of in-painted cubes draw no hole.
   assert abs(fired - rate) < 0.06
 
 
-def test_pipeline_splits_painting_between_in_and_out():
+def test_pipeline_paints_at_its_rate_and_splits_in_and_out():
   p = C.CorruptionParams(flip_rate=0.0, transforms=frozenset({"inpaint", "outpaint"}))
   x = _rand((1, 32, 32, 16, 1))
   n = 800
@@ -235,32 +232,29 @@ def test_corrupt_batch_is_vmap_of_corrupt_and_jits_with_static_params():
 
 
 _SHARDED = r"""
-import jax, jax.numpy as jnp, numpy as np, sys
+import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from genesis_jax import corruptions as C
+assert jax.device_count() == 2
 x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 8, 1))
 p = C.CorruptionParams(local_rate=1.0, local_blocks=300)
 f = jax.jit(C.corrupt_batch, static_argnames="params")
-mesh = jax.make_mesh((jax.device_count(),), ("data",))
-xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-a = np.asarray(f(jax.random.key(3), xs, params=p)[0])
-np.save(sys.argv[1], a)
+one = f(jax.random.key(3), jax.device_put(x, jax.devices()[0]), params=p)
+mesh = jax.make_mesh((2,), ("data",))
+two = f(jax.random.key(3), jax.device_put(x, NamedSharding(mesh, P("data"))), params=p)
+for a, b in zip(one, two):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 """
 
 
-def test_same_key_same_output_on_any_device_count(tmp_path):
-  outs = []
-  for n in (1, 2):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS="cpu")
-    path = tmp_path / f"out{n}.npy"
-    subprocess.run([sys.executable, "-c", _SHARDED, str(path)], check=True, env=env, timeout=120,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    outs.append(np.load(path))
-  np.testing.assert_array_equal(outs[0], outs[1])
+def test_same_key_same_output_on_one_or_two_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  subprocess.run([sys.executable, "-c", _SHARDED], check=True, env=env, timeout=300, cwd=repo)
 
 
-@hypothesis.settings(max_examples=6, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=3, deadline=None, derandomize=True,
                      suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(
     shape=st.sampled_from([(24, 16, 3), (20, 12, 10, 2)]),
