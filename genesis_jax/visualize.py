@@ -102,11 +102,10 @@ def corruption_grid(path, cube: np.ndarray, seeds: Sequence[int] = (0, 1, 2, 3),
       "out-painting": corruptions.outpaint,
       "combined": lambda k, v: corruptions.corrupt(k, v, params)[0],
   }
-  jitted = {name: jax.jit(f) for name, f in ops.items()}
-  rows = []
-  for s in seeds:
-    key = jax.random.key(s)
-    rows.append([mid_slice(np.asarray(f(key, x))) for f in jitted.values()])
+  # One program for every column and seed: a single compile.
+  keys = jnp.stack([jax.random.key(s) for s in seeds])
+  cols = jax.jit(jax.vmap(lambda k: tuple(f(k, x) for f in ops.values())))(keys)
+  rows = [[mid_slice(np.asarray(c[i])) for c in cols] for i in range(len(keys))]
   return save_image_grid(path, rows, row_labels=[f"seed {s}" for s in seeds],
                          col_labels=list(ops))
 
