@@ -445,7 +445,8 @@ def corrupt_batch(key: jax.Array, x: jax.Array, params: CorruptionParams = Corru
   keys = jax.random.split(key, x.shape[0])
   one = lambda k, v: corrupt(k, v, params)
   # Under explicit sharding (jax.make_mesh's default) vmap needs keys split like the batch.
-  sharding = getattr(jax.typeof(x), "sharding", None)
+  typeof = getattr(jax, "typeof", None)  # jax >= 0.6; older versions have no explicit sharding.
+  sharding = getattr(typeof(x), "sharding", None) if typeof else None
   spec = getattr(sharding, "spec", None)
   if spec and spec[0] is not None:
     keys = jax.sharding.reshard(
