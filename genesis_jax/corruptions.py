@@ -26,13 +26,11 @@ uniform over its block, so the fraction changed is the original's ~78.5%):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 TRANSFORMS = ("nonlinear", "local", "outpaint", "inpaint")
 # Ablation groups of the paper: I non-linear, II local shuffling, III out-painting, IV in-painting.
