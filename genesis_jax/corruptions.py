@@ -16,12 +16,12 @@ Local shuffling without a 10,000-step loop: the original reads each block from t
 cube and later blocks overwrite earlier ones, so a voxel shows the block with the latest time that
 covers it. Blocks are i.i.d., so their index order is a uniform time order: each block writes its
 index into its window with a scatter-max, and each voxel reads its winner's origin and permutation
-back with one row gather. Block sizes,
-origins and count are the original's. Differences, both keeping each voxel's marginal law (source
-uniform over its block, so the fraction changed is the original's ~78.5%):
-- each block is permuted by an independent uniform permutation per axis (rows, columns and slices
-  shuffled), a bijection of the block, instead of a uniform draw among all n! orders, which would
-  need a sort per block.
+back with one row gather. Block sizes, origins, count and overwrite order are the original's.
+One difference: each block is permuted by an independent uniform permutation per axis (rows,
+columns and slices shuffled; packed Fisher-Yates), a bijection of the block, instead of a uniform
+draw among all n! orders, which would need a sort per block. Each voxel's source is still uniform
+over its block, so the fraction changed is the original's (~78.5% at 64 x 64 x 32). Axes of 90
+voxels or more (blocks over 8 per axis) are not supported.
 """
 from __future__ import annotations
 
