@@ -34,17 +34,38 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if "://" in _WORKDIR.value:
+    sys.exit(f"error: --workdir {_WORKDIR.value!r}: URLs are not supported yet; mount the bucket "
+             "(e.g. gcsfuse) and pass the local path.")
   # jax.distributed must be initialised before any other JAX call.
   from genesis_jax.training import distributed
-  distributed.initialize()
+  decision = distributed.initialize()
+  _enable_compilation_cache()
   from genesis_jax import experiment
   try:
+    if distributed.is_primary():
+      print(f"runtime: {distributed.describe_runtime()} | distributed: {decision.get('source')}",
+            flush=True)
     experiment.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-    # Errors with a message meant for the user: no traceback.
+  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, OSError) as e:
+    # Errors with a message meant for the user: no traceback. In a multi-process run the
+    # process exits at once instead of waiting in JAX's shutdown barrier.
     if os.environ.get("GENESIS_TRACEBACK"):
       raise
-    sys.exit(f"error: {type(e).__name__}: {e}")
+    distributed.exit_with_error(f"error: {type(e).__name__}: {e}")
+
+
+def _enable_compilation_cache() -> None:
+  """Persistent XLA compilation cache (default ~/.cache/genesis_jax/xla; "off" disables).
+
+  Compiling the train step takes tens of seconds on CPU; a resumed or repeated run reuses it.
+  """
+  path = os.environ.get("GENESIS_COMPILATION_CACHE", os.path.expanduser("~/.cache/genesis_jax/xla"))
+  if path == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def run() -> None:

@@ -1,0 +1,152 @@
+"""Kill anywhere and resume; non-finite steps; unwritable workdirs."""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli
+from test_train_equivalence import _args, _assert_close, _final_params
+
+
+def _run_and_kill(args, kill_after_lines: int, timeout: float = 300) -> int:
+  """Starts the CLI and SIGKILLs it once `kill_after_lines` progress lines have been printed."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", GENESIS_COMPILATION_CACHE=str(COMPILE_CACHE))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen([sys.executable, "-u", "-m", "genesis_jax.main", *args], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  seen = 0
+  deadline = time.time() + timeout
+  try:
+    for line in proc.stdout:
+      if line.startswith("step "):
+        seen += 1
+        if seen >= kill_after_lines:
+          proc.send_signal(signal.SIGKILL)
+          break
+      if time.time() > deadline:
+        break
+  finally:
+    proc.kill()
+    proc.wait()
+  return seen
+
+
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, tiny_dataset):
+  steps = 16
+  extra = ("--config.log_every=1", "--config.checkpoint_every=1")
+  run_cli(_args(tmp_path / "straight", tiny_dataset, steps) + list(extra))
+  rng = np.random.default_rng(0)
+  workdir = tmp_path / "killed"
+  kills = 0
+  for _ in range(3):
+    at = int(rng.integers(1, 5))
+    seen = _run_and_kill(_args(workdir, tiny_dataset, steps) + list(extra), at)
+    if seen >= at:
+      kills += 1
+    # Whatever the moment of the kill, the latest complete checkpoint loads.
+    latest = workdir / "checkpoints" / "latest"
+    if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
+      variables = _final_params(workdir)
+      assert all(np.isfinite(np.asarray(x)).all() for x in
+                 __import__("jax").tree.leaves(variables))
+  assert kills >= 2
+  proc = run_cli(_args(workdir, tiny_dataset, steps) + list(extra))
+  assert "resumed from" in proc.stdout
+  _assert_close(_final_params(tmp_path / "straight"), _final_params(workdir), atol=0)
+
+
+class _PoisonedIterator:
+  """Wraps a grain iterator; batch number `at` (1-based) gets a NaN voxel."""
+
+  def __init__(self, it, at: int):
+    self._it, self._at, self._n = it, at, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._n += 1
+    if self._n == self._at:
+      batch = dict(batch)
+      img = np.array(batch["image"])
+      img[0, 0, 0, 0, 0] = np.nan
+      batch["image"] = img
+    return batch
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+class _PoisonedLoader:
+  def __init__(self, loader, at):
+    self._loader, self._at = loader, at
+
+  def __iter__(self):
+    return _PoisonedIterator(iter(self._loader), self._at)
+
+
+def _tiny_config(dataset, steps, nonfinite):
+  from genesis_jax import defaults
+  c = defaults.pretrain_config()
+  c.model.width = 4
+  c.data.source = "prepared"
+  c.data.path = str(dataset)
+  c.data.crop = (16, 16, 8)
+  c.train.batch_size = 8
+  c.train.optimizer = "sgd"
+  c.train.learning_rate = 0.5
+  c.train.schedule = "constant"
+  c.train.nonfinite = nonfinite
+  c.corruption.local_blocks = 200
+  c.num_steps = steps
+  c.log_every = 1
+  c.eval_every = 4
+  c.eval_batches = 1
+  c.checkpoint_every = 2
+  c.samples_every_eval = False
+  return c
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
+  import jax
+  from genesis_jax.data import pipeline
+  from genesis_jax.training import loop, pretrain, transfer
+  real = pipeline.pretrain_loader
+  monkeypatch.setattr(pipeline, "pretrain_loader",
+                      lambda *a, **k: _PoisonedLoader(real(*a, **k), at=5))
+  config = _tiny_config(tiny_dataset, 8, nonfinite)
+  workdir = tmp_path / nonfinite
+  if nonfinite == "stop":
+    with pytest.raises(loop.NonFiniteError) as e:
+      pretrain.train(config, workdir)
+    msg = str(e.value)
+    assert "step 5" in msg and str(workdir / "checkpoints" / "latest" / "4") in msg
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir()
+                   if p.name.isdigit())
+    assert steps == [2, 4]
+  else:
+    summary = pretrain.train(config, workdir)
+    assert summary["final_step"] == 8
+  variables, _ = transfer.load_pretrained(str(workdir), which="latest")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+
+
+def test_workdir_that_is_a_file_fails_before_training(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  proc = run_cli(["--config", "configs/demo.py", "--workdir", str(blocker / "run")], check=False)
+  assert proc.returncode != 0
+  assert "not writable" in proc.stderr and str(blocker) in proc.stderr
+  assert blocker.read_text() == "not a directory"
