@@ -296,12 +296,15 @@ def _bezier(p0, p1, p2, p3, t):
 
 
 def bezier_map(v: jax.Array, controls: jax.Array, increasing: jax.Array,
-               iterations: int = 22) -> jax.Array:
+               iterations: int = 14) -> jax.Array:
   """The curve's y where its x equals v; controls = (x1, y1, x2, y2) in [0, 1).
 
-  x(t) = Bezier(0, x1, x2, 1) is non-decreasing for controls in [0, 1], so t(v) is found by
-  bisection (22 halvings: |dt| < 2.4e-7). Decreasing maps use y controls (1, y2, y1, 0), the
-  original's inversion. Values outside [0, 1] clamp to the ends, as `np.interp` does.
+  x(t) = Bezier(0, x1, x2, 1) is non-decreasing for controls in [0, 1], so t(v) is bracketed by
+  bisection (14 halvings) and then interpolated linearly inside the bracket: monotone in v, within
+  2e-4 of the exact map in the worst case measured (x1 = 0, x2 = 1); the original
+  interpolates 100,000 samples.
+  Decreasing maps use y controls (1, y2, y1, 0), the original's inversion. Values outside [0, 1]
+  clamp to the ends, as `np.interp` does.
   """
   x1, y1, x2, y2 = controls[0], controls[1], controls[2], controls[3]
   v = jnp.clip(v, 0.0, 1.0)
@@ -309,14 +312,16 @@ def bezier_map(v: jax.Array, controls: jax.Array, increasing: jax.Array,
   a = 1.0 + 3.0 * x1 - 3.0 * x2
   b = 3.0 * x2 - 6.0 * x1
   c = 3.0 * x1
-  lo = jnp.zeros_like(v)
-  hi = jnp.ones_like(v)
+  lo, hi = jnp.zeros_like(v), jnp.ones_like(v)
+  xlo, xhi = jnp.zeros_like(v), jnp.ones_like(v)
   for _ in range(iterations):
     mid = 0.5 * (lo + hi)
-    right = ((a * mid + b) * mid + c) * mid < v
-    lo = jnp.where(right, mid, lo)
-    hi = jnp.where(right, hi, mid)
-  t = jnp.where(v <= 0.0, 0.0, jnp.where(v >= 1.0, 1.0, 0.5 * (lo + hi)))
+    xm = ((a * mid + b) * mid + c) * mid
+    right = xm < v
+    lo, xlo = jnp.where(right, mid, lo), jnp.where(right, xm, xlo)
+    hi, xhi = jnp.where(right, hi, mid), jnp.where(right, xhi, xm)
+  frac = jnp.clip((v - xlo) / jnp.maximum(xhi - xlo, 1e-30), 0.0, 1.0)
+  t = lo + (hi - lo) * frac
   q0, q1, q2, q3 = (jnp.where(increasing, p, r) for p, r in
                     ((0.0, 1.0), (y1, y2), (y2, y1), (1.0, 0.0)))
   return _bezier(q0, q1, q2, q3, t)
