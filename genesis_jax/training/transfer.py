@@ -78,7 +78,8 @@ def merge_params(init_vars: dict, loaded_vars: dict, *, source: str, dont_load=(
   src = _flat({c: loaded_vars.get(c, {}) for c in loaded_vars})
   mismatched = []
   out = {}
-  for path, init_leaf in target.items():
+  # Parameters first, so the first paths an error names are the ones users recognise.
+  for path, init_leaf in sorted(target.items(), key=lambda kv: (not kv[0].startswith("params/"), kv[0])):
     if any(fnmatch.fnmatch(path, pat) for pat in dont_load) or path not in src:
       out[path] = init_leaf
       report.fresh.append(path)

@@ -1,0 +1,179 @@
+"""Transfer into fine-tuning models, fine-tuning runs, and the experiment runner."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from genesis_jax import defaults
+from genesis_jax.models import heads
+from genesis_jax.training import transfer
+
+
+def _model_cfg(width=4):
+  c = defaults.pretrain_config().model
+  c.width = width
+  return c
+
+
+def _init(model, shape=(16, 16, 8, 1), seed=0):
+  x = np.zeros((1, *shape), np.float32)
+  return jax.device_get(jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(seed)))
+
+
+def _flat(tree):
+  from flax import traverse_util
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_classifier_takes_encoder_and_keeps_fresh_head():
+  pre = _init(heads.build_model(_model_cfg(), task="restore"), seed=1)
+  cls_model = heads.build_model(_model_cfg(), task="classify", n_class=1)
+  fresh = _init(cls_model, seed=2)
+  merged, report = transfer.merge_params(fresh, pre, source="pre")
+  m, p, f = _flat(merged), _flat(pre), _flat(fresh)
+  enc = [k for k in m if k.startswith(("params/encoder/", "batch_stats/encoder/"))]
+  assert enc and all(np.array_equal(m[k], p[k]) for k in enc)
+  head = [k for k in m if k.startswith("params/classifier/")]
+  assert head and all(np.array_equal(m[k], f[k]) for k in head)
+  assert sorted(report.loaded) == sorted(enc)
+  assert sorted(report.fresh) == sorted(head)
+  assert all(k.startswith(("params/decoder", "params/out", "batch_stats/decoder"))
+             for k in report.ignored) and report.ignored
+
+
+def test_segmentation_head_reinitialised_by_pattern():
+  pre = _init(heads.build_model(_model_cfg(), task="restore"), seed=1)
+  seg = _init(heads.build_model(_model_cfg(), task="segment", n_class=3), seed=2)
+  with pytest.raises(transfer.TransferError, match="params/out/kernel"):
+    transfer.merge_params(seg, pre, source="pre")
+  merged, report = transfer.merge_params(seg, pre, source="pre", dont_load=["*/out/*"])
+  assert "params/out/kernel" in report.fresh
+  assert any(k.startswith("params/decoder/") for k in report.loaded)
+
+
+def test_width_mismatch_is_an_error_naming_paths():
+  pre = _init(heads.build_model(_model_cfg(4), task="restore"))
+  other = _init(heads.build_model(_model_cfg(8), task="classify", n_class=1))
+  with pytest.raises(transfer.TransferError) as e:
+    transfer.merge_params(other, pre, source="ckpt-w4")
+  assert "ckpt-w4" in str(e.value) and "params/encoder/" in str(e.value)
+
+
+def test_input_channel_adaptation_is_opt_in():
+  pre = _init(heads.build_model(_model_cfg(), task="restore"))
+  two = _init(heads.build_model(_model_cfg(), task="restore"), shape=(16, 16, 8, 2))
+  with pytest.raises(transfer.TransferError, match="adapt_input_channels"):
+    transfer.merge_params(two, pre, source="pre")
+  merged, report = transfer.merge_params(two, pre, source="pre", adapt_input_channels=True)
+  assert len(report.adapted) == 1
+  k = report.adapted[0]
+  np.testing.assert_allclose(_flat(merged)[k].sum(-2), _flat(pre)[k].sum(-2), rtol=1e-6)
+
+
+def test_not_a_checkpoint_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    transfer.load_pretrained(str(tmp_path / "missing"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(transfer.TransferError, match="neither a pre-training workdir"):
+    transfer.load_pretrained(str(tmp_path / "empty"))
+  (tmp_path / "w.txt").write_text("x")
+  with pytest.raises(transfer.TransferError, match="not a known weights file"):
+    transfer.load_pretrained(str(tmp_path / "w.txt"))
+
+
+# ---------------------------------------------------------------------- runs (slower)
+@pytest.fixture(scope="module")
+def pretrained_workdir(tmp_path_factory, tiny_dataset):
+  from test_fault_tolerance import _tiny_config
+  from genesis_jax.training import pretrain
+  workdir = tmp_path_factory.mktemp("pre")
+  pretrain.train(_tiny_config(tiny_dataset, 4, "stop"), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def task_phantoms(tmp_path_factory):
+  from genesis_jax.data import phantoms
+  root = tmp_path_factory.mktemp("task_phantoms") / "p"
+  return phantoms.write_phantom_dataset(root, 7, seed=1, shape=(64, 64, 48))
+
+
+def _task_config(kind, phantoms_root, init=""):
+  c = defaults.finetune_config()
+  c.task.kind = kind
+  c.model.width = 4
+  c.data.source = "phantom"
+  c.data.path = str(phantoms_root)
+  c.data.phantom_seed = 1
+  c.data.phantom_shape = (64, 64, 48)
+  c.data.crop = (16, 16, 8)
+  c.data.train_cases, c.data.val_cases, c.data.test_cases = 3, 2, 2
+  c.data.cubes_per_case = 8
+  c.train.batch_size = 8
+  c.num_steps = 6
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.log_every = 3
+  c.finetune.init = str(init)
+  return c
+
+
+def test_finetune_classify_from_pretraining(tmp_path, pretrained_workdir, task_phantoms):
+  from genesis_jax.training import finetune
+  config = _task_config("classify", task_phantoms, pretrained_workdir)
+  config.finetune.freeze_encoder = True
+  summary = finetune.train(config, tmp_path)
+  ev = json.loads((tmp_path / "eval.json").read_text())
+  assert 0.0 <= ev["auc"] <= 1.0 and ev["n"] > 0 and summary["test"]["auc"] == ev["auc"]
+  report = json.loads((tmp_path / "transfer_report.json").read_text())
+  assert report["loaded"] and all("encoder" in p for p in report["loaded"])
+  # Frozen encoder: the best checkpoint's encoder equals the pre-trained one.
+  pre, _ = transfer.load_pretrained(str(pretrained_workdir), which="best")
+  best, _ = transfer.load_pretrained(str(tmp_path), which="best")
+  for k, v in _flat(pre["params"]["encoder"]).items():
+    np.testing.assert_array_equal(_flat(best["params"]["encoder"])[k], v, err_msg=k)
+
+
+def test_finetune_segment_writes_eval_and_predictions(tmp_path, pretrained_workdir, task_phantoms):
+  import nibabel as nib
+  from genesis_jax.training import finetune
+  config = _task_config("segment", task_phantoms, pretrained_workdir)
+  config.eval.write_predictions = True
+  finetune.train(config, tmp_path)
+  ev = json.loads((tmp_path / "eval.json").read_text())
+  assert ev["n"] == 2 and len(ev["iou"]) == 2 and 0 <= ev["mean_iou"] <= 1
+  preds = sorted((tmp_path / "predictions").glob("*.nii.gz"))
+  assert len(preds) == 2
+  img = nib.load(preds[0])
+  src = nib.load(sorted((task_phantoms / "imagesTr").glob("*.nii.gz"))[5])
+  np.testing.assert_allclose(img.affine, nib.as_closest_canonical(src).affine, atol=1e-4)
+
+
+def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, monkeypatch):
+  from genesis_jax import trials
+  c = _task_config("classify", task_phantoms)
+  monkeypatch.setattr(trials, "load_config_file", lambda path: _locked(c))
+  exp = defaults.experiment_config()
+  exp.experiment.tasks = "tiny_ncc.py"
+  exp.experiment.arms = f"scratch=,genesis={pretrained_workdir}"
+  exp.experiment.trials = 2
+  exp.experiment.overrides = "num_steps=3"
+  summary = trials.run(exp, tmp_path)
+  task = summary["tasks"]["tiny_ncc"]
+  assert set(task["arms"]) == {"scratch", "genesis"}
+  assert all(a["n"] == 2 for a in task["arms"].values())
+  for comp in task["comparisons"]:
+    for key in ("welch_p", "mannwhitney_p"):
+      assert comp[key] is None or 0.0 <= comp[key] <= 1.0
+  assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
+  assert (tmp_path / "tiny_ncc" / "genesis" / "trial_1" / "eval.json").exists()
+
+
+def _locked(c):
+  import copy
+  c2 = copy.deepcopy(c)
+  c2.lock()
+  return c2
