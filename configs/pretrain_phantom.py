@@ -3,7 +3,7 @@
   python -m genesis_jax.main --config configs/pretrain_phantom.py --workdir runs/pretrain_phantom
 
 The phantom subjects here (phantom_seed 0) are disjoint from the target tasks' (phantom_seed 1).
-Width 16 and 32x32x16 cubes keep it within reach of a 2-core CPU; the recipe is the original's
+Width 8 and 32x32x16 cubes keep it within reach of a 2-core CPU; the recipe is the original's
 otherwise except Adam (SGD at lr 1.0 needs far more steps than a CPU run can afford).
 """
 from genesis_jax import defaults
@@ -12,7 +12,7 @@ from genesis_jax import defaults
 def get_config(variant: str = ""):
   c = defaults.pretrain_config()
   c.num_steps = 1500
-  c.model.width = 16
+  c.model.width = 8
   c.data.crop = (32, 32, 16)
   c.data.phantom_subjects = 24
   c.data.phantom_shape = (128, 128, 96)

@@ -123,10 +123,12 @@ def load_pretrained(init: str, *, which: str = "best", step: int | None = None) 
   if path.is_file():
     from genesis_jax.models import pretrained_io
     if suffix in (".h5", ".hdf5"):
-      return pretrained_io.import_keras(path), None
-    if suffix in (".pt", ".pth", ".tar", ".bin", ".ckpt"):
-      return pretrained_io.import_pytorch(path), None
-    raise TransferError(f"{path}: not a known weights file (expected .pt/.pth/.tar or .h5).")
+      variables = pretrained_io.import_keras(path)
+    elif suffix in (".pt", ".pth", ".tar", ".bin", ".ckpt"):
+      variables = pretrained_io.import_pytorch(path)
+    else:
+      raise TransferError(f"{path}: not a known weights file (expected .pt/.pth/.tar or .h5).")
+    return variables, pretrained_io.model_config_of(variables)
   if (path / "genesis_model.json").exists():
     from genesis_jax.models import convert
     variables, model_cfg = convert.load_converted(path)
