@@ -59,7 +59,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
                 in_channels: int | None = None) -> nn.Module:
   """Model for `task` from `config.model` (fields variant, width, depth, spatial_dims, bn, dtype,
-  conv_impl). restore: UNet with 1 output (logits; sigmoid + MSE in the loss). segment: UNet with
+  conv_impl). restore: UNet with n_class (= input channels) outputs (logits; sigmoid + MSE in the loss). segment: UNet with
   n_class outputs. classify: Classifier with n_class logits. in_channels is inferred at init.
   """
   del in_channels  # Flax infers input channels from the first batch.
@@ -72,8 +72,8 @@ def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
             bn=get("bn", "standard"), dtype=_DTYPES[dtype_name],
             conv_impl=get("conv_impl", "auto"))
   unet._check_fields(kw["variant"], kw["bn"])  # Fail at build time, not at first call.
-  if task == "restore":
-    return unet.UNet(out_channels=1, **kw)
+  if task == "restore":  # One output per input channel: multi-sequence MRI restores every channel.
+    return unet.UNet(out_channels=n_class, **kw)
   if task == "segment":
     return unet.UNet(out_channels=n_class, **kw)
   if task == "classify":
