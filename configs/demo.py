@@ -1,4 +1,4 @@
-"""Demo pre-training on the built-in phantom CT data: a narrow Genesis U-Net, a few minutes on 2 CPU cores.
+"""Demo pre-training on the built-in phantom CT data: a narrow Genesis U-Net, about 5 minutes on 2 CPU cores.
 
   python -m genesis_jax.main --config configs/demo.py --workdir runs/demo
 
@@ -11,7 +11,7 @@ from genesis_jax import defaults
 
 def get_config(variant: str = ""):
   c = defaults.pretrain_config()
-  c.num_steps = 300
+  c.num_steps = 200
   c.model.width = 8
   c.data.crop = (32, 32, 16)
   c.data.phantom_subjects = 8
