@@ -23,9 +23,9 @@ def get_config(variant: str = ""):
   c.data.val_cases = 4
   c.data.test_cases = 8
   c.train.batch_size = 16
-  c.num_steps = 400
-  c.eval_every = 50
-  c.checkpoint_every = 50
+  c.num_steps = 200
+  c.eval_every = 25
+  c.checkpoint_every = 25
   c.train.early_stop_patience = 4
   if variant:
     raise ValueError(f"Unknown variant {variant!r} for finetune_ncc.py.")

@@ -27,9 +27,9 @@ def get_config(variant: str = ""):
   c.data.cubes_per_case = 24
   c.data.fg_fraction = 0.75
   c.train.batch_size = 8
-  c.num_steps = 400
-  c.eval_every = 50
-  c.checkpoint_every = 50
+  c.num_steps = 200
+  c.eval_every = 25
+  c.checkpoint_every = 25
   c.train.early_stop_patience = 4
   if variant:
     raise ValueError(f"Unknown variant {variant!r} for finetune_ncs.py.")

@@ -11,7 +11,7 @@ from genesis_jax import defaults
 
 def get_config(variant: str = ""):
   c = defaults.pretrain_config()
-  c.num_steps = 1500
+  c.num_steps = 600
   c.model.width = 8
   c.data.crop = (32, 32, 16)
   c.data.phantom_subjects = 24
@@ -24,9 +24,9 @@ def get_config(variant: str = ""):
   c.train.schedule = "cosine"
   c.train.early_stop_patience = 0
   c.log_every = 25
-  c.eval_every = 250
+  c.eval_every = 200
   c.eval_batches = 8
-  c.checkpoint_every = 250
+  c.checkpoint_every = 200
   if variant:
     raise ValueError(f"Unknown variant {variant!r} for pretrain_phantom.py.")
   return c
