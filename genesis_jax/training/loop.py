@@ -68,7 +68,7 @@ def guarded_update(state: TrainState, grads, batch_stats, loss) -> tuple[TrainSt
 
   The step counter always advances; whether a non-finite step stops the run is the host's call.
   """
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = state.apply_gradients(grads, batch_stats)
   keep = lambda n, o: jnp.where(finite, n, o)
