@@ -48,3 +48,28 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dataset)
   proc = run_cli(_args(tmp_path / "resumed", tiny_dataset, 8))
   assert "resumed from" in proc.stdout
   _assert_close(_final_params(tmp_path / "straight"), _final_params(tmp_path / "resumed"), atol=0)
+
+
+def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_dataset):
+  """jax.distributed with CPU collectives: 2 processes x 1 device x batch 4 == 1 x 1 x 8."""
+  import os
+  import socket
+  import subprocess
+  import sys
+  from conftest import COMPILE_CACHE, REPO
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  run_cli(_args(tmp_path / "one", tiny_dataset, 4))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable,
+             GENESIS_COMPILATION_CACHE=str(COMPILE_CACHE))
+  env.pop("XLA_FLAGS", None)
+  workdir = tmp_path / "two"
+  proc = subprocess.run(
+      ["bash", "launch/local.sh", "-n", "2", "--cpu-devices", "1", "--port", str(port), "--",
+       *_args(workdir, tiny_dataset, 4, "--config.train.batch_size=4")],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  logs = "".join(p.read_text() for p in sorted((workdir / "launch_logs").glob("*.log")))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
+  assert "processes=2" in logs and "step 4/4" in logs
+  _assert_close(_final_params(tmp_path / "one"), _final_params(workdir), atol=1e-5)

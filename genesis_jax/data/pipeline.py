@@ -111,9 +111,53 @@ def _grain_seed(seed: int) -> int:
   return int.from_bytes(digest[:4], "little") >> 1  # grain wants a non-negative 32-bit seed.
 
 
+class _IndexSource(grain.RandomAccessDataSource):
+  """Record i is the integer i: the sampler orders indices, `ReadRows` reads the data."""
+
+  def __init__(self, n: int):
+    self._n = n
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> np.int64:
+    return np.int64(index)
+
+  def __repr__(self) -> str:
+    return f"_IndexSource({self._n})"
+
+
+class ReadRows(grain.MapTransform):
+  """A global batch of indices -> this process's rows of it, read and stacked.
+
+  Every process samples the same global order and reads only its contiguous slice of each global
+  batch, so N processes together see exactly the batches of one process with the global batch
+  size (the global array is the concatenation of the slices in process order).
+  """
+
+  def __init__(self, source: Any, operations: list, shard_index: int, shard_count: int):
+    self._source, self._operations = source, operations
+    self._index, self._count = shard_index, shard_count
+
+  def map(self, indices: np.ndarray) -> Any:
+    per = len(indices) // self._count
+    mine = indices[self._index * per:(self._index + 1) * per]
+    elements = []
+    for i in mine:
+      element = self._source[int(i)]
+      for op in self._operations:
+        element = op.map(element)
+      elements.append(element)
+    if isinstance(elements[0], dict):
+      return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+    return np.stack(elements)
+
+
 def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_index: int,
             shard_count: int, shuffle: bool, num_epochs: int | None, worker_count: int,
             drop_remainder: bool) -> grain.DataLoader:
+  """`batch_size` rows per process; the global batch (batch_size * shard_count) is sampled in one
+  global order shared by all processes (see ReadRows)."""
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   if not 0 <= shard_index < shard_count:
@@ -121,15 +165,13 @@ def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_
   if len(source) < shard_count:
     raise ValueError(f"{source!r}: {len(source)} records cannot feed {shard_count} processes.")
   _allow_workers(worker_count)
-  shard_options = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                     drop_remainder=True)  # Equal shards: processes stay in step.
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard_options,
+  sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(),
                                shuffle=shuffle, num_epochs=num_epochs, seed=_grain_seed(seed))
   return grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[*operations, grain.Batch(batch_size=batch_size, drop_remainder=drop_remainder)],
-      worker_count=worker_count, shard_options=shard_options,
-      read_options=_read_options(batch_size))
+      data_source=_IndexSource(len(source)), sampler=sampler,
+      operations=[grain.Batch(batch_size=batch_size * shard_count, drop_remainder=drop_remainder),
+                  ReadRows(source, operations, shard_index, shard_count)],
+      worker_count=worker_count, read_options=_read_options(batch_size))
 
 
 def _read_options(batch_size: int) -> grain.ReadOptions:

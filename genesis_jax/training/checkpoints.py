@@ -67,8 +67,12 @@ class RunCheckpoints:
            force: bool = False) -> None:
     """Saves the latest; with `val_loss`, also offers the checkpoint to the best manager."""
     try:
+      # The two managers' async saves must not overlap: in multi-process runs they would enter
+      # Orbax's cross-process barriers at the same time ("barrier ... is already ongoing").
+      self.best.wait_until_finished()
       self.latest.save(step, args=self._args(state, data_iter, meta), force=force)
       if val_loss is not None:
+        self.latest.wait_until_finished()
         self.best.save(step, args=self._args(state, data_iter, meta),
                        metrics={"val_loss": float(val_loss)}, force=True)
     except OSError as e:
