@@ -8,8 +8,10 @@ from conftest import TINY_OVERRIDES, run_cli
 
 
 def _final_params(workdir):
+  import os
   from genesis_jax.training import transfer
-  variables, _ = transfer.load_pretrained(str(workdir), which="latest")
+  # A relative path on purpose: users pass relative workdirs (Orbax itself needs absolute ones).
+  variables, _ = transfer.load_pretrained(os.path.relpath(workdir), which="latest")
   return variables
 
 

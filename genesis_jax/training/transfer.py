@@ -116,7 +116,7 @@ def load_pretrained(init: str, *, which: str = "best", step: int | None = None) 
   released .pt/.pth/.tar/.h5 file. `which`: "best" or "latest" checkpoint of a workdir; `step`
   picks a given step instead.
   """
-  path = pathlib.Path(init).expanduser()
+  path = pathlib.Path(init).expanduser().absolute()  # Orbax (OCDBT) needs absolute paths.
   if not path.exists():
     raise FileNotFoundError(f"pre-trained init {init!r} does not exist.")
   suffix = path.suffix.lower()
