@@ -246,7 +246,7 @@ def _test(config, workdir, state, model, data, mesh, eval_step, per_process) -> 
     result.update(_segment_volumes(config, workdir, state, data["test_volumes"]))
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2, default=float))
-  loop.log(f"test: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
+  loop.log("test: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
   return result
 
 

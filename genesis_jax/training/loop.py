@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp

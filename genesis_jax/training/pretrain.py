@@ -7,21 +7,17 @@ same result on any device count and continues exactly after a restore.
 """
 from __future__ import annotations
 
-import json
-import math
 import pathlib
-import time
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from genesis_jax import corruptions
 from genesis_jax.training import checkpoints as ckpt_lib
 from genesis_jax.training import loop, optim, sharding
-from genesis_jax.training.state import TrainState, learning_rate
+from genesis_jax.training.state import TrainState
 
 
 def restoration_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
