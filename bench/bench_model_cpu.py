@@ -2,6 +2,7 @@
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= \\
     PYTHONPATH=. python bench/bench_model_cpu.py --reps 3 [--conv_impl unfold] [--no_torch]
+  PYTHONPATH=. python bench/bench_model_cpu.py --no_jax --torch_format channels_last  # torch alone
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 2 cubes of
 64x64x32 (x, y, z), 1,465 GFLOP (SPEC.md). Both run in this process, interleaved rep by rep so
@@ -54,28 +55,42 @@ def main():
   ap.add_argument("--conv_impl", default="auto")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--no_torch", action="store_true")
+  ap.add_argument("--no_jax", action="store_true", help="torch alone (no XLA in the process)")
+  ap.add_argument("--torch_format", default="contiguous", choices=("contiguous", "channels_last"),
+                  help="torch memory format (channels_last = NDHWC, oneDNN's blocked-friendly one)")
+  ap.add_argument("--torch_threads", type=int, default=0, help="0 = os.cpu_count()")
   args = ap.parse_args()
 
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(2, 64, 64, 32, 1)).astype(np.float32)
   y = rng.uniform(size=(2, 64, 64, 32, 1)).astype(np.float32)
 
-  jstep, state = make_jax_step(args.conv_impl, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-  jx, jy = jnp.asarray(x), jnp.asarray(y)
-  t = time.perf_counter()
-  *state, loss = jstep(*state, jx, jy)
-  loss.block_until_ready()
-  print(f"jax compile + first step: {time.perf_counter() - t:.1f} s", flush=True)
+  jstep = None
+  if not args.no_jax:
+    jstep, state = make_jax_step(args.conv_impl,
+                                 jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    jx, jy = jnp.asarray(x), jnp.asarray(y)
+    t = time.perf_counter()
+    *state, loss = jstep(*state, jx, jy)
+    loss.block_until_ready()
+    print(f"jax compile + first step: {time.perf_counter() - t:.1f} s", flush=True)
 
   torch_step = None
   if not args.no_torch:
     import torch
     from bench.torch_unet3d import UNet3D
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads or os.cpu_count())
     tmodel = UNet3D()
-    topt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9)
     tx_ = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
     ty_ = torch.from_numpy(np.moveaxis(y, -1, 1).copy())
+    if args.torch_format == "channels_last":
+      fmt = torch.channels_last_3d
+      tmodel = tmodel.to(memory_format=fmt)
+      tx_, ty_ = tx_.to(memory_format=fmt), ty_.to(memory_format=fmt)
+    topt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9)
+    print(f"torch {torch.__version__}: {torch.get_num_threads()} threads, {args.torch_format}, "
+          f"mkldnn {torch.backends.mkldnn.is_available()}, "
+          f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
 
     def torch_step():
       topt.zero_grad()
@@ -88,20 +103,27 @@ def main():
 
   jt, tt = [], []
   for _ in range(args.reps):
-    t = time.perf_counter()
-    *state, loss = jstep(*state, jx, jy)
-    loss.block_until_ready()
-    jt.append(time.perf_counter() - t)
+    parts = []
+    if jstep:
+      t = time.perf_counter()
+      *state, loss = jstep(*state, jx, jy)
+      loss.block_until_ready()
+      jt.append(time.perf_counter() - t)
+      parts.append(f"jax {jt[-1]:.2f} s")
     if torch_step:
       t = time.perf_counter()
       torch_step()
       tt.append(time.perf_counter() - t)
-    print(f"  rep: jax {jt[-1]:.2f} s" + (f", torch {tt[-1]:.2f} s" if tt else ""), flush=True)
-  j = statistics.median(jt)
-  print(f"jax   ({args.conv_impl}, {args.dtype}): {j:.2f} s/step, {GFLOP_PER_STEP / j:.0f} GFLOP/s")
+      parts.append(f"torch {tt[-1]:.2f} s")
+    print("  rep: " + ", ".join(parts), flush=True)
+  if jt:
+    j = statistics.median(jt)
+    print(f"jax   ({args.conv_impl}, {args.dtype}): {j:.2f} s/step, {GFLOP_PER_STEP / j:.0f} GFLOP/s")
   if tt:
     t_ = statistics.median(tt)
-    print(f"torch {torch.__version__}: {t_:.2f} s/step, {GFLOP_PER_STEP / t_:.0f} GFLOP/s")
+    print(f"torch {torch.__version__} ({args.torch_format}): {t_:.2f} s/step, "
+          f"{GFLOP_PER_STEP / t_:.0f} GFLOP/s")
+  if jt and tt:
     print(f"ratio torch/jax: {t_ / j:.2f}")
   print(f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 

@@ -4,16 +4,49 @@
 
 Pre-trains first (configs/pretrain_phantom.py, in <workdir>/pretrain) unless done, then runs
 experiment.trials fine-tuning trials per arm and task, and writes <workdir>/results.{md,json,png}.
+NCS runs 100 steps and tests on 4 subjects so that the whole experiment fits ~2 h of a 2-core CPU.
+
+Variant ":diagnose" (NCC only, same pre-training): why does (or doesn't) Genesis help? Adds arms
+that select the fine-tuning checkpoint by validation AUC instead of validation loss, and linear
+probes (frozen encoder, new head) on Genesis features and on random features:
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:diagnose \\
+      --workdir runs/experiment   # reuses the pre-training and the plain arms' finished trials;
+                                  # table in <workdir>/results_diagnose.{md,json,png}
+
+Variant ":long" (NCC only, a new workdir): the same comparison after 4x longer pre-training
+(2,400 steps), by validation loss and by validation AUC:
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:long --workdir runs/experiment_long
 """
 from genesis_jax import defaults
+
+NCS_CPU = "configs/finetune_ncs.py[num_steps=100|data.test_cases=4]"
 
 
 def get_config(variant: str = ""):
   c = defaults.experiment_config()
-  c.experiment.tasks = "configs/finetune_ncc.py,configs/finetune_ncs.py"
+  c.experiment.tasks = f"configs/finetune_ncc.py,{NCS_CPU}"
   c.experiment.arms = "scratch=,genesis=@pretrain"
   c.experiment.pretrain_config = "configs/pretrain_phantom.py"
   c.experiment.trials = 5
-  if variant:
-    raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py.")
+  if variant == "diagnose":
+    c.experiment.report = "results_diagnose"
+    c.experiment.tasks = "configs/finetune_ncc.py"
+    c.experiment.arms = ",".join([
+        "scratch=", "genesis=@pretrain",
+        "scratch_auc=[train.monitor=auc]", "genesis_auc=@pretrain[train.monitor=auc]",
+        "probe_random=[finetune.freeze_encoder=True|train.monitor=auc]",
+        "probe_genesis=@pretrain[finetune.freeze_encoder=True|train.monitor=auc]"])
+    c.experiment.compare = "genesis:scratch,genesis_auc:scratch_auc,probe_genesis:probe_random"
+  elif variant == "long":
+    c.experiment.report = "results_long"
+    c.experiment.tasks = "configs/finetune_ncc.py"
+    c.experiment.pretrain_overrides = "num_steps=2400,eval_every=400,checkpoint_every=400"
+    c.experiment.arms = ("scratch=,genesis=@pretrain,genesis_auc=@pretrain[train.monitor=auc],"
+                         "scratch_auc=[train.monitor=auc]")
+    c.experiment.compare = "genesis:scratch,genesis_auc:scratch_auc"
+  elif variant:
+    raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py "
+                     f"(known: diagnose, long).")
   return c

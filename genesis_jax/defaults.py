@@ -70,6 +70,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 0.0  # Global-norm clip; 0 disables.
   c.train.nonfinite = "stop"  # "stop" | "skip" a step whose loss or gradient is NaN/Inf.
   c.train.early_stop_patience = 50  # Evaluations without val improvement; 0 disables.
+  # What "best" and early stopping follow: val_loss (all modes), or the task metric when
+  # fine-tuning: auc (classify), dice or iou (segment). Losses are minimised, metrics maximised.
+  c.train.monitor = "val_loss"
 
   c.log_every = 50
   c.eval_every = 1000
@@ -137,14 +140,19 @@ def experiment_config() -> ml_collections.ConfigDict:
   c = finetune_config()
   c.mode = "experiment"
   c.experiment = ml_collections.ConfigDict()
-  # Target-task config files, comma-separated (each a fine-tuning config with get_config()).
+  # Target-task config files, comma-separated (each a fine-tuning config with get_config()),
+  # each optionally with its own overrides: "configs/finetune_ncs.py[num_steps=100|eval_every=25]".
   c.experiment.tasks = "configs/finetune_ncc.py,configs/finetune_ncs.py"
   # Arms "name=init" comma-separated; init "" = scratch, "@pretrain" = the pre-training this
-  # experiment runs first in <workdir>/pretrain with experiment.pretrain_config.
+  # experiment runs first in <workdir>/pretrain with experiment.pretrain_config, or a path.
+  # Per-arm overrides follow in brackets: "probe=@pretrain[finetune.freeze_encoder=True]".
   c.experiment.arms = "scratch=,genesis=@pretrain"
   c.experiment.pretrain_config = "configs/pretrain_phantom.py"
   c.experiment.pretrain_overrides = ""  # "key=value,key=value" applied to the pre-training config.
   c.experiment.overrides = ""  # "key=value,..." applied to every task config (e.g. num_steps=200).
   c.experiment.trials = 5
   c.experiment.seed = 0  # Trial t of every arm uses seed experiment.seed + t.
+  c.experiment.report = "results"  # <workdir>/<report>.{md,json,png}
+  # Tests to run, "arm:other,arm:other"; "" = every arm against scratch (or the first arm).
+  c.experiment.compare = ""
   return c

@@ -15,6 +15,14 @@ def _choice(name: str, value, allowed) -> None:
     raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}.{hint}")
 
 
+def _monitors(config) -> tuple[str, ...]:
+  """Validation values that can select the best checkpoint in this config's mode."""
+  task = config.get("task")
+  if config.mode not in ("finetune", "evaluate") or task is None:
+    return ("val_loss",)
+  return ("val_loss", "auc") if task.kind == "classify" else ("val_loss", "dice", "iou")
+
+
 def validate(config) -> None:
   """Checks enumerated config values up front, before anything is written."""
   _choice("config.mode", config.mode, MODES)
@@ -30,6 +38,8 @@ def validate(config) -> None:
     _choice("config.train.optimizer", t.optimizer, ("sgd", "adam"))
     _choice("config.train.schedule", t.schedule, ("step", "plateau", "constant", "cosine"))
     _choice("config.train.nonfinite", t.nonfinite, ("stop", "skip"))
+    if "monitor" in t:
+      _choice("config.train.monitor", t.monitor, _monitors(config))
     if t.batch_size < 1:
       raise ValueError(f"config.train.batch_size={t.batch_size} must be >= 1 (per device).")
   d = config.get("data")

@@ -59,6 +59,7 @@ def _compare(a: np.ndarray, b: np.ndarray) -> dict:
 
 def summarize_trials(results: Mapping[str, Mapping[str, Sequence[float]]],
                      metric_names: Mapping[str, str], *, baseline: str | None = None,
+                     pairs: Sequence[tuple[str, str]] | None = None,
                      scale: float | Mapping[str, float] = 100.0) -> dict:
   """Per-task, per-arm statistics and tests against a baseline arm.
 
@@ -67,6 +68,8 @@ def summarize_trials(results: Mapping[str, Mapping[str, Sequence[float]]],
     metric_names: {task: metric name shown in the table, e.g. "AUC", "IoU"}.
     baseline: the arm every other arm is tested against; default "scratch" where a task has it,
       else the task's first arm.
+    pairs: instead, the (arm, vs) comparisons to test; pairs whose arms a task lacks are skipped
+      there, and naming an arm that no task has is an error.
     scale: display multiplier for the table and chart, one for all tasks or {task: scale}.
 
   Returns:
@@ -110,12 +113,17 @@ def summarize_trials(results: Mapping[str, Mapping[str, Sequence[float]]],
           "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
           "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()),
           "trials": v.tolist()}
-    for arm, v in values.items():
-      if arm != base:
-        entry["comparisons"].append(
-            {"arm": arm, "vs": base, "diff": float(v.mean() - values[base].mean()),
-             **_compare(v, values[base])})
+    todo = ([(a, b) for a, b in pairs if a in values and b in values] if pairs is not None
+            else [(arm, base) for arm in values if arm != base])
+    for arm, vs in todo:
+      entry["comparisons"].append(
+          {"arm": arm, "vs": vs, "diff": float(values[arm].mean() - values[vs].mean()),
+           **_compare(values[arm], values[vs])})
     summary["tasks"][task] = entry
+  if pairs is not None:
+    unknown = sorted({a for pair in pairs for a in pair} - set(summary["arms"]))
+    if unknown:
+      raise TrialResultsError(f"comparison arm(s) {unknown} not among the arms {summary['arms']}")
   return summary
 
 
@@ -231,12 +239,13 @@ def _json_safe(x):
   return x
 
 
-def write_report(summary: dict, out_dir: str | os.PathLike) -> tuple[str, str, str]:
-  """Writes results.md, results.json and results.png into `out_dir`; returns their paths."""
+def write_report(summary: dict, out_dir: str | os.PathLike,
+                 name: str = "results") -> tuple[str, str, str]:
+  """Writes <name>.md, <name>.json and <name>.png into `out_dir`; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
-  md = os.path.join(out_dir, "results.md")
-  js = os.path.join(out_dir, "results.json")
-  png = os.path.join(out_dir, "results.png")
+  md = os.path.join(out_dir, f"{name}.md")
+  js = os.path.join(out_dir, f"{name}.json")
+  png = os.path.join(out_dir, f"{name}.png")
   with open(md, "w") as f:
     f.write(to_markdown(summary))
   with open(js, "w") as f:

@@ -4,6 +4,7 @@ Every arm of a task runs on the same split (fixed by the data, not the seed) wit
 seeds, so arms differ only in their initialisation. Finished trials (their eval.json) are reused,
 so an interrupted experiment continues where it stopped. Results: <workdir>/results.{md,json,png}
 with mean +- std per arm and two-sided tests against the scratch arm (report.py says which).
+Tasks and arms can carry their own overrides in brackets (see defaults.experiment_config).
 """
 from __future__ import annotations
 
@@ -55,14 +56,84 @@ def load_config_file(path: str):
   return config
 
 
-def parse_arms(text: str) -> dict[str, str]:
+def split_bracket(item: str, what: str) -> tuple[str, list[tuple[str, object]]]:
+  """"head[key=value|key=value]" -> ("head", overrides); no brackets -> ("head", [])."""
+  item = item.strip()
+  if "[" not in item:
+    if "]" in item:
+      raise ValueError(f"{what} {item!r}: ']' without '['")
+    return item, []
+  head, _, rest = item.partition("[")
+  if not rest.endswith("]"):
+    raise ValueError(f"{what} {item!r}: overrides must end with ']', as in name[key=value|key=value]")
+  return head.strip(), parse_overrides(rest[:-1].replace("|", ","))
+
+
+def _items(text: str) -> list[str]:
+  """Splits on commas outside brackets."""
+  out, depth, cur = [], 0, ""
+  for ch in text:
+    depth += (ch == "[") - (ch == "]")
+    if ch == "," and depth == 0:
+      out.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  out.append(cur)
+  return [s.strip() for s in out if s.strip()]
+
+
+def parse_arms(text: str) -> dict[str, tuple[str, list[tuple[str, object]]]]:
+  """"scratch=,genesis=@pretrain,probe=@pretrain[finetune.freeze_encoder=True]" ->
+  {arm: (init, overrides)}; an arm's overrides apply after the experiment-wide ones."""
   arms = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
+  for item in _items(text):
     name, _, init = item.partition("=")
-    arms[name.strip()] = init.strip()
+    init, overrides = split_bracket(init, f"arm {name.strip()!r}")
+    arms[name.strip()] = (init, overrides)
   if not arms:
     raise ValueError("config.experiment.arms is empty")
   return arms
+
+
+def parse_tasks(text: str) -> list[tuple[str, list[tuple[str, object]]]]:
+  """"configs/a.py,configs/b.py[num_steps=100]" -> [(config file, overrides), ...]."""
+  tasks = [split_bracket(item, "task") for item in _items(text)]
+  if not tasks:
+    raise ValueError("config.experiment.tasks is empty")
+  return tasks
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
+  """A finished trial is reused only if it ran with the config this experiment asks for.
+
+  Keys the saved config lacks (added to genesis_jax since) count as matching when they are at
+  the task config's own value (`base`, no overrides), i.e. the behaviour the trial ran with.
+  """
+  saved_file = run_dir / "config.json"
+  if not saved_file.exists():
+    return
+  saved = _flatten(json.loads(saved_file.read_text()))
+  wanted = _flatten(json.loads(tcfg.to_json_best_effort()))
+  default = _flatten(json.loads(base.to_json_best_effort()))
+  diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)
+                and not (k not in saved and wanted.get(k) == default.get(k)))
+  if diff:
+    shown = "; ".join(f"{k}: ran with {saved.get(k)!r}, now {wanted.get(k)!r}" for k in diff[:6])
+    raise ValueError(
+        f"finished trial {run_dir} ran with a different config ({shown}"
+        f"{'; ...' if len(diff) > 6 else ''}). Delete that directory to rerun it, or run this "
+        f"experiment in a new workdir.")
 
 
 def _pretrain(config, workdir: pathlib.Path) -> pathlib.Path:
@@ -85,31 +156,52 @@ def run(config, workdir) -> dict:
   exp = config.experiment
   arms = parse_arms(exp.arms)
   pretrained = {}
-  for arm, init in arms.items():
+  tasks = parse_tasks(exp.tasks)
+  common = parse_overrides(exp.overrides)
+
+  def trial_config(task_file, task_overrides, init, arm_overrides, t):
+    tcfg = apply_overrides(load_config_file(task_file), common + task_overrides + arm_overrides)
+    tcfg.seed = int(exp.seed) + t
+    tcfg.finetune.init = init
+    return tcfg
+
+  # Check every arm/task override against its config before any (long) pre-training starts.
+  for task_file, task_overrides in tasks:
+    for init, arm_overrides in arms.values():
+      trial_config(task_file, task_overrides, "", arm_overrides, 0)
+  for arm, (init, _) in arms.items():
     if init == "@pretrain":
       pretrained[arm] = str(_pretrain(config, workdir))
   results: dict[str, dict[str, list[float]]] = {}
   metric_names: dict[str, str] = {}
-  for task_file in filter(None, (s.strip() for s in exp.tasks.split(","))):
+  for task_file, task_overrides in tasks:
     tcfg0 = load_config_file(task_file)
     task = pathlib.Path(task_file.partition(":")[0]).stem
     key, label = TASK_METRIC[tcfg0.task.kind]
     metric_names[task] = label
     results[task] = {}
-    for arm, init in arms.items():
+    for arm, (init, arm_overrides) in arms.items():
       results[task][arm] = []
       for t in range(int(exp.trials)):
         run_dir = workdir / task / arm / f"trial_{t}"
         eval_file = run_dir / "eval.json"
-        if not eval_file.exists():
-          tcfg = apply_overrides(load_config_file(task_file), parse_overrides(exp.overrides))
-          tcfg.seed = int(exp.seed) + t
-          tcfg.finetune.init = pretrained.get(arm, init)
+        tcfg = trial_config(task_file, task_overrides, pretrained.get(arm, init), arm_overrides, t)
+        if eval_file.exists():
+          _check_reusable(run_dir, tcfg, tcfg0)
+        else:
           print(f"[experiment] {task} / {arm} / trial {t} -> {run_dir}", flush=True)
           finetune.train(tcfg, run_dir)
         value = json.loads(eval_file.read_text())[key]
         results[task][arm].append(float(value))
-  summary = report.summarize_trials(results, metric_names)
-  md, js, png = report.write_report(summary, workdir)
+  pairs = None
+  if exp.get("compare"):
+    pairs = []
+    for item in _items(exp.compare):
+      a, sep, b = item.partition(":")
+      if not sep or not a.strip() or not b.strip():
+        raise ValueError(f"config.experiment.compare item {item!r} is not 'arm:other_arm'")
+      pairs.append((a.strip(), b.strip()))
+  summary = report.summarize_trials(results, metric_names, pairs=pairs)
+  md, js, png = report.write_report(summary, workdir, exp.get("report", "results"))
   print(pathlib.Path(md).read_text(), flush=True)
   return summary

@@ -150,3 +150,32 @@ def test_workdir_that_is_a_file_fails_before_training(tmp_path):
   assert proc.returncode != 0
   assert "not writable" in proc.stderr and str(blocker) in proc.stderr
   assert blocker.read_text() == "not a directory"
+
+
+def test_resume_with_a_different_data_order_names_the_checkpoint(tmp_path):
+  import jax.numpy as jnp
+  from genesis_jax.data import pipeline
+  from genesis_jax.training import checkpoints as ckpt_lib
+  images = np.zeros((10, 4, 4, 1), np.float32)
+  labels = np.zeros((10,), np.int32)
+  it = iter(pipeline.task_loader(images, labels, batch_size=2, seed=0))
+  next(it)
+  state = {"w": jnp.ones((3,))}
+  ckpts = ckpt_lib.RunCheckpoints(tmp_path, async_save=False)
+  ckpts.save(1, state, it, {"step": 1})
+  ckpts.close()
+  # Same data, another sampler seed: the iterator state cannot apply.
+  other = iter(pipeline.task_loader(images, labels, batch_size=2, seed=1))
+  ckpts = ckpt_lib.RunCheckpoints(tmp_path, async_save=False)
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpts.restore(state, other)
+  ckpts.close()
+  msg = str(e.value)
+  assert str(tmp_path / "checkpoints" / "latest" / "1") in msg and "sampler differs" in msg
+  assert "finetune.init" in msg
+  # Nothing was lost: with the original order it restores.
+  same = iter(pipeline.task_loader(images, labels, batch_size=2, seed=0))
+  ckpts = ckpt_lib.RunCheckpoints(tmp_path, async_save=False)
+  restored, meta = ckpts.restore(state, same)
+  ckpts.close()
+  assert meta == {"step": 1} and np.array_equal(restored["w"], np.ones(3))

@@ -154,22 +154,66 @@ def test_finetune_segment_writes_eval_and_predictions(tmp_path, pretrained_workd
 
 def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, monkeypatch):
   from genesis_jax import trials
+  from genesis_jax.training import finetune
   c = _task_config("classify", task_phantoms)
   monkeypatch.setattr(trials, "load_config_file", lambda path: _locked(c))
   exp = defaults.experiment_config()
-  exp.experiment.tasks = "tiny_ncc.py"
-  exp.experiment.arms = f"scratch=,genesis={pretrained_workdir}"
+  exp.experiment.tasks = "tiny_ncc.py[eval_every=2|checkpoint_every=2]"
+  # A per-arm override: a linear probe on random features, best checkpoint by validation AUC.
+  exp.experiment.arms = (f"scratch=,genesis={pretrained_workdir},"
+                         f"probe=[finetune.freeze_encoder=True|train.monitor=auc]")
   exp.experiment.trials = 2
-  exp.experiment.overrides = "num_steps=3"
+  exp.experiment.overrides = "num_steps=4"
   summary = trials.run(exp, tmp_path)
   task = summary["tasks"]["tiny_ncc"]
-  assert set(task["arms"]) == {"scratch", "genesis"}
+  assert set(task["arms"]) == {"scratch", "genesis", "probe"}
   assert all(a["n"] == 2 for a in task["arms"].values())
   for comp in task["comparisons"]:
     for key in ("welch_p", "mannwhitney_p"):
       assert comp[key] is None or 0.0 <= comp[key] <= 1.0
   assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
   assert (tmp_path / "tiny_ncc" / "genesis" / "trial_1" / "eval.json").exists()
+  # Overrides reached the trial configs: task (eval_every), arm (monitor, frozen encoder).
+  probe = tmp_path / "tiny_ncc" / "probe" / "trial_0"
+  cfg = json.loads((probe / "config.json").read_text())
+  assert cfg["eval_every"] == 2 and cfg["train"]["monitor"] == "auc"
+  assert json.loads((tmp_path / "tiny_ncc/scratch/trial_0/config.json").read_text())[
+      "train"]["monitor"] == "val_loss"
+  run = json.loads((probe / "summary.json").read_text())
+  evals = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
+  aucs = {e["step"]: e["auc"] for e in evals if "auc" in e}
+  assert run["monitor"] == "auc" and sorted(aucs) == [2, 4]
+  assert run["best_value"] == max(aucs.values()) and aucs[run["best_step"]] == run["best_value"]
+  # Frozen random encoder: the best checkpoint's encoder equals its initialisation.
+  model = heads.build_model(c.model, task="classify", n_class=1)
+  best, _ = transfer.load_pretrained(str(probe), which="best")
+  key = jax.random.split(jax.random.PRNGKey(0))[0]
+  x = np.zeros((1, *c.data.crop, 1), np.float32)
+  init = jax.device_get(jax.jit(lambda k: model.init(k, x, train=False))(key))
+  for k, v in _flat(init["params"]["encoder"]).items():
+    np.testing.assert_array_equal(_flat(best["params"]["encoder"])[k], v, err_msg=k)
+  # A rerun reuses finished trials (no training) ...
+  monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trial was rerun"))
+  again = trials.run(exp, tmp_path)
+  assert again["tasks"]["tiny_ncc"]["arms"]["probe"] == task["arms"]["probe"]
+  # ... but not with a different config: the error names the trial and the key.
+  exp.experiment.overrides = "num_steps=5"
+  with pytest.raises(ValueError, match=r"scratch/trial_0 ran with a different config \(num_steps"):
+    trials.run(exp, tmp_path)
+
+
+def test_monitor_must_fit_the_task():
+  from genesis_jax import experiment
+  c = defaults.finetune_config()
+  c.train.monitor = "dice"
+  with pytest.raises(ValueError, match=r"config.train.monitor='dice' is not one of \('val_loss', 'auc'\)"):
+    experiment.validate(c)
+  c.task.kind = "segment"
+  experiment.validate(c)
+  p = defaults.pretrain_config()
+  p.train.monitor = "auc"
+  with pytest.raises(ValueError, match="monitor"):
+    experiment.validate(p)
 
 
 def _locked(c):

@@ -74,6 +74,22 @@ def test_undefined_tests_and_baseline_choice():
   assert s2["tasks"]["T"]["comparisons"][0]["welch_p"] is None  # Both constant.
 
 
+def test_explicit_pairs():
+  res = _fake_results()
+  s = report.summarize_trials(res, {"NCC": "AUC", "NCS": "IoU"},
+                              pairs=[("genesis_2d", "genesis"), ("genesis", "scratch")])
+  assert [(c["arm"], c["vs"]) for c in s["tasks"]["NCS"]["comparisons"]] == [
+      ("genesis_2d", "genesis"), ("genesis", "scratch")]
+  # NCC lacks genesis_2d: only the pair it has.
+  assert [(c["arm"], c["vs"]) for c in s["tasks"]["NCC"]["comparisons"]] == [("genesis", "scratch")]
+  c = s["tasks"]["NCS"]["comparisons"][0]
+  assert c["welch_p"] == pytest.approx(
+      stats.ttest_ind(res["NCS"]["genesis_2d"], res["NCS"]["genesis"], equal_var=False).pvalue)
+  assert "p Welch (genesis_2d vs genesis)" in report.to_markdown(s)
+  with pytest.raises(ValueError, match=r"\['genesys'\]"):
+    report.summarize_trials(res, {"NCC": "AUC", "NCS": "IoU"}, pairs=[("genesys", "scratch")])
+
+
 @pytest.mark.parametrize("results,names,match", [
     ({}, {}, "empty"),
     ({"T": {"a": [0.1]}}, {}, "metric_names"),

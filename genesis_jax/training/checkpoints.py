@@ -39,7 +39,10 @@ def _manager(directory: pathlib.Path, *, max_to_keep: int, best: bool,
              async_save: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-      best_fn=(lambda m: m["val_loss"]) if best else None, best_mode="min",
+      # "objective" is the monitored value, negated for maximised metrics; checkpoints written
+      # before config.train.monitor existed carry only "val_loss".
+      best_fn=(lambda m: m.get("objective", m.get("val_loss"))) if best else None,
+      best_mode="min",
       keep_checkpoints_without_metrics=not best, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       directory.absolute(), options=options,
@@ -63,18 +66,18 @@ class RunCheckpoints:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     return ocp.args.Composite(**items)
 
-  def save(self, step: int, state, data_iter, meta: dict, *, val_loss: float | None = None,
+  def save(self, step: int, state, data_iter, meta: dict, *, objective: float | None = None,
            force: bool = False) -> None:
-    """Saves the latest; with `val_loss`, also offers the checkpoint to the best manager."""
+    """Saves the latest; with `objective` (lower is better), also saves it as the best."""
     try:
       # The two managers' async saves must not overlap: in multi-process runs they would enter
       # Orbax's cross-process barriers at the same time ("barrier ... is already ongoing").
       self.best.wait_until_finished()
       self.latest.save(step, args=self._args(state, data_iter, meta), force=force)
-      if val_loss is not None:
+      if objective is not None:
         self.latest.wait_until_finished()
         self.best.save(step, args=self._args(state, data_iter, meta),
-                       metrics={"val_loss": float(val_loss)}, force=True)
+                       metrics={"objective": float(objective)}, force=True)
     except OSError as e:
       raise CheckpointError(
           f"saving checkpoint at step {step} under {self.root} failed: {e}. "
@@ -93,10 +96,21 @@ class RunCheckpoints:
     step = mgr.latest_step() if step is None else step
     if which == "best" and step is None:
       step = mgr.best_step()
-    restored = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter),
-        meta=ocp.args.JsonRestore()))
+    try:
+      restored = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iter),
+          meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "in checkpoint does not match" not in str(e):
+        raise
+      what = str(e).splitlines()[0].split(" in checkpoint")[0]
+      raise CheckpointError(
+          f"cannot resume {self.root / which / str(step)}: its input pipeline state was saved for "
+          f"a different data order ({what.lower()} differs: the data, seed, batch size, process "
+          f"count or the genesis_jax version that wrote it changed). The weights are intact: "
+          f"start a new workdir and load them with finetune.init={str(self.root.parent)!r}, or "
+          f"restore the original settings.\n(grain: {e})") from e
     return restored["state"], dict(restored["meta"])
 
   def wait(self) -> None:

@@ -127,7 +127,8 @@ def _optimizer(config, report: transfer.TransferReport | None, global_batch: int
   if report is not None:
     pretrained = {p.split("/")[1] for p in report.loaded if p.startswith("params/")}
   ft = config.finetune
-  if not pretrained or (not ft.freeze_encoder and ft.pretrained_lr_mult == 1.0):
+  # freeze_encoder also applies to a scratch init (the random-features baseline of a probe).
+  if not ft.freeze_encoder and (not pretrained or ft.pretrained_lr_mult == 1.0):
     return optim.make_optimizer(config.train, global_batch=global_batch, num_steps=config.num_steps)
 
   def label(params):

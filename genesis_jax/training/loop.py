@@ -154,17 +154,41 @@ def _mean_metrics(pending: list[dict], last_step: int) -> tuple[dict, int | None
   return out, first_bad
 
 
+def _better(val: float, best: float, maximize: bool) -> bool:
+  """Strict improvement; a NaN never improves, and anything beats a NaN best."""
+  if math.isnan(val):
+    return False
+  if math.isnan(best):
+    return True
+  return val > best if maximize else val < best
+
+
+def monitor_maximizes(monitor: str) -> bool:
+  """Losses are minimised; task metrics (auc, dice, iou) are maximised."""
+  return "loss" not in monitor
+
+
 def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter, train_step,
                  mesh, evaluate: Callable, on_eval: Callable | None = None,
                  cubes_per_step: int) -> dict:
   """The loop: resume, step, log, evaluate, checkpoint, stop early or on non-finite values."""
   ckpts = ckpt_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-  meta = {"best_val_loss": math.inf, "best_step": -1, "bad_evals": 0, "plateau_bad_evals": 0,
+  monitor = str(config.train.get("monitor", "val_loss"))
+  maximize = monitor_maximizes(monitor)
+  meta = {"monitor": monitor, "best_value": -math.inf if maximize else math.inf,
+          "best_val_loss": math.inf, "best_step": -1, "bad_evals": 0, "plateau_bad_evals": 0,
           "stopped_early": False}
   if ckpts.latest_step() is not None:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, meta = ckpts.restore(abstract, data_iter)
+    state, restored_meta = ckpts.restore(abstract, data_iter)
+    restored_meta.setdefault("monitor", "val_loss")  # Checkpoints written before `monitor`.
+    restored_meta.setdefault("best_value", restored_meta.get("best_val_loss", math.inf))
+    if restored_meta["monitor"] != monitor:
+      raise ValueError(
+          f"config.train.monitor={monitor!r} but the run in {workdir} selected its best "
+          f"checkpoint by {restored_meta['monitor']!r}; use a new workdir or the same monitor.")
+    meta.update(restored_meta)
     log(f"resumed from {ckpts.describe_latest()} (step {int(state.step)})")
     if meta.get("stopped_early"):
       log("this run had already stopped early; nothing to do")
@@ -202,10 +226,17 @@ def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter,
         last_train = m
       if do_eval:
         result = evaluate(state)
-        val = float(result["val_loss"])
-        improved = val < meta["best_val_loss"]
+        if monitor not in result:
+          raise ValueError(
+              f"config.train.monitor={monitor!r} is not among the validation results "
+              f"{sorted(k for k, v in result.items() if isinstance(v, (int, float)))}.")
+        val = float(result[monitor])
+        if math.isnan(val):
+          log(f"warning: validation {monitor} is NaN at step {step} (counted as no improvement)")
+        improved = _better(val, meta["best_value"], maximize) or meta["best_step"] < 0
         if improved:
-          meta.update(best_val_loss=val, best_step=step, bad_evals=0, plateau_bad_evals=0)
+          meta.update(best_value=val, best_val_loss=float(result["val_loss"]), best_step=step,
+                      bad_evals=0, plateau_bad_evals=0)
         else:
           meta["bad_evals"] += 1
           meta["plateau_bad_evals"] += 1
@@ -219,17 +250,21 @@ def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter,
           meta["stopped_early"] = True
           log(f"early stop at step {step}: no val improvement in {train_patience} evaluations")
         writer.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))})
-        log(f"eval step {step}: val_loss {val:.6g} (best {meta['best_val_loss']:.6g} @ {meta['best_step']})")
+        extra = "" if monitor == "val_loss" else f", {monitor} {val:.6g}"
+        log(f"eval step {step}: val_loss {float(result['val_loss']):.6g}{extra} "
+            f"(best {monitor} {meta['best_value']:.6g} @ {meta['best_step']})")
         if on_eval is not None:
           on_eval(state, result, step)
-        ckpts.save(step, state, data_iter, meta, val_loss=val if improved else None, force=True)
+        ckpts.save(step, state, data_iter, meta,
+                   objective=(-val if maximize else val) if improved else None, force=True)
       elif do_save:
         ckpts.save(step, state, data_iter, meta, force=True)
   finally:
     ckpts.wait()
     ckpts.close()
     writer.close()
-  summary = {"final_step": step, "best_val_loss": meta["best_val_loss"],
+  summary = {"final_step": step, "monitor": monitor, "best_value": meta["best_value"],
+             "best_val_loss": meta["best_val_loss"],
              "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
              "final_train_loss": last_train.get("loss"), "wall_s": time.perf_counter() - t0,
              "checkpoints": str(ckpts.root)}
