@@ -13,7 +13,6 @@ The numpy baseline is written the way the original is (Python loops over 10,000 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import time
 

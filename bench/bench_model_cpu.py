@@ -92,13 +92,14 @@ def main():
           f"mkldnn {torch.backends.mkldnn.is_available()}, "
           f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
 
-    def torch_step():
+    def _torch_step():
       topt.zero_grad()
       loss = torch.mean((torch.sigmoid(tmodel(tx_)) - ty_) ** 2)
       loss.backward()
       topt.step()
       return loss.item()
 
+    torch_step = _torch_step
     torch_step()  # warm-up (oneDNN primitive creation)
 
   jt, tt = [], []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli
+from conftest import COMPILE_CACHE, REPO, run_cli
 from test_train_equivalence import _args, _assert_close, _final_params
 
 

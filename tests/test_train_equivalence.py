@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from conftest import TINY_OVERRIDES, run_cli
 

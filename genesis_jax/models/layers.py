@@ -131,7 +131,6 @@ class UpConv(nn.Module):
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
   """2x nearest-neighbour upsampling of every spatial axis (Keras UpSampling3D)."""
-  nd = x.ndim - 2
   n, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
   y = x.reshape(n, *[a for s in spatial for a in (s, 1)], c)
   y = jnp.broadcast_to(y, (n, *[a for s in spatial for a in (s, 2)], c))

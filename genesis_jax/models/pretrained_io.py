@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import struct
-import sys
 import zipfile
 from typing import Any, Iterator
 
