@@ -59,6 +59,8 @@ def main():
   ap.add_argument("--torch_format", default="contiguous", choices=("contiguous", "channels_last"),
                   help="torch memory format (channels_last = NDHWC, oneDNN's blocked-friendly one)")
   ap.add_argument("--torch_threads", type=int, default=0, help="0 = os.cpu_count()")
+  ap.add_argument("--order", default="interleaved", choices=("interleaved", "blocked"),
+                  help="alternate jax/torch rep by rep, or all jax reps then all torch reps")
   args = ap.parse_args()
 
   rng = np.random.default_rng(0)
@@ -103,20 +105,29 @@ def main():
     torch_step()  # warm-up (oneDNN primitive creation)
 
   jt, tt = [], []
-  for _ in range(args.reps):
-    parts = []
-    if jstep:
-      t = time.perf_counter()
-      *state, loss = jstep(*state, jx, jy)
-      loss.block_until_ready()
-      jt.append(time.perf_counter() - t)
-      parts.append(f"jax {jt[-1]:.2f} s")
-    if torch_step:
-      t = time.perf_counter()
-      torch_step()
-      tt.append(time.perf_counter() - t)
-      parts.append(f"torch {tt[-1]:.2f} s")
-    print("  rep: " + ", ".join(parts), flush=True)
+
+  def run_jax():
+    nonlocal state
+    t = time.perf_counter()
+    *state, loss = jstep(*state, jx, jy)
+    loss.block_until_ready()
+    jt.append(time.perf_counter() - t)
+    return f"jax {jt[-1]:.2f} s"
+
+  def run_torch():
+    t = time.perf_counter()
+    torch_step()
+    tt.append(time.perf_counter() - t)
+    return f"torch {tt[-1]:.2f} s"
+
+  runners = [r for r, on in ((run_jax, jstep), (run_torch, torch_step)) if on]
+  if args.order == "interleaved":
+    for _ in range(args.reps):
+      print("  rep: " + ", ".join(r() for r in runners), flush=True)
+  else:
+    for r in runners:
+      for _ in range(args.reps):
+        print(f"  rep: {r()}", flush=True)
   if jt:
     j = statistics.median(jt)
     print(f"jax   ({args.conv_impl}, {args.dtype}): {j:.2f} s/step, {GFLOP_PER_STEP / j:.0f} GFLOP/s")

@@ -3,7 +3,7 @@
   python bench/experiment_table.py runs/experiment
 
 Reads <workdir>/<task>/<arm>/trial_*/eval.json (AUC for classification, mean IoU for
-segmentation) and writes <workdir>/results_partial.{md,json,png} with genesis_jax.report; useful
+segmentation) and writes <workdir>/partial/results.{md,json,png} with genesis_jax.report; useful
 while an experiment is still running or was stopped early.
 """
 from __future__ import annotations

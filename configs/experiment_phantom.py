@@ -14,8 +14,8 @@ probes (frozen encoder, new head) on Genesis features and on random features:
       --workdir runs/experiment   # reuses the pre-training and the plain arms' finished trials;
                                   # table in <workdir>/results_diagnose.{md,json,png}
 
-Variant ":long" (NCC only, a new workdir): the same comparison after 4x longer pre-training
-(2,400 steps), by validation loss and by validation AUC:
+Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
+(1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
   python -m genesis_jax.main --config configs/experiment_phantom.py:long --workdir runs/experiment_long
 """
@@ -42,10 +42,7 @@ def get_config(variant: str = ""):
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = "configs/finetune_ncc.py"
-    c.experiment.pretrain_overrides = "num_steps=2400,eval_every=400,checkpoint_every=400"
-    c.experiment.arms = ("scratch=,genesis=@pretrain,genesis_auc=@pretrain[train.monitor=auc],"
-                         "scratch_auc=[train.monitor=auc]")
-    c.experiment.compare = "genesis:scratch,genesis_auc:scratch_auc"
+    c.experiment.pretrain_overrides = "num_steps=1200,eval_every=200,checkpoint_every=200"
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py "
                      f"(known: diagnose, long).")

@@ -109,13 +109,14 @@ def test_bad_fields_rejected():
 
 # ---- layer formulations agree with the textbook ops -----------------------------------------
 
-@pytest.mark.parametrize("nd", [2, 3])
-def test_conv_impls_agree_with_lax(nd):
+@pytest.mark.parametrize("nd,features", [(2, 5), (3, 5), (3, 2)])
+def test_conv_impls_agree_with_lax(nd, features):
+  # 3 -> 5 unfolds the input side, 3 -> 2 the output side (layers._conv_unfold_3d).
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2,) + (6, 4, 4)[:nd] + (3,)), jnp.float32)
   outs, grads = {}, {}
   for impl in ("native", "unfold"):
-    conv = layers.Conv(5, 3, conv_impl=impl)
+    conv = layers.Conv(features, 3, conv_impl=impl)
     v = conv.init(jax.random.key(0), x)
     outs[impl] = conv.apply(v, x)
     grads[impl] = jax.grad(lambda v, x: (conv.apply(v, x) ** 2).sum(), argnums=(0, 1))(v, x)
@@ -193,6 +194,47 @@ def test_batchnorm_train_eval_and_original_mode():
   # Original: batch statistics at eval, batch_stats immutable.
   y_orig = layers.BatchNorm(always_batch_stats=True).apply(v2, x, train=False)
   np.testing.assert_allclose(y_orig, y, atol=1e-5)
+
+
+def _bn_reference(x, scale, bias, eps):
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = jnp.maximum((x * x).mean(axes) - mean * mean, 0.0)
+  return (x - mean) * lax.rsqrt(var + eps) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 2, 5), (2, 6, 4, 4, 3)])
+def test_batchnorm_custom_gradient_matches_autodiff(shape):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(1.5, 2.0, size=shape), jnp.float32)
+  c = shape[-1]
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, size=c), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=c), jnp.float32)
+  # Weights on every output, including mean and var (their cotangents must flow too).
+  wy = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  wm, wv = jnp.asarray(rng.normal(size=c), jnp.float32), jnp.asarray(rng.normal(size=c), jnp.float32)
+
+  def loss(fn):
+    def f(x, scale, bias):
+      y, mean, var = fn(x, scale, bias, 1e-5)
+      return jnp.sum(y * wy) + jnp.sum(mean * wm) + jnp.sum(var * wv)
+    return f
+  ours = jax.jit(jax.value_and_grad(loss(layers.batch_norm_train), argnums=(0, 1, 2)))(x, scale, bias)
+  ref = jax.jit(jax.value_and_grad(loss(_bn_reference), argnums=(0, 1, 2)))(x, scale, bias)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
+  for a, b in zip(ours[1], ref[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_add_gradient():
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5, 6)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=6), jnp.float32)
+  w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  ours = jax.grad(lambda x, b: jnp.sum(layers.add_channel_bias(x, b) ** 2 * w), (0, 1))(x, b)
+  ref = jax.grad(lambda x, b: jnp.sum((x + b) ** 2 * w), (0, 1))(x, b)
+  for a, r in zip(ours, ref):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
 
 
 def test_original_bn_unet_eval_needs_no_mutable_stats():

@@ -12,7 +12,8 @@ only in how XLA sees the computation:
   reshape. XLA's gradient of a strided `conv_transpose` is very slow (CPU and CUDA); the matmul's
   is not. Kernels are stored in flax `nn.ConvTranspose` layout (spatially flipped, see SPEC.md).
 * `max_pool`: 2x max pooling by reshape + max, whose gradient avoids `select_and_scatter`.
-* `BatchNorm`: float32 statistics in one fused pass; "original" mode normalises with batch
+* `BatchNorm`: float32 statistics (channel sums as matrix-vector products on CPU) and a
+  hand-written gradient (two channel sums, one fused pass); "original" mode normalises with batch
   statistics even at eval, as the released PyTorch model did, without touching running stats.
 """
 from __future__ import annotations
@@ -57,15 +58,26 @@ def _conv_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Exact 3x3x3 'SAME' conv as a 2D 3x3 conv over (y, z) on an x-unfolded input.
+  """Exact 3x3x3 'SAME' conv as one 2D 3x3 conv over (y, z), x folded into the batch.
 
-  x (N, X, Y, Z, C) is padded by one along x and its three x-shifted views are concatenated on
-  channels, index kx*C + c; then (N*X, Y, Z, 3C) is convolved with the kernel regrouped to
-  (ky, kz, kx*C + c, O). Folding x into the batch is a free reshape (x is the leading spatial axis).
+  The kernel's x taps go onto whichever channel side is narrower, so the 2D conv's matmul is as
+  wide as possible and the replicated tensor as small as possible:
+  * C_in <= C_out, input side: x (N, X, Y, Z, C) is padded by one along x and its three x-shifted
+    views are concatenated on channels (index kx*C + c); (N*X, Y, Z, 3C) is convolved with the
+    kernel regrouped to (ky, kz, kx*C + c, O).
+  * C_in > C_out, output side: (N*X, Y, Z, C) is convolved with the kernel regrouped to
+    (ky, kz, C, kx*O), giving every x tap's contribution separately; output x sums tap i of input
+    x + i - 1 (shift and add). For the decoder's 192->64 conv this is ~1.3x faster on XLA:CPU.
+  Folding x into the batch is a free reshape (x is the leading spatial axis).
   """
   n, sx, sy, sz, c = x.shape
   kx, ky, kz, _, o = kernel.shape
   r = kx // 2
+  if c > o:
+    k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(ky, kz, c, kx * o)
+    taps = _conv_native(x.reshape(n * sx, sy, sz, c), k2).reshape(n, sx, sy, sz, kx, o)
+    taps = jnp.pad(taps, ((0, 0), (r, r), (0, 0), (0, 0), (0, 0), (0, 0)))
+    return sum(taps[:, i:i + sx, :, :, i, :] for i in range(kx))
   xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0), (0, 0)))
   stacked = jnp.concatenate([xp[:, i:i + sx] for i in range(kx)], axis=-1)
   k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(ky, kz, kx * c, o)
@@ -94,7 +106,7 @@ class Conv(nn.Module):
       y = jnp.einsum("...c,co->...o", x, kernel.reshape(kernel.shape[-2:]))
     else:
       y = _conv_native(x, kernel)
-    return y + bias.astype(self.dtype)
+    return add_channel_bias(y, bias)
 
 
 def upconv_depth_to_space(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -126,7 +138,7 @@ class UpConv(nn.Module):
                         (2,) * nd + (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     y = upconv_depth_to_space(x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
+    return add_channel_bias(y, bias)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -143,6 +155,83 @@ def max_pool(x: jax.Array) -> jax.Array:
   n, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
   y = x.reshape(n, *[a for s in spatial for a in (s // 2, 2)], c)
   return y.max(axis=tuple(2 + 2 * d for d in range(nd)))
+
+
+def _channel_sums(a: jax.Array) -> jax.Array:
+  """Column sums of an (M, C) float32 array.
+
+  On CPU as a matrix-vector product: XLA:CPU splits a large reduction into reduce-window passes
+  that ran 2-3x slower than the BLAS-style dot (about 1 s of a 13 s U-Net train step).
+  """
+  if jax.default_backend() == "cpu":
+    return jnp.ones((a.shape[0],), a.dtype) @ a
+  return a.sum(0)
+
+
+@jax.custom_vjp
+def add_channel_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """x + bias over the last axis; the bias gradient is a `_channel_sums` (a dot on CPU)."""
+  return x + bias.astype(x.dtype)
+
+
+def _bias_forward(x, bias):
+  return add_channel_bias(x, bias), bias
+
+
+def _bias_backward(bias, g):
+  c = g.shape[-1]
+  return g, _channel_sums(g.reshape(-1, c).astype(jnp.float32)).astype(bias.dtype)
+
+
+add_channel_bias.defvjp(_bias_forward, _bias_backward)
+
+
+@jax.custom_vjp
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch-statistics normalisation over all axes but the last; returns (y, mean, biased var).
+
+  The statistics are float32 whatever x's dtype. The custom gradient is the textbook one, written
+  as two channel sums and one fused elementwise pass instead of what autodiff derives.
+  """
+  return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon):
+  c = x.shape[-1]
+  m = x.size // c
+  xf = x.reshape(m, c).astype(jnp.float32)
+  mean = _channel_sums(xf) / m
+  var = jnp.maximum(_channel_sums(xf * xf) / m - mean * mean, 0.0)
+  rstd = lax.rsqrt(var + epsilon)
+  mul = scale * rstd
+  add = bias - mean * mul
+  y = x * mul.astype(x.dtype) + add.astype(x.dtype)
+  return (y, mean, var), (x, scale, mean, rstd, epsilon)
+
+
+def _bn_backward(res, cotangents):
+  x, scale, mean, rstd, epsilon = res
+  gy, gmean, gvar = cotangents
+  c = x.shape[-1]
+  m = x.size // c
+  g = gy.reshape(m, c).astype(jnp.float32)
+  xf = x.reshape(m, c).astype(jnp.float32)
+  sum_g = _channel_sums(g)
+  sum_gxhat = (_channel_sums(g * xf) - mean * sum_g) * rstd
+  # dx = scale*rstd*(g - sum_g/m - xhat*sum_gxhat/m) + gmean/m + 2*gvar*(x - mean)/m, as
+  # g*a + x*b + c0 with per-channel a, b, c0.
+  a = scale * rstd
+  b = -a * rstd * sum_gxhat / m + 2.0 * gvar / m
+  c0 = -a * sum_g / m - b * mean + gmean / m
+  dx = g * a + xf * b + c0
+  # Materialise dx once: otherwise XLA fuses this pass into each consumer, e.g. three times into
+  # the x-shifted copies that the unfolded conv's gradient makes of it.
+  dx = lax.optimization_barrier(dx.reshape(x.shape).astype(x.dtype))
+  return dx, sum_gxhat, sum_g, None
+
+
+batch_norm_train.defvjp(_bn_forward, _bn_backward)
 
 
 class BatchNorm(nn.Module):
@@ -166,18 +255,16 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    x = x.astype(self.dtype)
     if train or self.always_batch_stats:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      mean = xf.mean(axes)
-      var = jnp.maximum((xf * xf).mean(axes) - mean * mean, 0.0)
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if train and not self.is_initializing():
+        mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
         count = x.size // c
         update_var = var * (count / max(count - 1, 1)) if self.unbiased_running_var else var
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * update_var
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = scale * lax.rsqrt(var + self.epsilon)
-    add = bias - mean * mul
+      return y
+    mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
+    add = bias - ra_mean.value * mul
     return x * mul.astype(self.dtype) + add.astype(self.dtype)
