@@ -1,19 +1,27 @@
 """Train-step speed of the full-width Genesis U-Net on CPU: genesis_jax vs the original PyTorch net.
 
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= \\
-    PYTHONPATH=. python bench/bench_model_cpu.py --reps 3 [--conv_impl unfold] [--no_torch]
-  PYTHONPATH=. python bench/bench_model_cpu.py --no_jax --torch_format channels_last  # torch alone
+  PYTHONPATH=. python bench/bench_model_cpu.py --rounds 3 --reps 2     # the comparison
+  PYTHONPATH=. python bench/bench_model_cpu.py --in_process --reps 3   # both in one process
+  PYTHONPATH=. python bench/bench_model_cpu.py --in_process --no_torch # genesis_jax alone
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 2 cubes of
-64x64x32 (x, y, z), 1,465 GFLOP (SPEC.md). Both run in this process, interleaved rep by rep so
-that CPU contention hits both alike; prints seconds per step (median), GFLOP/s and the ratio
-torch_time / jax_time (>= 1 means genesis_jax is at least as fast). torch is a bench-only dependency.
+64x64x32 (x, y, z), 1,465 GFLOP (SPEC.md). By default each framework runs in its own fresh
+process (warm-up, then --reps steps), alternating jax, torch, jax, torch, ... for --rounds rounds
+so that slow drifts of the machine hit both alike; sharing one process slowed genesis_jax by ~2 s
+per step after each torch step. The PyTorch baseline is given its best settings found here:
+channels_last_3d (NDHWC, ~20% faster than NCDHW on this CPU), all cores, and glibc malloc kept
+from returning memory to the OS (MALLOC_MMAP_MAX_=0 etc., ~1 s per step faster for torch, neutral
+for jax); both children get the same environment. Prints seconds per step (median over all
+steps), GFLOP/s and the ratio torch_time / jax_time (>= 1 means genesis_jax is at least as fast).
+XLA_FLAGS defaults to the CLI's (`--xla_cpu_experimental_ynn_fusion_type=`). torch is a bench-only
+dependency.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -49,19 +57,53 @@ def make_jax_step(conv_impl: str, dtype):
   return jstep, state
 
 
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(10 ** 11),
+              "MALLOC_TOP_PAD_": str(2 ** 30)}
+
+
+def isolated(args) -> None:
+  """Alternates fresh single-framework processes; aggregates their per-step times."""
+  env = {**os.environ, **MALLOC_ENV}
+  env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  common = [sys.executable, os.path.abspath(__file__), "--in_process", "--reps", str(args.reps),
+            "--conv_impl", args.conv_impl, "--dtype", args.dtype,
+            "--torch_format", args.torch_format, "--torch_threads", str(args.torch_threads)]
+  times = {"jax": [], "torch": []}
+  for r in range(args.rounds):
+    for fw, flag in (("jax", "--no_torch"), ("torch", "--no_jax")):
+      out = subprocess.run(common + [flag], env=env, capture_output=True, text=True, check=True)
+      steps = [float(line.split()[-2]) for line in out.stdout.splitlines()
+               if line.startswith("  rep:")]
+      times[fw] += steps
+      print(f"round {r}: {fw} " + ", ".join(f"{t:.2f}" for t in steps) + " s", flush=True)
+  j, t = statistics.median(times["jax"]), statistics.median(times["torch"])
+  import torch
+  print(f"jax {jax.__version__} ({args.conv_impl}, {args.dtype}): {j:.2f} s/step, "
+        f"{GFLOP_PER_STEP / j:.0f} GFLOP/s")
+  print(f"torch {torch.__version__} ({args.torch_format}): {t:.2f} s/step, "
+        f"{GFLOP_PER_STEP / t:.0f} GFLOP/s")
+  print(f"ratio torch/jax: {t / j:.2f}   (XLA_FLAGS={env['XLA_FLAGS']!r}, "
+        f"{' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())})")
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--rounds", type=int, default=3, help="jax/torch process pairs (isolated mode)")
+  ap.add_argument("--in_process", action="store_true",
+                  help="run the frameworks in this process instead of alternating subprocesses")
   ap.add_argument("--conv_impl", default="auto")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--no_torch", action="store_true")
   ap.add_argument("--no_jax", action="store_true", help="torch alone (no XLA in the process)")
-  ap.add_argument("--torch_format", default="contiguous", choices=("contiguous", "channels_last"),
+  ap.add_argument("--torch_format", default="channels_last", choices=("contiguous", "channels_last"),
                   help="torch memory format (channels_last = NDHWC, oneDNN's blocked-friendly one)")
   ap.add_argument("--torch_threads", type=int, default=0, help="0 = os.cpu_count()")
   ap.add_argument("--order", default="interleaved", choices=("interleaved", "blocked"),
                   help="alternate jax/torch rep by rep, or all jax reps then all torch reps")
   args = ap.parse_args()
+  if not args.in_process:
+    return isolated(args)
 
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(2, 64, 64, 32, 1)).astype(np.float32)
