@@ -186,13 +186,16 @@ def _font(size: int):
 def draw_chart(summary: dict) -> Image.Image:
   """One panel per task: every trial as a dot, the mean as a bar, ± one std as a whisker."""
   tasks = list(summary["tasks"].items())
-  img = Image.new("RGB", (_PANEL_W * len(tasks), _PANEL_H), "white")
+  # Wide enough for each arm's label and "mean±std" line (~95 px per arm).
+  widths = [max(_PANEL_W, _MARGIN_L + 12 + 95 * len(entry["arms"])) for _, entry in tasks]
+  starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+  img = Image.new("RGB", (int(starts[-1]), _PANEL_H), "white")
   d = ImageDraw.Draw(img)
   font, small = _font(14), _font(11)
   colour = {arm: _COLOURS[i % len(_COLOURS)] for i, arm in enumerate(summary["arms"])}
   for p, (task, entry) in enumerate(tasks):
     s = entry["scale"]
-    x0, x1 = p * _PANEL_W + _MARGIN_L, (p + 1) * _PANEL_W - 12
+    x0, x1 = int(starts[p]) + _MARGIN_L, int(starts[p + 1]) - 12
     y0, y1 = _MARGIN_T, _PANEL_H - _MARGIN_B
     lo = min(min(a["min"], a["mean"] - a["std"]) for a in entry["arms"].values()) * s
     hi = max(max(a["max"], a["mean"] + a["std"]) for a in entry["arms"].values()) * s
