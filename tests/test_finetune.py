@@ -192,6 +192,15 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
   init = jax.device_get(jax.jit(lambda k: model.init(k, x, train=False))(key))
   for k, v in _flat(init["params"]["encoder"]).items():
     np.testing.assert_array_equal(_flat(best["params"]["encoder"])[k], v, err_msg=k)
+  # Resuming a trial with another monitor is refused before anything is overwritten.
+  import copy
+  other = copy.deepcopy(c)
+  other.num_steps, other.eval_every, other.checkpoint_every = 4, 2, 2
+  other.finetune.freeze_encoder = True
+  before = (probe / "config.json").read_text()
+  with pytest.raises(ValueError, match="selected its best checkpoint by 'auc'"):
+    finetune.train(other, probe)
+  assert (probe / "config.json").read_text() == before
   # A rerun reuses finished trials (no training) ...
   monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trial was rerun"))
   again = trials.run(exp, tmp_path)

@@ -32,8 +32,21 @@ def log(msg: str) -> None:
 
 
 def save_config(config, workdir: pathlib.Path) -> None:
+  """Writes <workdir>/config.json (the latest invocation's config).
+
+  Resuming a run with a different `train.monitor` is refused here, before anything is
+  overwritten: its best checkpoint and early-stopping state follow the old monitor.
+  """
+  old_file = workdir / "config.json"
+  if old_file.exists() and any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
+    old = json.loads(old_file.read_text()).get("train", {}).get("monitor", "val_loss")
+    new = str(config.train.get("monitor", "val_loss"))
+    if old != new:
+      raise ValueError(
+          f"config.train.monitor={new!r} but the run in {workdir} selected its best checkpoint "
+          f"by {old!r}; use a new workdir or the same monitor.")
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    old_file.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def count_params(params) -> int:
