@@ -70,8 +70,19 @@ def test_local_dry_run_splits_gpus_and_keeps_bucket_logs_local():
 
 def test_local_run_stops_everyone_when_one_process_fails(tmp_path):
   fake = tmp_path / "python"  # Stands in for the interpreter: reports its wiring, process 1 fails.
-  fake.write_text('#!/usr/bin/env bash\necho "id=$GENESIS_PROCESS_ID n=$GENESIS_NUM_PROCESSES $*"\n'
-                  '[[ "$GENESIS_PROCESS_ID" == 1 ]] && exit 7\nexec sleep 60\n')
+  # Process 1 fails only once the others have logged their wiring (no race under load); its
+  # arguments are "-m genesis_jax.main --workdir DIR", so $4 is the workdir.
+  fake.write_text(
+      '#!/usr/bin/env bash\necho "id=$GENESIS_PROCESS_ID n=$GENESIS_NUM_PROCESSES $*"\n'
+      'if [[ "$GENESIS_PROCESS_ID" == 1 ]]; then\n'
+      '  for _ in $(seq 300); do\n'
+      '    grep -q id= "$4/launch_logs/process_0.log" 2>/dev/null &&\n'
+      '      grep -q id= "$4/launch_logs/process_2.log" 2>/dev/null && break\n'
+      '    sleep 0.1\n'
+      '  done\n'
+      '  exit 7\n'
+      'fi\n'
+      'exec sleep 60\n')
   fake.chmod(0o755)
   proc = _run("local.sh", "-n", "3", "--", "--workdir", str(tmp_path / "run"),
               env={"PYTHON": str(fake)}, check=False)
