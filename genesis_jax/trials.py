@@ -104,16 +104,6 @@ def parse_tasks(text: str) -> list[tuple[str, list[tuple[str, object]]]]:
   return tasks
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
   """A finished trial is reused only if it ran with the config this experiment asks for.
 
@@ -123,9 +113,11 @@ def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
   saved_file = run_dir / "config.json"
   if not saved_file.exists():
     return
-  saved = _flatten(json.loads(saved_file.read_text()))
-  wanted = _flatten(json.loads(tcfg.to_json_best_effort()))
-  default = _flatten(json.loads(base.to_json_best_effort()))
+  from flax import traverse_util
+  flat = lambda text: traverse_util.flatten_dict(json.loads(text), sep=".")
+  saved = flat(saved_file.read_text())
+  wanted = flat(tcfg.to_json_best_effort())
+  default = flat(base.to_json_best_effort())
   diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)
                 and not (k not in saved and wanted.get(k) == default.get(k)))
   if diff:

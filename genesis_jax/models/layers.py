@@ -225,10 +225,7 @@ def _bn_backward(res, cotangents):
   b = -a * rstd * sum_gxhat / m + 2.0 * gvar / m
   c0 = -a * sum_g / m - b * mean + gmean / m
   dx = g * a + xf * b + c0
-  # Materialise dx once: otherwise XLA fuses this pass into each consumer, e.g. three times into
-  # the x-shifted copies that the unfolded conv's gradient makes of it.
-  dx = lax.optimization_barrier(dx.reshape(x.shape).astype(x.dtype))
-  return dx, sum_gxhat, sum_g, None
+  return dx.reshape(x.shape).astype(x.dtype), sum_gxhat, sum_g, None
 
 
 batch_norm_train.defvjp(_bn_forward, _bn_backward)

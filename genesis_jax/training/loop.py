@@ -39,14 +39,18 @@ def save_config(config, workdir: pathlib.Path) -> None:
   """
   old_file = workdir / "config.json"
   if old_file.exists() and any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
-    old = json.loads(old_file.read_text()).get("train", {}).get("monitor", "val_loss")
-    new = str(config.train.get("monitor", "val_loss"))
-    if old != new:
-      raise ValueError(
-          f"config.train.monitor={new!r} but the run in {workdir} selected its best checkpoint "
-          f"by {old!r}; use a new workdir or the same monitor.")
+    check_same_monitor(workdir, json.loads(old_file.read_text()).get("train", {}).get(
+        "monitor", "val_loss"), str(config.train.get("monitor", "val_loss")))
   if jax.process_index() == 0:
     old_file.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def check_same_monitor(workdir: pathlib.Path, run_monitor: str, monitor: str) -> None:
+  """A run's best checkpoint and early stopping follow one monitor; resuming cannot switch it."""
+  if run_monitor != monitor:
+    raise ValueError(
+        f"config.train.monitor={monitor!r} but the run in {workdir} selected its best checkpoint "
+        f"by {run_monitor!r}; use a new workdir or the same monitor.")
 
 
 def count_params(params) -> int:
@@ -197,10 +201,7 @@ def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter,
     state, restored_meta = ckpts.restore(abstract, data_iter)
     restored_meta.setdefault("monitor", "val_loss")  # Checkpoints written before `monitor`.
     restored_meta.setdefault("best_value", restored_meta.get("best_val_loss", math.inf))
-    if restored_meta["monitor"] != monitor:
-      raise ValueError(
-          f"config.train.monitor={monitor!r} but the run in {workdir} selected its best "
-          f"checkpoint by {restored_meta['monitor']!r}; use a new workdir or the same monitor.")
+    check_same_monitor(workdir, restored_meta["monitor"], monitor)
     meta.update(restored_meta)
     log(f"resumed from {ckpts.describe_latest()} (step {int(state.step)})")
     if meta.get("stopped_early"):
