@@ -1,0 +1,313 @@
+"""GPU train-step throughput of the full-width Genesis U-Net: genesis_jax vs the original PyTorch net.
+
+  python bench/bench_model_gpu.py                       # all batches and dtypes, one invocation
+  python bench/bench_model_gpu.py --batches 32 --steps 20 --out /tmp/gpu.jsonl
+  python bench/bench_model_gpu.py --width 4 --cube 16 16 8 --batches 2 --steps 2   # smoke (CPU)
+
+One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 64x64x32 cubes,
+732.5 GFLOP per cube (SPEC.md: 1,465 GFLOP per batch-2 step). Each framework runs in its own
+child process (JAX preallocates GPU memory), genesis_jax first, then PyTorch, over the same list of
+(dtype, batch) configurations in priority order; a child skips what its share of --budget_s
+leaves no time for. float32 is each framework's default precision (both allow TF32 in
+convolutions on NVIDIA GPUs: XLA's default precision, torch.backends.cudnn.allow_tf32=True);
+bfloat16 is bf16 compute with float32 parameters (genesis_jax `dtype=bfloat16`, torch autocast).
+PyTorch gets cudnn.benchmark and the faster of NCDHW and channels_last_3d per configuration.
+The genesis_jax child also measures the card's matrix-product ceilings and the corruption
+pipeline (batch 32, first) so its share of a train step can be given.
+
+Prints images/s, achieved TFLOP/s, MFU against the datasheet dense peak (--peak_bf16/--peak_tf32,
+H100/H200 SXM by default) and against the measured bf16 matmul rate, and the ratio
+genesis_jax / PyTorch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+GFLOP_PER_CUBE = 1465.0 / 2  # at 64x64x32, full width; scaled for other sizes/widths in main()
+
+
+def _emit(rec: dict, out: str | None) -> None:
+  line = json.dumps(rec)
+  print("RESULT " + line, flush=True)
+  if out:
+    with open(out, "a") as f:
+      f.write(line + "\n")
+
+
+def _time_steps(step_fn, sync, steps: int, repeats: int = 3) -> float:
+  """Median over `repeats` of the mean time per step of `steps` back-to-back steps."""
+  times = []
+  for _ in range(repeats):
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+      step_fn()
+    sync()
+    times.append((time.perf_counter() - t) / steps)
+  return statistics.median(times)
+
+
+def jax_child(args) -> None:
+  sys.path.insert(0, ROOT)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from genesis_jax import corruptions
+  from genesis_jax.models import unet
+
+  deadline = time.time() + args.child_budget_s
+  dev = jax.devices()[0]
+  print(f"jax {jax.__version__} on {dev.device_kind} ({dev.platform}), "
+        f"default_matmul_precision={jax.config.jax_default_matmul_precision}", flush=True)
+
+  # Matrix-product ceilings (random operands, median of timed repeats).
+  n = args.matmul_n
+  for name, dt in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
+    a = jax.random.normal(jax.random.key(1), (n, n), dt)
+    b = jax.random.normal(jax.random.key(2), (n, n), dt)
+    mm = jax.jit(lambda a, b: a @ b)
+    res = {"c": mm(a, b)}
+
+    def one_mm(mm=mm, a=a, b=b):
+      res["c"] = mm(a, b)
+
+    t = _time_steps(one_mm, lambda: jax.block_until_ready(res["c"]), steps=10)
+    _emit({"framework": "jax", "what": "matmul", "dtype": name, "n": n,
+           "tflops": 2 * n ** 3 / t / 1e12}, args.out)
+
+  rng = np.random.default_rng(0)
+  # Corruption pipeline at the original's rates, batch 32, on this device.
+  if args.corruption:
+    params = corruptions.CorruptionParams()
+    cb = jax.jit(lambda k, x: corruptions.corrupt_batch(k, x, params))
+    x = jnp.asarray(rng.uniform(size=(32, *args.cube, 1)).astype(np.float32))
+    keys = [jax.random.key(i) for i in range(64)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(cb(keys[0], x))
+    compile_s = time.perf_counter() - t0
+    it = iter(range(10 ** 9))
+    out = {}
+
+    def one_c():
+      out["y"] = cb(keys[next(it) % 64], x)
+
+    t = _time_steps(one_c, lambda: jax.block_until_ready(out.get("y")), 20)
+    _emit({"framework": "jax", "what": "corruption", "batch": 32, "s_per_batch": t,
+           "cubes_per_s": 32 / t, "compile_s": compile_s}, args.out)
+
+  def run(dtype_name: str, batch: int) -> dict:
+    dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+    model = unet.UNet(width=args.width, dtype=dtype)
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    def loss_fn(params, batch_stats, x, y):
+      logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                mutable=["batch_stats"])
+      p = jax.nn.sigmoid(logits.astype(jnp.float32))
+      return jnp.mean((p - y) ** 2), upd["batch_stats"]
+
+    def step(params, batch_stats, opt_state, x, y):
+      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, batch_stats, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    shape = (batch, *args.cube, 1)
+    x = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
+    y = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
+    v = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
+    jstep = jax.jit(step, donate_argnums=(0, 1, 2))
+    holder = {"state": [v["params"], v["batch_stats"], tx.init(v["params"])]}
+    del v
+
+    def one():
+      *holder["state"], holder["loss"] = jstep(*holder["state"], x, y)
+
+    t0 = time.perf_counter()
+    one()
+    holder["loss"].block_until_ready()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+      one()
+    t = _time_steps(one, lambda: holder["loss"].block_until_ready(), args.steps)
+    rec = {"s_per_step": t, "images_per_s": batch / t, "compile_s": compile_s,
+           "loss": float(holder["loss"])}
+    if not np.isfinite(rec["loss"]):
+      rec["error"] = "non-finite loss"
+    return rec
+
+  for dtype_name, batch in args.configs:
+    if time.time() > deadline - args.min_left_s:
+      print(f"jax: skipping {dtype_name} batch {batch} (budget)", flush=True)
+      continue
+    rec = {"framework": "jax", "what": "train_step", "dtype": dtype_name, "batch": batch}
+    try:
+      rec.update(run(dtype_name, batch))
+    except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
+      rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    _emit(rec, args.out)
+
+
+def torch_child(args) -> None:
+  sys.path.insert(0, ROOT)
+  import numpy as np
+  import torch
+  from bench.torch_unet3d import UNet3D
+
+  deadline = time.time() + args.child_budget_s
+  cuda = torch.cuda.is_available()
+  device = "cuda" if cuda else "cpu"
+  torch.backends.cudnn.benchmark = True
+  name = torch.cuda.get_device_name() if cuda else "cpu"
+  print(f"torch {torch.__version__} on {name}, cudnn {torch.backends.cudnn.version()}, "
+        f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+        f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}", flush=True)
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  rng = np.random.default_rng(0)
+  def run(dtype_name: str, batch: int, fmt_name: str) -> dict:
+    fmt = torch.channels_last_3d if fmt_name == "channels_last" else torch.contiguous_format
+    model = UNet3D(width=args.width).to(device).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    shape = (batch, 1, *args.cube)
+    x = torch.from_numpy(rng.uniform(size=shape).astype(np.float32)).to(device)
+    y = torch.from_numpy(rng.uniform(size=shape).astype(np.float32)).to(device)
+    x, y = x.to(memory_format=fmt), y.to(memory_format=fmt)
+    holder = {}
+
+    def one():
+      opt.zero_grad(set_to_none=True)
+      with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
+        logits = model(x)
+      loss = torch.mean((torch.sigmoid(logits.float()) - y) ** 2)
+      loss.backward()
+      opt.step()
+      holder["loss"] = loss
+
+    t0 = time.perf_counter()
+    one()
+    sync()
+    compile_s = time.perf_counter() - t0  # mostly cudnn.benchmark's algorithm search
+    for _ in range(2):
+      one()
+    t = _time_steps(one, sync, args.steps)
+    return {"s_per_step": t, "images_per_s": batch / t, "compile_s": compile_s,
+            "loss": float(holder["loss"].detach())}
+
+  for dtype_name, batch in args.configs:
+    for fmt_name in ("channels_last", "contiguous"):
+      if time.time() > deadline - args.min_left_s / 2:
+        print(f"torch: skipping {dtype_name} batch {batch} {fmt_name} (budget)", flush=True)
+        continue
+      rec = {"framework": "torch", "what": "train_step", "dtype": dtype_name, "batch": batch,
+             "format": fmt_name}
+      try:
+        rec.update(run(dtype_name, batch, fmt_name))
+      except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
+        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      if cuda:
+        torch.cuda.empty_cache()
+      _emit(rec, args.out)
+
+
+def summarize(records: list[dict], args, gflop_per_cube: float) -> None:
+  mm = {r["dtype"]: r["tflops"] for r in records if r.get("what") == "matmul"}
+  steps = [r for r in records if r.get("what") == "train_step" and "error" not in r]
+  print("\nmatmul ceiling (jax, random operands): " +
+        ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in mm.items()))
+  print(f"model: width {args.width}, cube {'x'.join(map(str, args.cube))}, "
+        f"{gflop_per_cube:.1f} GFLOP per cube per train step")
+  hdr = ("dtype", "batch", "jax img/s", "torch img/s (fmt)", "ratio", "jax TFLOP/s", "MFU",
+         "of jax matmul", "torch MFU")
+  print("| " + " | ".join(hdr) + " |")
+  print("|" + "---|" * len(hdr))
+  for dtype_name, batch in args.configs:
+    j = [r for r in steps if r["framework"] == "jax" and r["dtype"] == dtype_name
+         and r["batch"] == batch]
+    t = [r for r in steps if r["framework"] == "torch" and r["dtype"] == dtype_name
+         and r["batch"] == batch]
+    if not j and not t:
+      continue
+    peak = args.peak_bf16 if dtype_name == "bfloat16" else args.peak_tf32
+    meas = mm.get(dtype_name, float("nan"))
+    ji = j[0]["images_per_s"] if j else float("nan")
+    best = max(t, key=lambda r: r["images_per_s"]) if t else None
+    ti = best["images_per_s"] if best else float("nan")
+    jt = ji * gflop_per_cube / 1e3
+    tt = ti * gflop_per_cube / 1e3
+    print(f"| {dtype_name} | {batch} | {ji:.1f} | {ti:.1f} ({best['format'] if best else '-'}) "
+          f"| {ji / ti:.2f} | {jt:.0f} | {100 * jt / peak:.1f}% | {100 * jt / meas:.1f}% "
+          f"| {100 * tt / peak:.1f}% |")
+  for r in records:
+    if r.get("what") == "corruption":
+      share = ""
+      j = [s for s in steps if s["framework"] == "jax" and s["batch"] == 32]
+      for s in j:
+        share += (f"; {100 * r['s_per_batch'] / (r['s_per_batch'] + s['s_per_step']):.1f}% of a "
+                  f"{s['dtype']} batch-32 step + corruption")
+      print(f"corruption (batch 32): {r['cubes_per_s']:.0f} cubes/s{share}")
+  for r in records:
+    if "error" in r:
+      print(f"error: {r}")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--child", choices=("jax", "torch"))
+  ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 16])
+  ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+  ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat (3 repeats)")
+  ap.add_argument("--width", type=int, default=32)
+  ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
+  ap.add_argument("--budget_s", type=float, default=480.0, help="for both children together")
+  ap.add_argument("--child_budget_s", type=float, default=240.0)
+  ap.add_argument("--min_left_s", type=float, default=40.0,
+                  help="a child starts a configuration only with this much of its budget left")
+  ap.add_argument("--matmul_n", type=int, default=8192)
+  ap.add_argument("--peak_bf16", type=float, default=989.4, help="dense bf16 TFLOP/s (datasheet)")
+  ap.add_argument("--peak_tf32", type=float, default=494.7, help="dense TF32 TFLOP/s (datasheet)")
+  ap.add_argument("--no_corruption", dest="corruption", action="store_false",
+                  help="skip the corruption-pipeline timing")
+  ap.add_argument("--out", default=None, help="append JSON records here")
+  args = ap.parse_args()
+  args.configs = [(d, b) for b in args.batches for d in args.dtypes]
+  gflop_per_cube = (GFLOP_PER_CUBE * (args.width / 32) ** 2
+                    * (args.cube[0] * args.cube[1] * args.cube[2]) / (64 * 64 * 32))
+  if args.child == "jax":
+    return jax_child(args)
+  if args.child == "torch":
+    return torch_child(args)
+
+  records = []
+  start = time.time()
+  for child, share in (("jax", 0.5), ("torch", 1.0)):
+    left = args.budget_s - (time.time() - start)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", child,
+           "--child_budget_s", str(max(left * share, 1.0)), "--steps", str(args.steps),
+           "--width", str(args.width), "--cube", *map(str, args.cube),
+           "--min_left_s", str(args.min_left_s), "--matmul_n", str(args.matmul_n),
+           "--batches", *map(str, args.batches), "--dtypes", *args.dtypes]
+    if not args.corruption:
+      cmd.append("--no_corruption")
+    if args.out:
+      cmd += ["--out", args.out]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+      if line.startswith("RESULT "):
+        records.append(json.loads(line[len("RESULT "):]))
+      print(f"[{child}] {line}", end="", flush=True)
+    proc.wait()
+    if proc.returncode:
+      print(f"[{child}] exited with {proc.returncode}", flush=True)
+  summarize(records, args, gflop_per_cube)
+
+
+if __name__ == "__main__":
+  main()
