@@ -131,6 +131,26 @@ def test_conv_impls_agree_with_lax(nd, features):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_x_shift_pair_is_adjoint_and_materialize_is_exact():
+  # _stack_x_shifts / _sum_x_shifts carry hand-written gradients (each other): they must be
+  # transposes, <stack(a, s), t> == <a, sum(t, -s)>; the conv tests check them end to end.
+  rng = np.random.default_rng(3)
+  a = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(2, 5, 3, 3, 4)), jnp.float32)
+  for sign in (1, -1):
+    s = layers._stack_x_shifts(a, 3, sign)
+    # <stack(a), t> == <a, sum(t, -sign)>
+    np.testing.assert_allclose(jnp.vdot(s, t), jnp.vdot(a, layers._sum_x_shifts(t, -sign)),
+                               rtol=1e-5)
+    ref = jnp.stack([jnp.roll(a, -sign * (i - 1), axis=1) for i in range(3)], axis=-2)
+    edge = np.ones(s.shape, bool)
+    edge[:, 0, :, 2 if sign == -1 else 0] = edge[:, -1, :, 0 if sign == -1 else 2] = False
+    np.testing.assert_array_equal(np.asarray(s)[edge], np.asarray(ref)[edge])
+    np.testing.assert_array_equal(np.asarray(s)[~edge], 0.0)
+  big = jnp.asarray(rng.normal(size=(7, 64)) * 10.0 ** rng.integers(-30, 30, (7, 64)), jnp.float32)
+  np.testing.assert_array_equal(jax.jit(layers._materialize)(big), big)
+
+
 @pytest.mark.parametrize("nd", [2, 3])
 def test_upconv_matches_conv_transpose_and_gradient(nd):
   rng = np.random.default_rng(1)

@@ -18,6 +18,7 @@ only in how XLA sees the computation:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -62,8 +63,8 @@ def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   The kernel's x taps go onto whichever channel side is narrower, so the 2D conv's matmul is as
   wide as possible and the replicated tensor as small as possible:
-  * C_in <= C_out, input side: x (N, X, Y, Z, C) is padded by one along x and its three x-shifted
-    views are concatenated on channels (index kx*C + c); (N*X, Y, Z, 3C) is convolved with the
+  * C_in <= C_out, input side: the three x-shifted copies of x (N, X, Y, Z, C), zero at the
+    border, are stacked on channels (index kx*C + c); (N*X, Y, Z, 3C) is convolved with the
     kernel regrouped to (ky, kz, kx*C + c, O).
   * C_in > C_out, output side: (N*X, Y, Z, C) is convolved with the kernel regrouped to
     (ky, kz, C, kx*O), giving every x tap's contribution separately; output x sums tap i of input
@@ -72,17 +73,79 @@ def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """
   n, sx, sy, sz, c = x.shape
   kx, ky, kz, _, o = kernel.shape
-  r = kx // 2
   if c > o:
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(ky, kz, c, kx * o)
     taps = _conv_native(x.reshape(n * sx, sy, sz, c), k2).reshape(n, sx, sy, sz, kx, o)
-    taps = jnp.pad(taps, ((0, 0), (r, r), (0, 0), (0, 0), (0, 0), (0, 0)))
-    return sum(taps[:, i:i + sx, :, :, i, :] for i in range(kx))
-  xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0), (0, 0)))
-  stacked = jnp.concatenate([xp[:, i:i + sx] for i in range(kx)], axis=-1)
+    return _sum_x_shifts(taps, 1)
+  stacked = _stack_x_shifts(x, kx, 1)  # [..., i, c] = x[:, x + i - kx // 2]
   k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(ky, kz, kx * c, o)
   y = _conv_native(stacked.reshape(n * sx, sy, sz, kx * c), k2)
   return y.reshape(n, sx, sy, sz, o)
+
+
+def _shift_x(a: jax.Array, s: int) -> jax.Array:
+  """b[:, x] = a[:, x + s] along axis 1, zero where x + s falls outside."""
+  if s == 0:
+    return a
+  sx = a.shape[1]
+  zeros = jnp.zeros(a.shape[:1] + (abs(s),) + a.shape[2:], a.dtype)
+  if s > 0:
+    return jnp.concatenate([a[:, s:], zeros], axis=1)
+  return jnp.concatenate([zeros, a[:, :sx + s]], axis=1)
+
+
+# The x-shift steps of the unfold convs, as an adjoint pair with hand-written gradients. Autodiff
+# of pad-slice-concatenate (or slice-add) gives one full-size padded tensor per tap plus their
+# sum, and XLA:CPU re-evaluated the upstream BN/ReLU gradient chain inside each of them (~0.8 s
+# of the U-Net step); these gradients are one fusion that reads the cotangent kx times.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _stack_x_shifts(a: jax.Array, kx: int, sign: int) -> jax.Array:
+  """t[..., i, :] = shift(a, sign * (i - kx // 2)): (n, X, ..., C) -> (n, X, ..., kx, C)."""
+  a = _materialize(a)
+  return jnp.stack([_shift_x(a, sign * (i - kx // 2)) for i in range(kx)], axis=-2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sum_x_shifts(t: jax.Array, sign: int) -> jax.Array:
+  """sum_i shift(t[..., i, :], sign * (i - kx // 2)): (n, X, ..., kx, C) -> (n, X, ..., C)."""
+  kx = t.shape[-2]
+  return sum(_shift_x(t[..., i, :], sign * (i - kx // 2)) for i in range(kx))
+
+
+def _stack_fwd(a, kx, sign):
+  return _stack_x_shifts(a, kx, sign), None
+
+
+def _stack_bwd(kx, sign, _, g):
+  return (_sum_x_shifts(g, -sign),)
+
+
+def _sum_fwd(t, sign):
+  return _sum_x_shifts(t, sign), t.shape[-2]
+
+
+def _sum_bwd(sign, kx, g):
+  return (_stack_x_shifts(g, kx, -sign),)
+
+
+def _materialize(a: jax.Array) -> jax.Array:
+  """a, computed once into memory before several reads of it (XLA:CPU only; identity elsewhere).
+
+  XLA:CPU fuses a cheap elementwise producer into every consumer that reads it, so a BN/ReLU
+  chain (or its gradient) read by the kx shifted copies is re-evaluated each time (and it drops
+  `optimization_barrier`). A product with the identity matrix is a dot, which it never fuses:
+  exact for finite values (x*1 + 0s), ~2 GFLOP for the largest layer.
+  """
+  if jax.default_backend() != "cpu":
+    return a
+  c = a.shape[-1]
+  return (a.reshape(-1, c) @ jnp.eye(c, dtype=a.dtype)).reshape(a.shape)
+
+
+_stack_x_shifts.defvjp(_stack_fwd, _stack_bwd)
+_sum_x_shifts.defvjp(_sum_fwd, _sum_bwd)
 
 
 class Conv(nn.Module):
