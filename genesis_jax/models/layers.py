@@ -104,7 +104,8 @@ def _shift_x(a: jax.Array, s: int) -> jax.Array:
 def _stack_x_shifts(a: jax.Array, kx: int, sign: int) -> jax.Array:
   """t[..., i, :] = shift(a, sign * (i - kx // 2)): (n, X, ..., C) -> (n, X, ..., kx, C)."""
   a = _materialize(a)
-  return jnp.stack([_shift_x(a, sign * (i - kx // 2)) for i in range(kx)], axis=-2)
+  t = jnp.concatenate([_shift_x(a, sign * (i - kx // 2)) for i in range(kx)], axis=-1)
+  return t.reshape(*a.shape[:-1], kx, a.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
