@@ -2,6 +2,7 @@
 
   python bench/bench_model_gpu.py                       # all batches and dtypes, one invocation
   python bench/bench_model_gpu.py --batches 32 --steps 20 --out /tmp/gpu.jsonl
+  python bench/bench_model_gpu.py --batches 32 --profile /tmp/prof   # + where the time goes
   python bench/bench_model_gpu.py --width 4 --cube 16 16 8 --batches 2 --steps 2   # smoke (CPU)
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 64x64x32 cubes,
@@ -52,6 +53,46 @@ def _time_steps(step_fn, sync, steps: int, repeats: int = 3) -> float:
     sync()
     times.append((time.perf_counter() - t) / steps)
   return statistics.median(times)
+
+
+def _profile(step_fn, sync, logdir: str, hlo_text: str, steps: int = 3, top: int = 25) -> list:
+  """Traces `steps` steps with jax.profiler; returns the ops that took longest, per step.
+
+  Sums the trace's complete events by name (on a GPU: the device kernels and XLA ops), skipping
+  the host-side wrappers, and names each by the jax op it came from (from the compiled HLO,
+  also written to <logdir>/step.hlo); prints them so one device call gives the breakdown.
+  """
+  import collections
+  import glob
+  import gzip
+  import re
+  import jax
+  os.makedirs(logdir, exist_ok=True)
+  with open(os.path.join(logdir, "step.hlo"), "w") as f:
+    f.write(hlo_text)
+  origin = dict(re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo_text))
+  sync()
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for _ in range(steps):
+      step_fn()
+    sync()
+  files = glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True)
+  if not files:
+    return []
+  events = json.load(gzip.open(files[0]))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or e["name"].startswith(("$", "ThunkExecutor", "PjitFunction")):
+      continue
+    total[(pids.get(e.get("pid"), "?")[:24], e["name"][:90])] += e.get("dur", 0)
+  rows = [(round(us / 1e3 / steps, 3), where, name, origin.get(name, "")[-80:])
+          for (where, name), us in total.most_common(top)]
+  for ms, where, name, op in rows:
+    print(f"  profile {ms:9.3f} ms/step  {where:24s} {name[:40]:40s} {op}", flush=True)
+  return rows
 
 
 def jax_child(args) -> None:
@@ -140,6 +181,10 @@ def jax_child(args) -> None:
     t = _time_steps(one, lambda: holder["loss"].block_until_ready(), args.steps)
     rec = {"s_per_step": t, "images_per_s": batch / t, "compile_s": compile_s,
            "loss": float(holder["loss"])}
+    if args.profile:
+      hlo = jstep.lower(*holder["state"], x, y).compile().as_text()
+      rec["profile_top_ms_per_step"] = _profile(one, lambda: holder["loss"].block_until_ready(),
+                                                f"{args.profile}/{dtype_name}_b{batch}", hlo)
     if not np.isfinite(rec["loss"]):
       rec["error"] = "non-finite loss"
     return rec
@@ -275,6 +320,9 @@ def main():
   ap.add_argument("--peak_tf32", type=float, default=494.7, help="dense TF32 TFLOP/s (datasheet)")
   ap.add_argument("--no_corruption", dest="corruption", action="store_false",
                   help="skip the corruption-pipeline timing")
+  ap.add_argument("--profile", default="",
+                  help="trace 3 steps of each genesis_jax configuration into this folder and "
+                       "print the longest ops")
   ap.add_argument("--out", default=None, help="append JSON records here")
   args = ap.parse_args()
   args.configs = [(d, b) for b in args.batches for d in args.dtypes]
@@ -296,6 +344,8 @@ def main():
            "--batches", *map(str, args.batches), "--dtypes", *args.dtypes]
     if not args.corruption:
       cmd.append("--no_corruption")
+    if args.profile and child == "jax":
+      cmd += ["--profile", args.profile]
     if args.out:
       cmd += ["--out", args.out]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
