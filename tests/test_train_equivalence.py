@@ -6,12 +6,18 @@ import numpy as np
 from conftest import TINY_OVERRIDES, run_cli
 
 
-def _final_params(workdir):
+def _final_params(workdir, step=None):
   import os
   from genesis_jax.training import transfer
   # A relative path on purpose: users pass relative workdirs (Orbax itself needs absolute ones).
-  variables, _ = transfer.load_pretrained(os.path.relpath(workdir), which="latest")
+  variables, _ = transfer.load_pretrained(os.path.relpath(workdir), which="latest", step=step)
   return variables
+
+
+def _losses(workdir):
+  import json
+  rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def _args(workdir, dataset, steps, *extra):
@@ -37,10 +43,16 @@ def test_eight_fake_devices_match_one_device(tmp_path, tiny_dataset):
                  env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
                                          "--xla_cpu_experimental_ynn_fusion_type="})
   assert "mesh data=8" in proc.stdout
-  log = (tmp_path / "eight" / "metrics.jsonl").read_text()
-  assert log
-  one, eight = _final_params(tmp_path / "one"), _final_params(tmp_path / "eight")
-  _assert_close(one, eight, atol=1e-5)
+  # Sharded reductions sum in another order, so the runs agree to float rounding, which training
+  # then amplifies (max-pool ties and ReLU signs on these tiny cubes: ~1e-7 after 2 steps, up to
+  # ~2e-4 in a BN running mean after 6). So: strict after 2 steps, losses to 1e-4 over all 6.
+  _assert_close(_final_params(tmp_path / "one", step=2), _final_params(tmp_path / "eight", step=2),
+                atol=1e-5)
+  one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+  assert sorted(one) == sorted(eight) == [2, 4, 6]
+  np.testing.assert_allclose([eight[k] for k in sorted(one)], [one[k] for k in sorted(one)],
+                             rtol=1e-4)
+  _assert_close(_final_params(tmp_path / "one"), _final_params(tmp_path / "eight"), atol=1e-3)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_dataset):
