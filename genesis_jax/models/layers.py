@@ -131,22 +131,22 @@ def _sum_bwd(sign, kx, g):
   return (_stack_x_shifts(g, kx, -sign),)
 
 
+_stack_x_shifts.defvjp(_stack_fwd, _stack_bwd)
+_sum_x_shifts.defvjp(_sum_fwd, _sum_bwd)
+
+
 def _materialize(a: jax.Array) -> jax.Array:
   """a, computed once into memory before several reads of it (XLA:CPU only; identity elsewhere).
 
   XLA:CPU fuses a cheap elementwise producer into every consumer that reads it, so a BN/ReLU
   chain (or its gradient) read by the kx shifted copies is re-evaluated each time (and it drops
   `optimization_barrier`). A product with the identity matrix is a dot, which it never fuses:
-  exact for finite values (x*1 + 0s), ~2 GFLOP for the largest layer.
+  exact for finite values (x*1 plus zeros), ~2 GFLOP for the largest layer.
   """
   if jax.default_backend() != "cpu":
     return a
   c = a.shape[-1]
   return (a.reshape(-1, c) @ jnp.eye(c, dtype=a.dtype)).reshape(a.shape)
-
-
-_stack_x_shifts.defvjp(_stack_fwd, _stack_bwd)
-_sum_x_shifts.defvjp(_sum_fwd, _sum_bwd)
 
 
 class Conv(nn.Module):
