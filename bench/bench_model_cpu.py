@@ -31,19 +31,25 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from genesis_jax.main import _CPU_XLA_FLAGS  # noqa: E402
 from genesis_jax.models import unet  # noqa: E402
+
+# As the CLI does, in every mode (read when the XLA backend starts, after these imports).
+os.environ.setdefault("XLA_FLAGS", _CPU_XLA_FLAGS)
 
 GFLOP_PER_STEP = 1465.0
 
 
-def make_jax_step(conv_impl: str, dtype):
-  model = unet.UNet(conv_impl=conv_impl, dtype=dtype)
+def make_jax_step(conv_impl: str, dtype, width: int = 32):
+  """(jitted train step, [params, batch_stats, opt_state]); also used by bench_model_gpu.py."""
+  model = unet.UNet(width=width, conv_impl=conv_impl, dtype=dtype)
   tx = optax.sgd(0.1, momentum=0.9)
 
   def loss_fn(params, batch_stats, x, y):
     logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                               mutable=["batch_stats"])
-    return jnp.mean((jax.nn.sigmoid(logits) - y) ** 2), upd["batch_stats"]
+    p = jax.nn.sigmoid(logits.astype(jnp.float32))
+    return jnp.mean((p - y) ** 2), upd["batch_stats"]
 
   def step(params, batch_stats, opt_state, x, y):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
@@ -64,7 +70,6 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(10 ** 11),
 def isolated(args) -> None:
   """Alternates fresh single-framework processes; aggregates their per-step times."""
   env = {**os.environ, **MALLOC_ENV}
-  env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
   common = [sys.executable, os.path.abspath(__file__), "--in_process", "--reps", str(args.reps),
             "--conv_impl", args.conv_impl, "--dtype", args.dtype,
             "--torch_format", args.torch_format, "--torch_threads", str(args.torch_threads)]
