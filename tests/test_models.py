@@ -109,11 +109,13 @@ def test_bad_fields_rejected():
 
 # ---- layer formulations agree with the textbook ops -----------------------------------------
 
-@pytest.mark.parametrize("nd,features", [(2, 5), (3, 5), (3, 2)])
-def test_conv_impls_agree_with_lax(nd, features):
-  # 3 -> 5 unfolds the input side, 3 -> 2 the output side (layers._conv_unfold_3d).
+@pytest.mark.parametrize("nd,features,sx", [(2, 5, 6), (3, 5, 6), (3, 2, 6), (3, 5, 5),
+                                             (3, 2, 5)])
+def test_conv_impls_agree_with_lax(nd, features, sx):
+  # 3D "unfold": even x takes Winograd F(2, 3) along x; odd x the x-shift stack, 3 -> 5 on the
+  # input side, 3 -> 2 on the output side (layers._conv_unfold_3d).
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2,) + (6, 4, 4)[:nd] + (3,)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2,) + (sx, 4, 4)[:nd] + (3,)), jnp.float32)
   outs, grads = {}, {}
   for impl in ("native", "unfold"):
     conv = layers.Conv(features, 3, conv_impl=impl)
