@@ -109,11 +109,12 @@ def test_bad_fields_rejected():
 
 # ---- layer formulations agree with the textbook ops -----------------------------------------
 
-@pytest.mark.parametrize("nd,features,sx", [(2, 5, 6), (3, 5, 6), (3, 2, 6), (3, 5, 5),
+@pytest.mark.parametrize("nd,features,sx", [(2, 5, 6), (3, 5, 8), (3, 5, 6), (3, 5, 5),
                                              (3, 2, 5)])
 def test_conv_impls_agree_with_lax(nd, features, sx):
-  # 3D "unfold": even x takes Winograd F(2, 3) along x; odd x the x-shift stack, 3 -> 5 on the
-  # input side, 3 -> 2 on the output side (layers._conv_unfold_3d).
+  # 3D "unfold": x = 8 takes Winograd F(4, 3) along x, x = 6 F(2, 3); odd x the x-shift stack,
+  # 3 -> 5 on the input side, 3 -> 2 on the output side (layers._conv_unfold_3d).
+  assert layers.winograd_tile(sx, jnp.float32) == {8: 4, 6: 2, 5: 0}[sx]
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2,) + (sx, 4, 4)[:nd] + (3,)), jnp.float32)
   outs, grads = {}, {}
@@ -131,6 +132,13 @@ def test_conv_impls_agree_with_lax(nd, features, sx):
   np.testing.assert_allclose(outs["unfold"], ref, atol=1e-5)
   for a, b in zip(jax.tree.leaves(grads["native"]), jax.tree.leaves(grads["unfold"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_tile_needs_float32_for_f43():
+  assert layers.winograd_tile(64, jnp.float32) == 4
+  assert layers.winograd_tile(64, jnp.bfloat16) == 2
+  assert layers.winograd_tile(6, jnp.float32) == 2
+  assert layers.winograd_tile(7, jnp.float32) == 0
 
 
 def test_x_shift_pair_is_adjoint_and_materialize_is_exact():

@@ -7,8 +7,8 @@ only in how XLA sees the computation:
 * `Conv`: a 3x3x3 convolution, either native (`lax.conv_general_dilated`, the fast path under
   cuDNN/TPU) or "unfold": 2D 3x3 convs over (y, z) with x folded into the batch, which XLA:CPU
   runs through Eigen much faster than 3D ones (SPEC.md, measured anchors). The x taps are
-  combined by Winograd's F(2, 3) (four 2D convs at half x resolution, 2/3 of the multiply-adds)
-  when x is even, else by stacking x-shifted copies on the channel axis.
+  combined by Winograd's F(4, 3) or F(2, 3) along x (m + 2 2D convs at 1/m of the x resolution:
+  1/2 or 2/3 of the multiply-adds) when x allows, else by stacking x-shifted copies on channels.
 * `UpConv`: the 2x2x2 stride-2 transposed conv as one matmul followed by a depth-to-space
   reshape. XLA's gradient of a strided `conv_transpose` is very slow (CPU and CUDA); the matmul's
   is not. Kernels are stored in flax `nn.ConvTranspose` layout (spatially flipped, see SPEC.md).
@@ -62,9 +62,9 @@ def _conv_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Exact 3x3x3 'SAME' conv as 2D 3x3 convs over (y, z), x folded into the batch.
 
-  Even x: `_conv_winograd_x` (U-Net train step on CPU 11.4 -> 9.0 s). Odd x: one 2D conv with
-  the kernel's x taps on whichever channel side is narrower, so the 2D conv's matmul is as wide
-  as possible and the replicated tensor as small as possible:
+  Even x: `_conv_winograd_x` with the tile of `winograd_tile`. Odd x: one 2D conv with the
+  kernel's x taps on whichever channel side is narrower, so the 2D conv's matmul is as wide as
+  possible and the replicated tensor as small as possible:
   * C_in <= C_out, input side: the three x-shifted copies of x (N, X, Y, Z, C), zero at the
     border, are stacked on channels (index kx*C + c); (N*X, Y, Z, 3C) is convolved with the
     kernel regrouped to (ky, kz, kx*C + c, O).
@@ -75,8 +75,9 @@ def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """
   n, sx, sy, sz, c = x.shape
   kx, ky, kz, _, o = kernel.shape
-  if kx == 3 and sx % 2 == 0:
-    return _conv_winograd_x(x, kernel)
+  tile = winograd_tile(sx, x.dtype) if kx == 3 else 0
+  if tile:
+    return _conv_winograd_x(x, kernel, tile)
   if c > o:
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(ky, kz, c, kx * o)
     taps = _conv_native(x.reshape(n * sx, sy, sz, c), k2).reshape(n, sx, sy, sz, kx, o)
@@ -87,29 +88,65 @@ def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y.reshape(n, sx, sy, sz, o)
 
 
-def _conv_winograd_x(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Exact 3x3x3 'SAME' conv with Winograd's F(2, 3) along x: 2/3 of the multiply-adds.
+# Winograd minimal filtering F(m, 3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
+# Networks"): m outputs of a 3-tap filter g from a = m + 2 inputs d with a products,
+# y = AT @ ((G @ g) * (BT @ d)). Rows are exact in binary floating point except G's 1/6, 1/12, 1/24.
+_WINOGRAD = {
+    2: dict(BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+            G=((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+            AT=((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: dict(BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+            G=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+               (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+            AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
+                (0, 1, -1, 8, -8, 1))),
+}
 
-  Each output pair x = (2p, 2p + 1) reads d_j = x[2p - 1 + j], j = 0..3, through the kernel's x
-  taps g_0..g_2 (each a 3x3 kernel over (y, z)); with * a 2D 'SAME' conv over (y, z), x folded
-  into the batch at half resolution:
-    m1 = (d0 - d2) * g0,        m2 = (d1 + d2) * (g0 + g1 + g2) / 2,
-    m3 = (d2 - d1) * (g0 - g1 + g2) / 2,        m4 = (d1 - d3) * g2,
-    y[2p] = m1 + m2 + m3 = d0 g0 + d1 g1 + d2 g2,   y[2p + 1] = m2 - m3 - m4 = d1 g0 + d2 g1 + d3 g2.
-  Four 2D convs at half x resolution instead of three x taps at full resolution; the same
-  function as the textbook conv, rounded differently (~1e-7 relative).
+
+def winograd_tile(sx: int, dtype: Any) -> int:
+  """The Winograd tile along x the unfold conv uses: 4 for float32 when 4 | x, 2 when 2 | x, else 0.
+
+  F(4, 3) has 1.5 products per output against F(2, 3)'s 2 and a direct conv's 3, at the price of
+  larger transform coefficients (relative error ~2e-6 against ~5e-7 in float32); with fewer
+  mantissa bits (bfloat16, float16) only F(2, 3), whose transforms are additions and halvings.
+  """
+  if sx % 4 == 0 and jnp.dtype(dtype) == jnp.float32:
+    return 4
+  return 2 if sx % 2 == 0 else 0
+
+
+def _combine(coeffs, arrays):
+  """sum_i coeffs[i] * arrays[i], skipping zeros, +-1 as additions."""
+  out = None
+  for c, a in zip(coeffs, arrays):
+    if c == 0:
+      continue
+    term = a if c == 1 else -a if c == -1 else a * jnp.asarray(c, a.dtype)
+    out = term if out is None else out + term
+  return out
+
+
+def _conv_winograd_x(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
+  """Exact 3x3x3 'SAME' conv with Winograd's F(m, 3) along x, m = 2 or 4.
+
+  Output x tile (mp .. mp + m - 1) reads d_j = x[mp - 1 + j], j = 0..m+1, through the kernel's x
+  taps g_0..g_2 (each a 3x3 kernel over (y, z)): with * a 2D 'SAME' conv over (y, z), x folded
+  into the batch at 1/m resolution, t_i = (BT d)_i, u_i = (G g)_i, y[mp + r] = (AT (t * u))_r.
+  m + 2 2D convs at 1/m of the x resolution instead of 3 at full resolution (2/3 of the
+  multiply-adds for m = 2, 1/2 for m = 4); the same function as the textbook conv, rounded
+  differently (see `winograd_tile`).
   """
   n, sx, sy, sz, c = x.shape
   o = kernel.shape[-1]
-  g0, g1, g2 = kernel[0], kernel[1], kernel[2]
-  gs = (g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2)
+  us = [_combine(row, (kernel[0], kernel[1], kernel[2])) for row in _WINOGRAD[m]["G"]]
   # A runtime value (never constant-folded) that selects between identical branches, see
   # `_in_memory`; from the kernel, which is replicated, so no device has to ask another for it.
   pred = kernel.reshape(-1)[0] == kernel.reshape(-1)[0]
-  ts = _winograd_in(x, pred)
-  ms = [_conv_native(t.reshape(n * sx // 2, sy, sz, c), g).reshape(n, sx // 2, sy, sz, o)
-        for t, g in zip(ts, gs)]
-  return _winograd_out(pred, *ms)
+  ts = _winograd_in(x, pred, m)
+  ms = [_conv_native(t.reshape(n * sx // m, sy, sz, c), u).reshape(n, sx // m, sy, sz, o)
+        for t, u in zip(ts, us)]
+  return _winograd_out(pred, m, *ms)
 
 
 def _in_memory(fn, pred: jax.Array, *args):
@@ -126,57 +163,62 @@ def _in_memory(fn, pred: jax.Array, *args):
   return lax.cond(pred, fn, fn, *args)
 
 
-def _pairs(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(a[:, 0::2], a[:, 1::2]) along axis 1, by reshape."""
-  r = a.reshape(a.shape[0], a.shape[1] // 2, 2, *a.shape[2:])
-  return r[:, :, 0], r[:, :, 1]
+def _tiles(a: jax.Array, m: int) -> list[jax.Array]:
+  """[a[:, r::m] for r < m] along axis 1, by reshape."""
+  t = a.reshape(a.shape[0], a.shape[1] // m, m, *a.shape[2:])
+  return [t[:, :, r] for r in range(m)]
 
 
-def _unpairs(e: jax.Array, o: jax.Array) -> jax.Array:
-  """Inverse of `_pairs`: interleave e and o along axis 1."""
-  r = jnp.stack([e, o], axis=2)
-  return r.reshape(r.shape[0], -1, *r.shape[3:])
+def _untiles(parts: list[jax.Array]) -> jax.Array:
+  """Inverse of `_tiles`: interleave the parts along axis 1."""
+  t = jnp.stack(parts, axis=2)
+  return t.reshape(t.shape[0], -1, *t.shape[3:])
 
 
-# The Winograd input and output transforms with hand-written gradients (each other's transposes),
-# for the same reason as the x-shift pair below: autodiff's pads and slices were fused into the
+# The Winograd input and output transforms with hand-written gradients (their transposes), for
+# the same reason as the x-shift pair below: autodiff's pads and slices were fused into the
 # kernel-gradient transposes and re-evaluated there.
 
 
-@jax.custom_vjp
-def _winograd_in(x: jax.Array, pred: jax.Array) -> tuple[jax.Array, ...]:
-  """(d0 - d2, d1 + d2, d2 - d1, d1 - d3) at every pair p, d_j = x[2p - 1 + j] (zero outside)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _winograd_in(x: jax.Array, pred: jax.Array, m: int) -> tuple[jax.Array, ...]:
+  """t_i = sum_j BT[i, j] d_j at every tile p, d_j = x[mp - 1 + j] (zero outside)."""
   def transform(x):
-    e, o = _pairs(x)  # d0 = o[p - 1], d1 = e[p], d2 = o[p], d3 = e[p + 1]
-    return (_shift_x(o, -1) - o, e + o, o - e, e - _shift_x(e, 1))
+    q = _tiles(x, m)  # d_0 = q_{m-1}[p - 1], d_{1+r} = q_r[p], d_{m+1} = q_0[p + 1]
+    d = [_shift_x(q[m - 1], -1), *q, _shift_x(q[0], 1)]
+    return tuple(_combine(row, d) for row in _WINOGRAD[m]["BT"])
   return _in_memory(transform, pred, x)
 
 
-def _winograd_in_fwd(x, pred):
-  return _winograd_in(x, pred), pred
+def _winograd_in_fwd(x, pred, m):
+  return _winograd_in(x, pred, m), pred
 
 
-def _winograd_in_bwd(pred, g):
-  t1, t2, t3, t4 = g
-  return _unpairs(t2 - t3 + t4 - _shift_x(t4, -1), _shift_x(t1, 1) - t1 + t2 + t3), None
+def _winograd_in_bwd(m, pred, g):
+  bt = _WINOGRAD[m]["BT"]
+  dd = [_combine([row[j] for row in bt], g) for j in range(m + 2)]
+  q = dd[1:m + 1]
+  q[m - 1] = q[m - 1] + _shift_x(dd[0], 1)
+  q[0] = q[0] + _shift_x(dd[m + 1], -1)
+  return _untiles(q), None
 
 
-@jax.custom_vjp
-def _winograd_out(pred: jax.Array, m1: jax.Array, m2: jax.Array, m3: jax.Array,
-                  m4: jax.Array) -> jax.Array:
-  """y[2p] = m1 + m2 + m3, y[2p + 1] = m2 - m3 - m4."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _winograd_out(pred: jax.Array, m: int, *ms: jax.Array) -> jax.Array:
+  """y[mp + r] = sum_i AT[r, i] ms_i[p]."""
   del pred
-  return _unpairs(m1 + m2 + m3, m2 - m3 - m4)
+  return _untiles([_combine(row, ms) for row in _WINOGRAD[m]["AT"]])
 
 
-def _winograd_out_fwd(pred, *ms):
-  return _winograd_out(pred, *ms), pred
+def _winograd_out_fwd(pred, m, *ms):
+  return _winograd_out(pred, m, *ms), pred
 
 
-def _winograd_out_bwd(pred, g):
+def _winograd_out_bwd(m, pred, g):
+  at = _WINOGRAD[m]["AT"]
   def transform(g):
-    e, o = _pairs(g)
-    return (e, e + o, e - o, -o)
+    q = _tiles(g, m)
+    return tuple(_combine([row[i] for row in at], q) for i in range(m + 2))
   return (None, *_in_memory(transform, pred, g))
 
 
