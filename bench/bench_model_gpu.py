@@ -3,6 +3,7 @@
   python bench/bench_model_gpu.py                       # all batches and dtypes, one invocation
   python bench/bench_model_gpu.py --batches 32 --steps 20 --out /tmp/gpu.jsonl
   python bench/bench_model_gpu.py --batches 32 --profile /tmp/prof   # + where the time goes
+  python bench/bench_model_gpu.py --batches 32 --dtypes float32 --conv_impl unfold  # Winograd-x
   python bench/bench_model_gpu.py --width 4 --cube 16 16 8 --batches 2 --steps 2   # smoke (CPU)
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 64x64x32 cubes,
@@ -144,7 +145,8 @@ def jax_child(args) -> None:
            "cubes_per_s": 32 / t, "compile_s": compile_s}, args.out)
 
   def run(dtype_name: str, batch: int) -> dict:
-    jstep, state = make_jax_step("auto", jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
+    jstep, state = make_jax_step(args.conv_impl,
+                                 jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
                                  args.width)
     shape = (batch, *args.cube, 1)
     x = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
@@ -161,6 +163,7 @@ def jax_child(args) -> None:
       one()
     t = _time_steps(one, lambda: holder["loss"].block_until_ready(), args.steps)
     rec = {"s_per_step": t, "images_per_s": batch / t, "compile_s": compile_s,
+           "conv_impl": args.conv_impl,
            "loss": float(holder["loss"])}
     if args.profile:
       rec["profile_top_ms_per_step"] = _profile(one, lambda: holder["loss"].block_until_ready(),
@@ -291,6 +294,9 @@ def main():
   ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
   ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat (3 repeats)")
   ap.add_argument("--width", type=int, default=32)
+  ap.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"),
+                  help="genesis_jax's 3D conv: auto = native (cuDNN) on GPU; unfold = 2D convs "
+                       "with Winograd along x (half the multiply-adds in float32)")
   ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
   ap.add_argument("--budget_s", type=float, default=480.0, help="for both children together")
   ap.add_argument("--child_budget_s", type=float, default=240.0)
@@ -321,6 +327,7 @@ def main():
     cmd = [sys.executable, os.path.abspath(__file__), "--child", child,
            "--child_budget_s", str(max(left * share, 1.0)), "--steps", str(args.steps),
            "--width", str(args.width), "--cube", *map(str, args.cube),
+           "--conv_impl", args.conv_impl,
            "--min_left_s", str(args.min_left_s), "--matmul_n", str(args.matmul_n),
            "--batches", *map(str, args.batches), "--dtypes", *args.dtypes]
     if not args.corruption:
