@@ -111,9 +111,10 @@ def test_bad_fields_rejected():
 
 @pytest.mark.parametrize("nd,features,sx", [(2, 5, 6), (3, 5, 8), (3, 5, 6), (3, 5, 5),
                                              (3, 2, 5)])
-def test_conv_impls_agree_with_lax(nd, features, sx):
+def test_conv_impls_agree_with_lax(nd, features, sx, monkeypatch):
   # 3D "unfold": x = 8 takes Winograd F(4, 3) along x, x = 6 F(2, 3); odd x the x-shift stack,
   # 3 -> 5 on the input side, 3 -> 2 on the output side (layers._conv_unfold_3d).
+  monkeypatch.setattr(layers, "WINOGRAD_MIN_MACS", 0)  # these convs are far below it
   assert layers.winograd_tile(sx, jnp.float32) == {8: 4, 6: 2, 5: 0}[sx]
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2,) + (sx, 4, 4)[:nd] + (3,)), jnp.float32)
@@ -139,6 +140,7 @@ def test_winograd_tile_needs_float32_for_f43():
   assert layers.winograd_tile(64, jnp.bfloat16) == 2
   assert layers.winograd_tile(6, jnp.float32) == 2
   assert layers.winograd_tile(7, jnp.float32) == 0
+  assert layers.winograd_tile(64, jnp.float32, layers.WINOGRAD_MIN_MACS - 1) == 0
 
 
 def test_x_shift_pair_is_adjoint_and_materialize_is_exact():
@@ -184,7 +186,10 @@ def test_pooling_and_nearest_upsampling():
   np.testing.assert_array_equal(layers.upsample_nearest(x), ref)
 
 
-def test_unet_conv_impls_agree_forward_and_backward():
+@pytest.mark.parametrize("winograd", [False, True])
+def test_unet_conv_impls_agree_forward_and_backward(winograd, monkeypatch):
+  if winograd:  # every 3x3x3 conv of this tiny net takes Winograd (x = 4: F(4, 3), x = 2: F(2, 3))
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_MACS", 0)
   x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 4, 4, 4, 1)), jnp.float32)
   models = {impl: unet.UNet(width=2, depth=1, conv_impl=impl) for impl in ("native", "unfold")}
   v = jax.jit(lambda k, x: models["native"].init(k, x, train=False))(jax.random.key(0), x)
