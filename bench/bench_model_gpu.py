@@ -3,7 +3,7 @@
   python bench/bench_model_gpu.py                       # all batches and dtypes, one invocation
   python bench/bench_model_gpu.py --batches 32 --steps 20 --out /tmp/gpu.jsonl
   python bench/bench_model_gpu.py --batches 32 --profile /tmp/prof   # + where the time goes
-  python bench/bench_model_gpu.py --batches 32 --dtypes float32 --conv_impl unfold  # Winograd-x
+  python bench/bench_model_gpu.py --batches 32 --dtypes float32 --conv_impl native unfold
   python bench/bench_model_gpu.py --width 4 --cube 16 16 8 --batches 2 --steps 2   # smoke (CPU)
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 64x64x32 cubes,
@@ -24,6 +24,7 @@ genesis_jax / PyTorch.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -144,8 +145,8 @@ def jax_child(args) -> None:
     _emit({"framework": "jax", "what": "corruption", "batch": 32, "s_per_batch": t,
            "cubes_per_s": 32 / t, "compile_s": compile_s}, args.out)
 
-  def run(dtype_name: str, batch: int) -> dict:
-    jstep, state = make_jax_step(args.conv_impl,
+  def run(dtype_name: str, batch: int, conv_impl: str) -> dict:
+    jstep, state = make_jax_step(conv_impl,
                                  jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
                                  args.width)
     shape = (batch, *args.cube, 1)
@@ -163,26 +164,27 @@ def jax_child(args) -> None:
       one()
     t = _time_steps(one, lambda: holder["loss"].block_until_ready(), args.steps)
     rec = {"s_per_step": t, "images_per_s": batch / t, "compile_s": compile_s,
-           "conv_impl": args.conv_impl,
            "loss": float(holder["loss"])}
     if args.profile:
       rec["profile_top_ms_per_step"] = _profile(one, lambda: holder["loss"].block_until_ready(),
-                                                f"{args.profile}/{dtype_name}_b{batch}",
+                                                f"{args.profile}/{dtype_name}_b{batch}_{conv_impl}",
                                                 compiled.as_text())
     if not np.isfinite(rec["loss"]):
       rec["error"] = "non-finite loss"
     return rec
 
   for dtype_name, batch in args.configs:
-    if time.time() > deadline - args.min_left_s:
-      print(f"jax: skipping {dtype_name} batch {batch} (budget)", flush=True)
-      continue
-    rec = {"framework": "jax", "what": "train_step", "dtype": dtype_name, "batch": batch}
-    try:
-      rec.update(run(dtype_name, batch))
-    except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
-      rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    _emit(rec, args.out)
+    for conv_impl in args.conv_impl:
+      if time.time() > deadline - args.min_left_s:
+        print(f"jax: skipping {dtype_name} batch {batch} {conv_impl} (budget)", flush=True)
+        continue
+      rec = {"framework": "jax", "what": "train_step", "dtype": dtype_name, "batch": batch,
+             "conv_impl": conv_impl}
+      try:
+        rec.update(run(dtype_name, batch, conv_impl))
+      except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
+        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      _emit(rec, args.out)
 
 
 def torch_child(args) -> None:
@@ -253,13 +255,13 @@ def summarize(records: list[dict], args, gflop_per_cube: float) -> None:
         ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in mm.items()))
   print(f"model: width {args.width}, cube {'x'.join(map(str, args.cube))}, "
         f"{gflop_per_cube:.1f} GFLOP per cube per train step")
-  hdr = ("dtype", "batch", "jax img/s", "torch img/s (fmt)", "ratio", "jax TFLOP/s", "MFU",
-         "of jax matmul", "torch MFU")
+  hdr = ("dtype", "batch", "jax conv", "jax img/s", "torch img/s (fmt)", "ratio", "jax TFLOP/s",
+         "MFU", "of jax matmul", "torch MFU")
   print("| " + " | ".join(hdr) + " |")
   print("|" + "---|" * len(hdr))
-  for dtype_name, batch in args.configs:
+  for (dtype_name, batch), conv_impl in itertools.product(args.configs, args.conv_impl):
     j = [r for r in steps if r["framework"] == "jax" and r["dtype"] == dtype_name
-         and r["batch"] == batch]
+         and r["batch"] == batch and r.get("conv_impl", "auto") == conv_impl]
     t = [r for r in steps if r["framework"] == "torch" and r["dtype"] == dtype_name
          and r["batch"] == batch]
     if not j and not t:
@@ -271,8 +273,9 @@ def summarize(records: list[dict], args, gflop_per_cube: float) -> None:
     ti = best["images_per_s"] if best else float("nan")
     jt = ji * gflop_per_cube / 1e3
     tt = ti * gflop_per_cube / 1e3
-    print(f"| {dtype_name} | {batch} | {ji:.1f} | {ti:.1f} ({best['format'] if best else '-'}) "
-          f"| {ji / ti:.2f} | {jt:.0f} | {100 * jt / peak:.1f}% | {100 * jt / meas:.1f}% "
+    fmt = best["format"] if best else "-"
+    print(f"| {dtype_name} | {batch} | {conv_impl} | {ji:.1f} | {ti:.1f} ({fmt}) | {ji / ti:.2f} "
+          f"| {jt:.0f} | {100 * jt / peak:.1f}% | {100 * jt / meas:.1f}% "
           f"| {100 * tt / peak:.1f}% |")
   for r in records:
     if r.get("what") == "corruption":
@@ -294,9 +297,11 @@ def main():
   ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
   ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat (3 repeats)")
   ap.add_argument("--width", type=int, default=32)
-  ap.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"),
-                  help="genesis_jax's 3D conv: auto = native (cuDNN) on GPU; unfold = 2D convs "
-                       "with Winograd along x (half the multiply-adds in float32)")
+  ap.add_argument("--conv_impl", nargs="+", default=["auto"],
+                  choices=("auto", "native", "unfold"),
+                  help="genesis_jax's 3D conv, each timed per configuration: auto = native "
+                       "(cuDNN) on GPU; unfold = 2D convs with Winograd along x (half the "
+                       "multiply-adds in float32)")
   ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
   ap.add_argument("--budget_s", type=float, default=480.0, help="for both children together")
   ap.add_argument("--child_budget_s", type=float, default=240.0)
@@ -327,7 +332,7 @@ def main():
     cmd = [sys.executable, os.path.abspath(__file__), "--child", child,
            "--child_budget_s", str(max(left * share, 1.0)), "--steps", str(args.steps),
            "--width", str(args.width), "--cube", *map(str, args.cube),
-           "--conv_impl", args.conv_impl,
+           "--conv_impl", *args.conv_impl,
            "--min_left_s", str(args.min_left_s), "--matmul_n", str(args.matmul_n),
            "--batches", *map(str, args.batches), "--dtypes", *args.dtypes]
     if not args.corruption:
