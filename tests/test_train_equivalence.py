@@ -86,3 +86,15 @@ def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_dataset):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
   assert "processes=2" in logs and "step 4/4" in logs
   _assert_close(_final_params(tmp_path / "one"), _final_params(workdir), atol=1e-5)
+
+
+def test_eight_fake_devices_match_one_device_with_winograd_convs(tmp_path, tiny_dataset):
+  # The tiny nets of these tests are below layers.WINOGRAD_MIN_MACS; force the Winograd convs
+  # (F(4, 3) at x = 16, 8, 4; F(2, 3) at x = 2) and their lax.cond under data parallelism.
+  env = {"GENESIS_WINOGRAD_MIN_MACS": "0"}
+  run_cli(_args(tmp_path / "one", tiny_dataset, 2), env_extra=env)
+  proc = run_cli(_args(tmp_path / "eight", tiny_dataset, 2, "--config.train.batch_size=1"),
+                 env_extra={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+                                                "--xla_cpu_experimental_ynn_fusion_type="})
+  assert "mesh data=8" in proc.stdout
+  _assert_close(_final_params(tmp_path / "one"), _final_params(tmp_path / "eight"), atol=1e-5)

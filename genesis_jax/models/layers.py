@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -109,7 +110,17 @@ _WINOGRAD = {
 # cost XLA:CPU compile time (full-width train step 8.5 -> 14 s) and, on tiny layers, run time
 # (a width-2 net on 16x16x8 cubes: 10 -> 14 ms per step), while a width-8 net on 32x32x16 cubes,
 # batch 8, already gains (0.66 -> 0.43 s per step). 1e8 is ~1 ms of conv on a 2-core CPU.
-WINOGRAD_MIN_MACS = 10 ** 8
+# GENESIS_WINOGRAD_MIN_MACS overrides it: 0 uses Winograd everywhere it applies, "inf" nowhere.
+def _min_macs_from_env(default: float = 1e8) -> float:
+  value = os.environ.get("GENESIS_WINOGRAD_MIN_MACS", "")
+  try:
+    return float(value) if value else default
+  except ValueError:
+    raise ValueError(
+        f"GENESIS_WINOGRAD_MIN_MACS must be a number (or inf), got {value!r}.") from None
+
+
+WINOGRAD_MIN_MACS = _min_macs_from_env()
 
 
 def winograd_tile(sx: int, dtype: Any, macs: float = math.inf) -> int:
