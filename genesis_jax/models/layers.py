@@ -161,7 +161,8 @@ def _conv_winograd_x(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
   """
   n, sx, sy, sz, c = x.shape
   o = kernel.shape[-1]
-  us = [_combine(row, (kernel[0], kernel[1], kernel[2])) for row in _WINOGRAD[m]["G"]]
+  k = kernel.astype(jnp.float32)  # transformed in float32, rounded once to the compute dtype
+  us = [_combine(row, (k[0], k[1], k[2])).astype(kernel.dtype) for row in _WINOGRAD[m]["G"]]
   # A runtime value (never constant-folded) that selects between identical branches, see
   # `_in_memory`; from the kernel, which is replicated, so no device has to ask another for it.
   pred = kernel.reshape(-1)[0] == kernel.reshape(-1)[0]
