@@ -143,6 +143,35 @@ def test_winograd_tile_needs_float32_for_f43():
   assert layers.winograd_tile(64, jnp.float32, layers.WINOGRAD_MIN_MACS - 1) == 0
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_transforms_and_their_hand_written_gradients(m):
+  # Forward: t_i[p] = sum_j BT[i, j] x[mp - 1 + j] (zero outside), y[mp + r] = sum_i AT[r, i] ms_i;
+  # backward: the custom VJPs must be the transposes, <T(x), g> == <x, T^T(g)>.
+  rng = np.random.default_rng(5)
+  bt, at = np.array(layers._WINOGRAD[m]["BT"]), np.array(layers._WINOGRAD[m]["AT"])
+  x = rng.normal(size=(2, 3 * m, 3, 2)).astype(np.float32)
+  pred = jnp.asarray(True)
+  ts, vjp_in = jax.vjp(lambda x: layers._winograd_in(x, pred, m), jnp.asarray(x))
+  xp = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))
+  for p in range(3):
+    d = xp[:, m * p:m * p + m + 2]
+    np.testing.assert_allclose(np.stack([t[:, p] for t in ts], 1),
+                               np.einsum("ij,njyc->niyc", bt, d), rtol=1e-5, atol=1e-5)
+  g = tuple(rng.normal(size=t.shape).astype(np.float32) for t in ts)
+  lhs = sum(np.vdot(np.asarray(t), gi) for t, gi in zip(ts, g))
+  np.testing.assert_allclose(lhs, np.vdot(x, np.asarray(vjp_in(g)[0])), rtol=1e-4)
+
+  ms = tuple(jnp.asarray(rng.normal(size=(2, 3, 3, 2)).astype(np.float32)) for _ in range(m + 2))
+  y, vjp_out = jax.vjp(lambda *ms: layers._winograd_out(pred, m, *ms), *ms)
+  ref = np.einsum("ri,inpyc->npryc", at, np.stack(ms)).reshape(2, 3 * m, 3, 2)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  gy = rng.normal(size=y.shape).astype(np.float32)
+  dms = vjp_out(jnp.asarray(gy))
+  np.testing.assert_allclose(np.vdot(np.asarray(y), gy),
+                             sum(np.vdot(np.asarray(a), np.asarray(b)) for a, b in zip(ms, dms)),
+                             rtol=1e-4)
+
+
 def test_x_shift_pair_is_adjoint_and_materialize_is_exact():
   # _stack_x_shifts / _sum_x_shifts carry hand-written gradients (each other): they must be
   # transposes, <stack(a, s), t> == <a, sum(t, -s)>; the conv tests check them end to end.
