@@ -44,6 +44,26 @@ def _emit(rec: dict, out: str | None) -> None:
       f.write(line + "\n")
 
 
+def _run_configs(framework: str, key: str, variants, run, args, stop_at: float,
+                 after=None) -> None:
+  """run(dtype, batch, variant) for every configuration and variant until time.time() passes
+  stop_at; emits one train_step record each (a failure, e.g. out of memory, as its "error")."""
+  for dtype_name, batch in args.configs:
+    for variant in variants:
+      if time.time() > stop_at:
+        print(f"{framework}: skipping {dtype_name} batch {batch} {variant} (budget)", flush=True)
+        continue
+      rec = {"framework": framework, "what": "train_step", "dtype": dtype_name, "batch": batch,
+             key: variant}
+      try:
+        rec.update(run(dtype_name, batch, variant))
+      except Exception as e:  # noqa: BLE001 - report and go on
+        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      if after is not None:
+        after()
+      _emit(rec, args.out)
+
+
 def _time_steps(step_fn, sync, steps: int, repeats: int = 3) -> float:
   """Median over `repeats` of the mean time per step of `steps` back-to-back steps."""
   times = []
@@ -173,18 +193,7 @@ def jax_child(args) -> None:
       rec["error"] = "non-finite loss"
     return rec
 
-  for dtype_name, batch in args.configs:
-    for conv_impl in args.conv_impl:
-      if time.time() > deadline - args.min_left_s:
-        print(f"jax: skipping {dtype_name} batch {batch} {conv_impl} (budget)", flush=True)
-        continue
-      rec = {"framework": "jax", "what": "train_step", "dtype": dtype_name, "batch": batch,
-             "conv_impl": conv_impl}
-      try:
-        rec.update(run(dtype_name, batch, conv_impl))
-      except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
-        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      _emit(rec, args.out)
+  _run_configs("jax", "conv_impl", args.conv_impl, run, args, deadline - args.min_left_s)
 
 
 def torch_child(args) -> None:
@@ -232,20 +241,8 @@ def torch_child(args) -> None:
     return {"s_per_step": t, "images_per_s": batch / t, "compile_s": compile_s,
             "loss": float(holder["loss"].detach())}
 
-  for dtype_name, batch in args.configs:
-    for fmt_name in ("channels_last", "contiguous"):
-      if time.time() > deadline - args.min_left_s / 2:
-        print(f"torch: skipping {dtype_name} batch {batch} {fmt_name} (budget)", flush=True)
-        continue
-      rec = {"framework": "torch", "what": "train_step", "dtype": dtype_name, "batch": batch,
-             "format": fmt_name}
-      try:
-        rec.update(run(dtype_name, batch, fmt_name))
-      except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
-        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      if cuda:
-        torch.cuda.empty_cache()
-      _emit(rec, args.out)
+  _run_configs("torch", "format", ("channels_last", "contiguous"), run, args,
+               deadline - args.min_left_s / 2, after=torch.cuda.empty_cache if cuda else None)
 
 
 def summarize(records: list[dict], args, gflop_per_cube: float) -> None:
