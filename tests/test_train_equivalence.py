@@ -6,6 +6,10 @@ import numpy as np
 from conftest import TINY_OVERRIDES, run_cli
 
 
+_EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+                               "--xla_cpu_experimental_ynn_fusion_type="}
+
+
 def _final_params(workdir, step=None):
   import os
   from genesis_jax.training import transfer
@@ -40,8 +44,7 @@ def test_eight_fake_devices_match_one_device(tmp_path, tiny_dataset):
   # Global batch 8 both times: 1 device x 8 (the tiny default), and 8 devices x 1.
   run_cli(_args(tmp_path / "one", tiny_dataset, 6))
   proc = run_cli(_args(tmp_path / "eight", tiny_dataset, 6, "--config.train.batch_size=1"),
-                 env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                                         "--xla_cpu_experimental_ynn_fusion_type="})
+                 env_extra=_EIGHT_DEVICES)
   assert "mesh data=8" in proc.stdout
   # Sharded reductions sum in another order, so the runs agree to float rounding, which training
   # then amplifies (max-pool ties and ReLU signs on these tiny cubes: ~1e-7 after 2 steps, up to
@@ -94,7 +97,6 @@ def test_eight_fake_devices_match_one_device_with_winograd_convs(tmp_path, tiny_
   env = {"GENESIS_WINOGRAD_MIN_MACS": "0"}
   run_cli(_args(tmp_path / "one", tiny_dataset, 2), env_extra=env)
   proc = run_cli(_args(tmp_path / "eight", tiny_dataset, 2, "--config.train.batch_size=1"),
-                 env_extra={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                                                "--xla_cpu_experimental_ynn_fusion_type="})
+                 env_extra={**env, **_EIGHT_DEVICES})
   assert "mesh data=8" in proc.stdout
   _assert_close(_final_params(tmp_path / "one"), _final_params(tmp_path / "eight"), atol=1e-5)
