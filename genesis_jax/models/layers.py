@@ -80,11 +80,12 @@ def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   tile = winograd_tile(sx, x.dtype, macs) if kx == 3 else 0
   if tile:
     return _conv_winograd_x(x, kernel, tile)
+  pred = _runtime_true(kernel)
   if c > o:
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(ky, kz, c, kx * o)
     taps = _conv_native(x.reshape(n * sx, sy, sz, c), k2).reshape(n, sx, sy, sz, kx, o)
-    return _sum_x_shifts(taps, 1)
-  stacked = _stack_x_shifts(x, kx, 1)  # [..., i, c] = x[:, x + i - kx // 2]
+    return _sum_x_shifts(taps, pred, 1)
+  stacked = _stack_x_shifts(x, pred, kx, 1)  # [..., i, c] = x[:, x + i - kx // 2]
   k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(ky, kz, kx * c, o)
   y = _conv_native(stacked.reshape(n * sx, sy, sz, kx * c), k2)
   return y.reshape(n, sx, sy, sz, o)
@@ -163,13 +164,21 @@ def _conv_winograd_x(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
   o = kernel.shape[-1]
   k = kernel.astype(jnp.float32)  # transformed in float32, rounded once to the compute dtype
   us = [_combine(row, (k[0], k[1], k[2])).astype(kernel.dtype) for row in _WINOGRAD[m]["G"]]
-  # A runtime value (never constant-folded) that selects between identical branches, see
-  # `_in_memory`; from the kernel, which is replicated, so no device has to ask another for it.
-  pred = kernel.reshape(-1)[0] == kernel.reshape(-1)[0]
+  pred = _runtime_true(kernel)
   ts = _winograd_in(x, pred, m)
   ms = [_conv_native(t.reshape(n * sx // m, sy, sz, c), u).reshape(n, sx // m, sy, sz, o)
         for t, u in zip(ts, us)]
   return _winograd_out(pred, m, *ms)
+
+
+def _runtime_true(kernel: jax.Array) -> jax.Array:
+  """A boolean computed at run time (never constant-folded), for `_in_memory`'s conditional.
+
+  Read from the kernel, which is replicated, so no device has to ask another for it. False when
+  that element is NaN, which does not matter: both branches of `_in_memory` are the same.
+  """
+  first = kernel.reshape(-1)[0]
+  return first == first
 
 
 def _in_memory(fn, pred: jax.Array, *args):
@@ -263,56 +272,46 @@ def _shift_x(a: jax.Array, s: int) -> jax.Array:
 # The x-shift steps of the unfold convs, as an adjoint pair with hand-written gradients. Autodiff
 # of pad-slice-concatenate (or slice-add) gives one full-size padded tensor per tap plus their
 # sum, and XLA:CPU re-evaluated the upstream BN/ReLU gradient chain inside each of them (~0.8 s
-# of the U-Net step); these gradients are one fusion that reads the cotangent kx times.
+# of the U-Net step); these gradients are one op that reads the cotangent kx times. The stack
+# runs inside `_in_memory`, so its input is computed once into memory, not once per shift.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _stack_x_shifts(a: jax.Array, kx: int, sign: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _stack_x_shifts(a: jax.Array, pred: jax.Array, kx: int, sign: int) -> jax.Array:
   """t[..., i, :] = shift(a, sign * (i - kx // 2)): (n, X, ..., C) -> (n, X, ..., kx, C)."""
-  a = _materialize(a)
-  t = jnp.concatenate([_shift_x(a, sign * (i - kx // 2)) for i in range(kx)], axis=-1)
-  return t.reshape(*a.shape[:-1], kx, a.shape[-1])
+  def stack(a):
+    t = jnp.concatenate([_shift_x(a, sign * (i - kx // 2)) for i in range(kx)], axis=-1)
+    return t.reshape(*a.shape[:-1], kx, a.shape[-1])
+  return _in_memory(stack, pred, a)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _sum_x_shifts(t: jax.Array, sign: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sum_x_shifts(t: jax.Array, pred: jax.Array, sign: int) -> jax.Array:
   """sum_i shift(t[..., i, :], sign * (i - kx // 2)): (n, X, ..., kx, C) -> (n, X, ..., C)."""
+  del pred
   kx = t.shape[-2]
   return sum(_shift_x(t[..., i, :], sign * (i - kx // 2)) for i in range(kx))
 
 
-def _stack_fwd(a, kx, sign):
-  return _stack_x_shifts(a, kx, sign), None
+def _stack_fwd(a, pred, kx, sign):
+  return _stack_x_shifts(a, pred, kx, sign), pred
 
 
-def _stack_bwd(kx, sign, _, g):
-  return (_sum_x_shifts(g, -sign),)
+def _stack_bwd(kx, sign, pred, g):
+  return _sum_x_shifts(g, pred, -sign), None
 
 
-def _sum_fwd(t, sign):
-  return _sum_x_shifts(t, sign), t.shape[-2]
+def _sum_fwd(t, pred, sign):
+  return _sum_x_shifts(t, pred, sign), (pred, t.shape[-2])
 
 
-def _sum_bwd(sign, kx, g):
-  return (_stack_x_shifts(g, kx, -sign),)
+def _sum_bwd(sign, res, g):
+  pred, kx = res
+  return _stack_x_shifts(g, pred, kx, -sign), None
 
 
 _stack_x_shifts.defvjp(_stack_fwd, _stack_bwd)
 _sum_x_shifts.defvjp(_sum_fwd, _sum_bwd)
-
-
-def _materialize(a: jax.Array) -> jax.Array:
-  """a, computed once into memory before several reads of it (XLA:CPU only; identity elsewhere).
-
-  XLA:CPU fuses a cheap elementwise producer into every consumer that reads it, so a BN/ReLU
-  chain (or its gradient) read by the kx shifted copies is re-evaluated each time (and it drops
-  `optimization_barrier`). A product with the identity matrix is a dot, which it never fuses:
-  exact for finite values (x*1 plus zeros), ~2 GFLOP for the largest layer.
-  """
-  if jax.default_backend() != "cpu":
-    return a
-  c = a.shape[-1]
-  return (a.reshape(-1, c) @ jnp.eye(c, dtype=a.dtype)).reshape(a.shape)
 
 
 class Conv(nn.Module):
