@@ -104,11 +104,25 @@ def parse_tasks(text: str) -> list[tuple[str, list[tuple[str, object]]]]:
   return tasks
 
 
+def shared_phantom_path(tcfg, workdir: pathlib.Path) -> pathlib.Path:
+  """Where the trials of an experiment share a built-in phantom data set (~34 MB, ~12 s each).
+
+  One folder per (subjects, seed, shape), the parameters that fix the data set, so every trial
+  and arm with the same parameters reads the same files instead of writing its own copy.
+  """
+  d = tcfg.data
+  n = int(d.train_cases + d.val_cases + d.test_cases)
+  shape = "x".join(str(int(s)) for s in d.phantom_shape)
+  return workdir / "phantom_data" / f"seed{int(d.phantom_seed)}_{n}cases_{shape}"
+
+
 def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
   """A finished trial is reused only if it ran with the config this experiment asks for.
 
   Keys the saved config lacks (added to genesis_jax since) count as matching when they are at
   the task config's own value (`base`, no overrides), i.e. the behaviour the trial ran with.
+  For built-in phantom data `data.path` is only where the set was written (the set is fixed by
+  its seed, shape and case counts, which are compared), so it does not count.
   """
   saved_file = run_dir / "config.json"
   if not saved_file.exists():
@@ -118,6 +132,9 @@ def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
   saved = flat(saved_file.read_text())
   wanted = flat(tcfg.to_json_best_effort())
   default = flat(base.to_json_best_effort())
+  if saved.get("data.source") == wanted.get("data.source") == "phantom":
+    saved.pop("data.path", None)
+    wanted.pop("data.path", None)
   diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)
                 and not (k not in saved and wanted.get(k) == default.get(k)))
   if diff:
@@ -155,6 +172,8 @@ def run(config, workdir) -> dict:
     tcfg = apply_overrides(load_config_file(task_file), common + task_overrides + arm_overrides)
     tcfg.seed = int(exp.seed) + t
     tcfg.finetune.init = init
+    if tcfg.data.source == "phantom" and not tcfg.data.path:
+      tcfg.data.path = str(shared_phantom_path(tcfg, workdir))
     return tcfg
 
   # Check every arm/task override against its config before any (long) pre-training starts.

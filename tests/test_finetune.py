@@ -156,6 +156,7 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
   from genesis_jax import trials
   from genesis_jax.training import finetune
   c = _task_config("classify", task_phantoms)
+  c.data.path = ""  # Built-in phantoms: written once into <workdir>/phantom_data, shared.
   monkeypatch.setattr(trials, "load_config_file", lambda path: _locked(c))
   exp = defaults.experiment_config()
   exp.experiment.tasks = "tiny_ncc.py[eval_every=2|checkpoint_every=2]"
@@ -173,6 +174,12 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
       assert comp[key] is None or 0.0 <= comp[key] <= 1.0
   assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
   assert (tmp_path / "tiny_ncc" / "genesis" / "trial_1" / "eval.json").exists()
+  # One phantom data set for all 6 trials, the one the task config describes.
+  shared = tmp_path / "phantom_data" / "seed1_7cases_64x64x48"
+  assert [p.name for p in (tmp_path / "phantom_data").iterdir()] == [shared.name]
+  assert (shared / "dataset.json").exists() and not list(tmp_path.glob("tiny_ncc/*/*/phantoms"))
+  assert json.loads((tmp_path / "tiny_ncc/probe/trial_1/config.json").read_text())[
+      "data"]["path"] == str(shared)
   # Overrides reached the trial configs: task (eval_every), arm (monitor, frozen encoder).
   probe = tmp_path / "tiny_ncc" / "probe" / "trial_0"
   cfg = json.loads((probe / "config.json").read_text())
@@ -201,7 +208,12 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
   with pytest.raises(ValueError, match="selected its best checkpoint by 'auc'"):
     finetune.train(other, probe)
   assert (probe / "config.json").read_text() == before
-  # A rerun reuses finished trials (no training) ...
+  # A rerun reuses finished trials (no training), also those that wrote their own phantoms
+  # (data.path "", before the shared folder) ...
+  old_style = tmp_path / "tiny_ncc/scratch/trial_0/config.json"
+  saved = json.loads(old_style.read_text())
+  saved["data"]["path"] = ""
+  old_style.write_text(json.dumps(saved))
   monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trial was rerun"))
   again = trials.run(exp, tmp_path)
   assert again["tasks"]["tiny_ncc"]["arms"]["probe"] == task["arms"]["probe"]
