@@ -12,25 +12,11 @@ from genesis_jax import defaults
 
 
 def get_config(variant: str = ""):
-  c = defaults.finetune_config()
-  c.task.kind = "segment"
-  c.task.n_class = 1
+  c = defaults.phantom_task_config("segment")
   c.task.loss = "dice"
-  c.model.width = 8
-  c.data.source = "phantom"
-  c.data.phantom_seed = 1
-  c.data.phantom_shape = (128, 128, 96)
-  c.data.crop = (32, 32, 16)
-  c.data.train_cases = 6
-  c.data.val_cases = 4
-  c.data.test_cases = 8
   c.data.cubes_per_case = 24
   c.data.fg_fraction = 0.75
   c.train.batch_size = 8
-  c.num_steps = 200
-  c.eval_every = 25
-  c.checkpoint_every = 25
-  c.train.early_stop_patience = 4
   if variant:
     raise ValueError(f"Unknown variant {variant!r} for finetune_ncs.py.")
   return c

@@ -135,6 +135,31 @@ def finetune_config() -> ml_collections.ConfigDict:
   return c
 
 
+def phantom_task_config(kind: str) -> ml_collections.ConfigDict:
+  """Fine-tuning on the built-in phantom target tasks (configs/finetune_ncc.py, finetune_ncs.py).
+
+  Both tasks read the same phantom subjects (seed 1, disjoint from pre-training's seed 0) with
+  the same split and labelled budget, so one data set serves both; width 8 and 32x32x16 cubes
+  keep a trial within minutes on a CPU.
+  """
+  c = finetune_config()
+  c.task.kind = kind
+  c.task.n_class = 1
+  c.model.width = 8
+  c.data.source = "phantom"
+  c.data.phantom_seed = 1
+  c.data.phantom_shape = (128, 128, 96)
+  c.data.crop = (32, 32, 16)
+  c.data.train_cases = 6
+  c.data.val_cases = 4
+  c.data.test_cases = 8
+  c.num_steps = 200
+  c.eval_every = 25
+  c.checkpoint_every = 25
+  c.train.early_stop_patience = 4
+  return c
+
+
 def experiment_config() -> ml_collections.ConfigDict:
   """Scratch-vs-Genesis experiment: N fine-tuning trials per arm and task, then a results table."""
   c = finetune_config()
