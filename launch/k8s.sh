@@ -16,12 +16,8 @@
 # mounted at /runs; leave empty when the image mounts shared storage itself).
 set -euo pipefail
 
-usage() {  # The header comment above is the manual; to stderr when called for a mistake.
-  local code="${1:-0}"
-  { echo "usage ($0):"; awk 'NR == 1 { next } /^#/ { sub(/^# ?/, "  "); print; next } { exit }' "$0"; } |
-    if ((code)); then cat >&2; else cat; fi
-  exit "$code"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, shq
 
 name=genesis
 namespace=""
@@ -153,11 +149,7 @@ EOF
 }
 
 show() {  # Print a command the way a person would type it (still valid shell).
-  local w out=()
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then out+=("$w"); else out+=("$(printf '%q' "$w")"); fi
-  done
-  echo "+ ${out[*]}"
+  echo "+ $(shq "$@")"
 }
 
 case "$step" in

@@ -14,12 +14,8 @@
 # DRY_RUN=1 or --dry-run prints the commands instead of running them.
 set -euo pipefail
 
-usage() {  # The header comment above is the manual; to stderr when called for a mistake.
-  local code="${1:-0}"
-  { echo "usage ($0):"; awk 'NR == 1 { next } /^#/ { sub(/^# ?/, "  "); print; next } { exit }' "$0"; } |
-    if ((code)); then cat >&2; else cat; fi
-  exit "$code"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, shq
 
 num=2
 port="${GENESIS_PORT:-12355}"

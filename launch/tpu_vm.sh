@@ -30,12 +30,8 @@
 # shellcheck disable=SC2329  # The step_* functions are called by name: "step_$s".
 set -euo pipefail
 
-usage() {  # The header comment above is the manual; to stderr when called for a mistake.
-  local code="${1:-0}"
-  { echo "usage ($0):"; awk 'NR == 1 { next } /^#/ { sub(/^# ?/, "  "); print; next } { exit }' "$0"; } |
-    if ((code)); then cat >&2; else cat; fi
-  exit "$code"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, shq
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 name="${TPU_NAME:-genesis}"
@@ -86,16 +82,6 @@ done
 where=(--zone="$zone")
 [[ -n "$project" ]] && where+=(--project="$project")
 tarball="${TMPDIR:-/tmp}/genesis_jax-src-$name.tar.gz"
-
-shq() {  # Quote words for display the way a person would type them (still valid shell).
-  local w out=()
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then out+=("$w")
-    elif [[ "$w" != *"'"* ]]; then out+=("'$w'")
-    else out+=("$(printf '%q' "$w")"); fi
-  done
-  echo "${out[*]}"
-}
 
 run() {  # Print the command; execute it unless this is a dry run. Steps run in subshells, so
   # a failing command ends its step (explicitly: `set -e` is off inside `... || x`).
