@@ -141,6 +141,11 @@ def test_winograd_tile_needs_float32_for_f43():
   assert layers.winograd_tile(6, jnp.float32) == 2
   assert layers.winograd_tile(7, jnp.float32) == 0
   assert layers.winograd_tile(64, jnp.float32, layers.WINOGRAD_MIN_MACS - 1) == 0
+  # Float32 convs on a GPU run as TF32 unless asked for full precision: F(2, 3) only.
+  assert layers.winograd_tile(64, jnp.float32, backend="gpu") == 2
+  with jax.default_matmul_precision("highest"):
+    assert layers.winograd_tile(64, jnp.float32, backend="gpu") == 4
+    assert layers.winograd_tile(64, jnp.bfloat16, backend="gpu") == 2
 
 
 @pytest.mark.parametrize("m", [2, 4])

@@ -124,19 +124,24 @@ def _min_macs_from_env(default: float = 1e8) -> float:
 WINOGRAD_MIN_MACS = _min_macs_from_env()
 
 
-def winograd_tile(sx: int, dtype: Any, macs: float = math.inf) -> int:
-  """The Winograd tile along x the unfold conv uses: 4 for float32 when 4 | x, 2 when 2 | x, else 0.
+def winograd_tile(sx: int, dtype: Any, macs: float = math.inf, backend: str | None = None) -> int:
+  """The Winograd tile along x the unfold conv uses: 4 for full float32 when 4 | x, 2 when 2 | x.
 
   F(4, 3) has 1.5 products per output against F(2, 3)'s 2 and a direct conv's 3, at the price of
   larger transform coefficients (relative error ~2e-6 against ~5e-7 in float32); with fewer
   mantissa bits (bfloat16, float16) only F(2, 3), whose transforms are additions and halvings.
-  0 as well for convs of fewer than `WINOGRAD_MIN_MACS` multiply-adds (`macs`, direct conv).
+  The same holds for float32 convs that run as TF32 (10 mantissa bits), XLA's default on recent
+  GPUs: there F(4, 3)'s rms error is 2.8x the direct conv's (8e-4 against 2.9e-4, emulated in
+  bench/winograd_error.py), F(2, 3)'s 1.2x. So F(4, 3) needs float32 on the CPU, or `jax_default_matmul_precision` "highest"
+  (or "float32") elsewhere. 0 (no Winograd) for odd x, and for convs of fewer than
+  `WINOGRAD_MIN_MACS` multiply-adds (`macs`, as a direct conv).
   """
-  if macs < WINOGRAD_MIN_MACS:
+  if macs < WINOGRAD_MIN_MACS or sx % 2:
     return 0
-  if sx % 4 == 0 and jnp.dtype(dtype) == jnp.float32:
-    return 4
-  return 2 if sx % 2 == 0 else 0
+  backend = backend or jax.default_backend()
+  full_f32 = jnp.dtype(dtype) == jnp.float32 and (
+      backend == "cpu" or jax.config.jax_default_matmul_precision in ("highest", "float32"))
+  return 4 if full_f32 and sx % 4 == 0 else 2
 
 
 def _combine(coeffs, arrays):
