@@ -11,7 +11,7 @@ import ml_collections
 def pretrain_config() -> ml_collections.ConfigDict:
   """Every config key, with the values of the original PyTorch pre-training recipe."""
   c = ml_collections.ConfigDict()
-  c.mode = "pretrain"  # pretrain | finetune | evaluate | prepare | experiment
+  c.mode = "pretrain"  # pretrain | finetune | evaluate | predict | prepare | experiment
   c.seed = 0
   c.num_steps = 200_000  # Upper bound; early stopping usually ends the run first.
 
@@ -121,6 +121,18 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.eval.tta_flip = False
   c.eval.hd95 = False
   c.eval.write_predictions = False  # NIfTI predictions in <workdir>/predictions/.
+
+  # mode=predict: the workdir's fine-tuned model on new scans (see genesis_jax/predict.py).
+  c.predict = ml_collections.ConfigDict()
+  c.predict.input = ""  # A scan (file or DICOM folder), a folder of scans, or a glob.
+  c.predict.output = ""  # Folder for the outputs; default <workdir>/predict.
+  c.predict.candidates = ""  # classify: CSV seriesuid,coordX,coordY,coordZ[,class] (LPS mm).
+  c.predict.which = "best"  # best | latest checkpoint of the run.
+  c.predict.threshold = 0.5  # segment, one class: mask = probability >= threshold.
+  c.predict.probabilities = False  # segment: write float32 probabilities instead of labels.
+  c.predict.batch_size = 4  # Windows (or candidate cubes) per forward pass.
+  c.predict.overwrite = False  # Replace outputs already there (default: keep them, go on).
+  c.predict.on_error = "raise"  # An unreadable scan: "raise", or "skip" (listed in the json).
 
   c.train.optimizer = "adam"
   c.train.learning_rate = 1e-3

@@ -5,7 +5,7 @@ import difflib
 import glob
 import pathlib
 
-MODES = ("pretrain", "finetune", "evaluate", "prepare", "experiment")
+MODES = ("pretrain", "finetune", "evaluate", "predict", "prepare", "experiment")
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -18,7 +18,7 @@ def _choice(name: str, value, allowed) -> None:
 def _monitors(config) -> tuple[str, ...]:
   """Validation values that can select the best checkpoint in this config's mode."""
   task = config.get("task")
-  if config.mode not in ("finetune", "evaluate") or task is None:
+  if config.mode not in ("finetune", "evaluate", "predict") or task is None:
     return ("val_loss",)
   return ("val_loss", "auc") if task.kind == "classify" else ("val_loss", "dice", "iou")
 
@@ -42,6 +42,19 @@ def validate(config) -> None:
       _choice("config.train.monitor", t.monitor, _monitors(config))
     if t.batch_size < 1:
       raise ValueError(f"config.train.batch_size={t.batch_size} must be >= 1 (per device).")
+  p = config.get("predict")
+  if config.mode == "predict":
+    if p is None:
+      raise ValueError("mode=predict needs a fine-tuning config (config.predict.*), e.g. the "
+                       "config the run was fine-tuned with.")
+    _choice("config.predict.which", p.which, ("best", "latest"))
+    _choice("config.predict.on_error", p.on_error, ("raise", "skip"))
+    if not p.input:
+      raise ValueError("mode=predict needs config.predict.input: a scan, a folder of scans or "
+                       "a glob.")
+    if p.batch_size < 1:
+      raise ValueError(f"config.predict.batch_size={p.batch_size} must be >= 1.")
+    return  # The data section is the run's own (config.json), not this one's.
   d = config.get("data")
   if d is not None:
     _choice("config.data.source", d.source, ("phantom", "folder", "prepared", "npy"))
@@ -70,5 +83,8 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   if config.mode == "evaluate":
     from genesis_jax.training import finetune
     return finetune.evaluate(config, workdir)
+  if config.mode == "predict":
+    from genesis_jax import predict
+    return predict.run(config, workdir)
   from genesis_jax import trials
   return trials.run(config, workdir)

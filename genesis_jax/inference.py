@@ -191,11 +191,28 @@ def sliding_window_predict(apply_fn: Callable, volume: np.ndarray, window: tuple
   return out[crop]
 
 
+def segment_volume(apply_fn: Callable, data: np.ndarray, window, **kw) -> np.ndarray:
+  """(x, y, z) volume -> (x, y, z, K) probabilities with a 3D model or, slice by slice, a 2D one.
+
+  A 3D `window` slides over the volume; a 2D `window` (x, y) slides over every axial slice z.
+  `kw` goes to `sliding_window_predict` (overlap, batch_size, gaussian, tta_flip, ...).
+  """
+  data = np.asarray(data, np.float32)
+  if data.ndim != 3:
+    raise InferenceInputError(f"segment_volume needs an (x, y, z) volume, got shape {data.shape}")
+  if len(window) == 3:
+    return sliding_window_predict(apply_fn, data[..., None], window, **kw)
+  if len(window) != 2:
+    raise InferenceInputError(f"window {tuple(window)} must have 2 or 3 entries")
+  return np.stack([sliding_window_predict(apply_fn, data[:, :, z, None], window, **kw)
+                   for z in range(data.shape[2])], axis=2)
+
+
 def predict_to_nifti(apply_fn: Callable, vol: Volume, window, out_path: str | os.PathLike, *,
                      threshold: float | None = 0.5,
                      preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
                      **kw) -> np.ndarray:
-  """Segments a `Volume` with `sliding_window_predict` and writes the result as NIfTI.
+  """Segments a `Volume` with `segment_volume` (3D or 2D window) and writes it as NIfTI.
 
   `vol.data` (x, y, z) is fed to the model as one channel; it must already be in the model's
   input units (e.g. HU clipped and mapped to [0, 1]) unless `preprocess` maps it there. The file
@@ -212,7 +229,7 @@ def predict_to_nifti(apply_fn: Callable, vol: Volume, window, out_path: str | os
     raise InferenceInputError(f"{vol.source or 'volume'}: data must be (x, y, z), got {data.shape}")
   if preprocess is not None:
     data = np.asarray(preprocess(data), np.float32)
-  probs = sliding_window_predict(apply_fn, data[..., None], window, **kw)
+  probs = segment_volume(apply_fn, data, window, **kw)
   if threshold is None:
     result = probs[..., 0] if probs.shape[-1] == 1 else probs
   elif probs.shape[-1] == 1:

@@ -2,7 +2,7 @@
 
 Overrides: --config.<key>=<value> (e.g. --config.train.batch_size=8, --config.num_steps=100).
 Unknown keys are an error that names the closest known keys. `config.mode` picks the job:
-pretrain | finetune | evaluate | prepare | experiment.
+pretrain | finetune | evaluate | predict | prepare | experiment.
 """
 from __future__ import annotations
 

@@ -211,7 +211,8 @@ class Candidate:
   label: int
 
 
-def read_candidates_csv(path: str | pathlib.Path, *, frame: str = "lps") -> list[Candidate]:
+def read_candidates_csv(path: str | pathlib.Path, *, frame: str = "lps",
+                        labels: bool = True) -> list[Candidate]:
   """Reads `seriesuid,coordX,coordY,coordZ,class` rows (the LUNA16 candidates format).
 
   Args:
@@ -219,6 +220,7 @@ def read_candidates_csv(path: str | pathlib.Path, *, frame: str = "lps") -> list
       for "class").
     frame: the world frame of coordX/Y/Z. "lps" (LUNA16 and anything written from ITK/SimpleITK
       physical points) is converted to RAS by negating x and y; "ras" is taken as is.
+    labels: False for candidates to predict: the class column may be missing or blank (label -1).
   """
   path = pathlib.Path(path)
   if frame not in ("lps", "ras"):
@@ -234,6 +236,8 @@ def read_candidates_csv(path: str | pathlib.Path, *, frame: str = "lps") -> list
   for want, names in (("id", ("seriesuid", "scan_id")), ("x", ("coordx",)), ("y", ("coordy",)),
                       ("z", ("coordz",)), ("label", ("class", "label"))):
     found = [header.index(n) for n in names if n in header]
+    if not found and want == "label" and not labels:
+      continue
     if not found:
       raise VolumeReadError(
           f"{path}: header {header} lacks a {'/'.join(names)} column; expected"
@@ -245,7 +249,8 @@ def read_candidates_csv(path: str | pathlib.Path, *, frame: str = "lps") -> list
       continue
     try:
       xyz = np.array([float(row[columns[k]]) for k in "xyz"])
-      label_f = float(row[columns["label"]])
+      cell = row[columns["label"]].strip() if "label" in columns else ""
+      label_f = -1.0 if not labels and not cell else float(cell)
       uid = row[columns["id"]].strip()
     except (ValueError, IndexError) as e:
       raise VolumeReadError(f"{path}, line {line_no}: cannot parse {row} ({e}).") from e

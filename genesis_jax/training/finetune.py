@@ -252,7 +252,8 @@ def _test(config, workdir, state, model, data, mesh, eval_step, per_process) -> 
 
 
 def _segment_volumes(config, workdir, state, volumes) -> dict:
-  """Whole-volume sliding-window segmentation of the test cases; per-case Dice/IoU (and HD95)."""
+  """Whole-volume sliding-window segmentation of the test cases (a 2D model slice by slice);
+  per-case Dice/IoU (and HD95)."""
   from genesis_jax import inference
   n_class = int(config.task.n_class)
   window = tuple(config.data.crop)
@@ -264,15 +265,14 @@ def _segment_volumes(config, workdir, state, volumes) -> dict:
   preds, targets, spacings = [], [], []
   out_dir = workdir / "predictions"
   for vol, label in volumes:
-    image = vol.data[..., None]
     if config.eval.write_predictions and jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)
       name = pathlib.Path(vol.source).name.split(".")[0] + "_pred.nii.gz"
       pred = inference.predict_to_nifti(apply, vol, window, out_dir / name, overlap=config.eval.overlap,
                                         tta_flip=config.eval.tta_flip) > 0
     else:
-      probs = inference.sliding_window_predict(apply, image, window, overlap=config.eval.overlap,
-                                               tta_flip=config.eval.tta_flip)
+      probs = inference.segment_volume(apply, vol.data, window, overlap=config.eval.overlap,
+                                       tta_flip=config.eval.tta_flip)
       pred = probs[..., 0] > 0.5 if n_class == 1 else np.argmax(probs, -1) > 0
     preds.append(pred)
     targets.append(label > 0)

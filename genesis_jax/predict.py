@@ -1,0 +1,224 @@
+"""`mode=predict`: apply a fine-tuned model from a workdir to new scans.
+
+  python -m genesis_jax.main --config configs/finetune_ncs.py --workdir runs/ncs \
+      --config.mode=predict --config.predict.input=/data/new_scans
+
+The model, task and preprocessing come from the run itself (`<workdir>/config.json` and its
+best, or latest, checkpoint), so they cannot drift from what was trained; the given config only
+supplies `predict.*` and the sliding-window settings `eval.overlap` / `eval.tta_flip`.
+
+Segmentation: every scan (a file, a folder searched recursively, or a glob) is preprocessed as in
+training, segmented by sliding windows (slice by slice for a 2D model), mapped back onto the
+scan's own voxel grid (undoing resampling and body crop) and written to
+`<output>/<scan id>_pred.nii.gz` with the scan's canonical (RAS+) affine: a uint8 mask
+(probability >= `predict.threshold`), a label map (argmax, several classes), or the float32
+probabilities (`predict.probabilities`). Classification: every candidate of `predict.candidates`
+(LUNA16 columns; `class` optional) gets a probability in `<output>/predictions.csv`.
+`<output>/predictions.json` lists what was written (and, for classification with labels, AUC).
+Files are written under a temporary name and renamed, so an output is complete or absent; outputs
+already there are kept (a rerun continues) unless `predict.overwrite`.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import gzip
+import io
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from genesis_jax import inference
+from genesis_jax.data import preprocess as preprocess_lib
+from genesis_jax.data import readers
+from genesis_jax.data.volume import Volume
+
+
+class PredictError(ValueError):
+  """Predict mode cannot run as configured; the message says what to change."""
+
+
+def run(config, workdir: str | pathlib.Path) -> dict:
+  workdir = pathlib.Path(workdir)
+  p = config.predict
+  if jax.process_count() > 1:
+    raise PredictError("mode=predict runs in one process; start it without the multi-host "
+                       "launcher (it uses every local device's memory only for one model).")
+  run_cfg = run_config(workdir)
+  kind, n_class = str(run_cfg.task.kind), int(run_cfg.task.n_class)
+  out_dir = pathlib.Path(p.output) if p.output else workdir / "predict"
+  apply = _apply_fn(run_cfg, workdir, str(p.which))
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if kind == "segment":
+    result = _segment_all(config, run_cfg, apply, out_dir)
+  else:
+    result = _classify_all(config, run_cfg, apply, out_dir, n_class)
+  result.update(workdir=str(workdir), checkpoint=str(p.which), kind=kind)
+  write_atomic(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
+  print(f"predict: wrote {out_dir / 'predictions.json'}", flush=True)
+  return result
+
+
+def run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The fine-tuning run's own config (<workdir>/config.json)."""
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise PredictError(f"{workdir} holds no fine-tuning run (no config.json); --workdir must be "
+                       f"the workdir of a finished `mode=finetune` run.")
+  cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if cfg.get("mode") not in ("finetune", "evaluate") or "task" not in cfg:
+    raise PredictError(f"{workdir} is a {cfg.get('mode')!r} run; predict needs a fine-tuned "
+                       f"segmentation or classification model (a `mode=finetune` workdir).")
+  return cfg
+
+
+def _apply_fn(run_cfg, workdir: pathlib.Path, which: str) -> Callable:
+  """batch (B, *window, C) -> probabilities (B, *window, K) or (B, K), with the run's weights."""
+  from genesis_jax.models import heads
+  from genesis_jax.training import finetune, transfer
+  n_class = int(run_cfg.task.n_class)
+  model = heads.build_model(run_cfg.model, task=str(run_cfg.task.kind), n_class=n_class)
+  variables, _ = transfer.load_pretrained(str(workdir), which=which)
+  # Variables as an argument, not a closure constant (see finetune._segment_volumes).
+  apply_jit = jax.jit(lambda v, x: finetune.probabilities(model.apply(v, x, train=False), n_class))
+  return functools.partial(apply_jit, {"params": variables["params"],
+                                       "batch_stats": variables.get("batch_stats", {})})
+
+
+def find_inputs(spec: str) -> list[pathlib.Path]:
+  """A scan file or DICOM folder, a folder of scans (recursive), or a glob of either."""
+  if not spec:
+    raise PredictError("config.predict.input is empty: give a scan, a folder of scans or a glob.")
+  path = pathlib.Path(spec).expanduser()
+  if path.is_dir() and not readers._is_dicom_dir(path):
+    return readers.find_scans(path)
+  if path.exists():
+    return [path]
+  matches = sorted(pathlib.Path(m) for m in glob.glob(os.path.expanduser(spec)))
+  if not matches:
+    raise FileNotFoundError(f"config.predict.input={spec!r}: no such file, folder or glob match.")
+  return matches
+
+
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to a temporary file next to `path`, then renames it into place."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+# ---------------------------------------------------------------------------------- segment
+def to_source_grid(values: np.ndarray, pre: Volume, src: Volume, order: int) -> np.ndarray:
+  """(*pre.shape[, K]) values on the preprocessed grid -> the source scan's grid (zero outside).
+
+  The preprocessed volume differs from the source by resampling and/or a body crop, both
+  recorded in its affine: each source voxel takes the value at its world position.
+  """
+  if np.allclose(pre.affine, src.affine) and pre.shape == src.shape:
+    return values
+  m = np.linalg.inv(pre.affine) @ src.affine  # source index -> preprocessed index
+  chans = values[..., None] if values.ndim == 3 else values
+  out = [ndimage.affine_transform(chans[..., k], m[:3, :3], offset=m[:3, 3],
+                                  output_shape=src.shape, order=order, mode="constant", cval=0.0)
+         for k in range(chans.shape[-1])]
+  out = np.stack(out, axis=-1).astype(np.float32)
+  return out[..., 0] if values.ndim == 3 else out
+
+
+def _segment_all(config, run_cfg, apply, out_dir: pathlib.Path) -> dict:
+  p = config.predict
+  n_class = int(run_cfg.task.n_class)
+  written, kept, failed = [], [], []
+  for path in find_inputs(str(p.input)):
+    out = out_dir / f"{readers.scan_id(path)}_pred.nii.gz"
+    if out.exists() and not p.overwrite:
+      kept.append(str(out))
+      continue
+    try:
+      src = readers.load_volume(path)
+      readers.check_volume(src)
+      pre = preprocess_lib.preprocess(src, run_cfg.data)
+    except (readers.VolumeReadError, ValueError) as e:
+      if p.on_error == "raise":
+        raise
+      print(f"predict: skipped {path}: {e}", flush=True)
+      failed.append({"scan": str(path), "error": str(e)})
+      continue
+    probs = inference.segment_volume(
+        apply, pre.data, tuple(int(c) for c in run_cfg.data.crop),
+        overlap=float(config.eval.overlap), tta_flip=bool(config.eval.tta_flip),
+        batch_size=int(p.batch_size))
+    probs = to_source_grid(probs, pre, src, order=1)
+    if p.probabilities:
+      result = probs[..., 0] if n_class == 1 else probs
+    elif n_class == 1:
+      result = (probs[..., 0] >= float(p.threshold)).astype(np.uint8)
+    else:
+      result = np.argmax(probs, axis=-1).astype(np.uint8)
+    img = nib.Nifti1Image(result, np.asarray(src.affine, np.float64))
+    img.header.set_xyzt_units("mm")
+    write_atomic(out, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+    entry = {"scan": str(path), "output": str(out), "shape": list(result.shape)}
+    if not p.probabilities:
+      voxel_ml = float(np.prod(src.spacing)) / 1000.0
+      counts = np.bincount(result.reshape(-1), minlength=max(2, n_class))
+      entry["foreground_ml"] = {str(k): float(counts[k] * voxel_ml) for k in range(1, len(counts))}
+    written.append(entry)
+    print(f"predict: {path} -> {out}", flush=True)
+  return {"written": written, "kept": kept, "failed": failed}
+
+
+# --------------------------------------------------------------------------------- classify
+def _classify_all(config, run_cfg, apply, out_dir: pathlib.Path, n_class: int) -> dict:
+  from genesis_jax import metrics as metrics_lib
+  from genesis_jax.data import tasks
+  from genesis_jax.data.target_tasks import _LazyScans
+  p = config.predict
+  out = out_dir / "predictions.csv"
+  if out.exists() and not p.overwrite:
+    raise PredictError(f"{out} exists; set config.predict.overwrite=True to replace it, or "
+                       f"choose another config.predict.output.")
+  if not p.candidates:
+    raise PredictError("classification needs config.predict.candidates: a CSV of seriesuid, "
+                       "coordX, coordY, coordZ (LUNA16 columns, LPS mm; class optional).")
+  candidates = tasks.read_candidates_csv(p.candidates, labels=False)
+  paths = {}
+  for path in find_inputs(str(p.input)):
+    sid = readers.scan_id(path)
+    paths[sid[:-len("_0000")] if sid.endswith("_0000") else sid] = path
+  missing = sorted({c.scan_id for c in candidates} - set(paths))
+  if missing:
+    raise PredictError(f"{p.candidates}: {len(missing)} scan id(s) have no scan in "
+                       f"{p.input}, e.g. {missing[:3]}.")
+  x, _ = tasks.classification_cubes(_LazyScans(paths), candidates, run_cfg.data.crop, run_cfg.data)
+  batch = int(p.batch_size)
+  probs = np.concatenate([np.asarray(apply(x[i:i + batch])) for i in range(0, len(x), batch)])
+  rows = io.StringIO()
+  w = csv.writer(rows)
+  names = ["probability"] if n_class == 1 else [f"p_{k}" for k in range(n_class)]
+  w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "class", *names])
+  for c, pr in zip(candidates, probs.reshape(len(candidates), -1)):
+    lps = (-c.world_xyz_mm[0], -c.world_xyz_mm[1], c.world_xyz_mm[2])
+    w.writerow([c.scan_id, *(f"{v:.6g}" for v in lps), "" if c.label < 0 else c.label,
+                *(f"{v:.6f}" for v in pr)])
+  write_atomic(out, rows.getvalue().encode())
+  print(f"predict: {len(candidates)} candidates -> {out}", flush=True)
+  result: dict[str, Any] = {"written": [str(out)], "n": len(candidates)}
+  labels = np.array([c.label for c in candidates])
+  if n_class == 1 and (labels >= 0).all() and len(np.unique(labels)) == 2:
+    result["auc"] = float(metrics_lib.auc(labels, probs.reshape(-1)))
+  return result
