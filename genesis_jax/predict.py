@@ -56,12 +56,13 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   run_cfg = run_config(workdir)
   kind, n_class = str(run_cfg.task.kind), int(run_cfg.task.n_class)
   out_dir = pathlib.Path(p.output) if p.output else workdir / "predict"
+  inputs = find_inputs(str(p.input))  # Before loading anything: a wrong path fails at once.
   apply = _apply_fn(run_cfg, workdir, str(p.which))
   out_dir.mkdir(parents=True, exist_ok=True)
   if kind == "segment":
-    result = _segment_all(config, run_cfg, apply, out_dir)
+    result = _segment_all(config, run_cfg, apply, inputs, out_dir)
   else:
-    result = _classify_all(config, run_cfg, apply, out_dir, n_class)
+    result = _classify_all(config, run_cfg, apply, inputs, out_dir, n_class)
   result.update(workdir=str(workdir), checkpoint=str(p.which), kind=kind)
   write_atomic(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
   print(f"predict: wrote {out_dir / 'predictions.json'}", flush=True)
@@ -115,6 +116,9 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given.
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
@@ -139,11 +143,12 @@ def to_source_grid(values: np.ndarray, pre: Volume, src: Volume, order: int) -> 
   return out[..., 0] if values.ndim == 3 else out
 
 
-def _segment_all(config, run_cfg, apply, out_dir: pathlib.Path) -> dict:
+def _segment_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: pathlib.Path
+                 ) -> dict:
   p = config.predict
   n_class = int(run_cfg.task.n_class)
   written, kept, failed = [], [], []
-  for path in find_inputs(str(p.input)):
+  for path in inputs:
     out = out_dir / f"{readers.scan_id(path)}_pred.nii.gz"
     if out.exists() and not p.overwrite:
       kept.append(str(out))
@@ -183,7 +188,8 @@ def _segment_all(config, run_cfg, apply, out_dir: pathlib.Path) -> dict:
 
 
 # --------------------------------------------------------------------------------- classify
-def _classify_all(config, run_cfg, apply, out_dir: pathlib.Path, n_class: int) -> dict:
+def _classify_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: pathlib.Path,
+                  n_class: int) -> dict:
   from genesis_jax import metrics as metrics_lib
   from genesis_jax.data import tasks
   from genesis_jax.data.target_tasks import _LazyScans
@@ -197,7 +203,7 @@ def _classify_all(config, run_cfg, apply, out_dir: pathlib.Path, n_class: int) -
                        "coordX, coordY, coordZ (LUNA16 columns, LPS mm; class optional).")
   candidates = tasks.read_candidates_csv(p.candidates, labels=False)
   paths = {}
-  for path in find_inputs(str(p.input)):
+  for path in inputs:
     sid = readers.scan_id(path)
     paths[sid[:-len("_0000")] if sid.endswith("_0000") else sid] = path
   missing = sorted({c.scan_id for c in candidates} - set(paths))

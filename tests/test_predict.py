@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 
 import nibabel as nib
 import numpy as np
@@ -72,6 +73,9 @@ def test_segment_matches_the_runs_own_test_predictions(tmp_path, seg_run, phanto
   saved = json.loads((out / "predictions.json").read_text())
   assert saved["checkpoint"] == "best" and len(saved["written"]) == 2 and not saved["failed"]
   assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+  umask = os.umask(0)
+  os.umask(umask)
+  assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
 
   # A rerun keeps what is there; overwrite replaces it; probabilities are float32 in [0, 1].
   before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
