@@ -7,6 +7,9 @@ Public API, for your own Flax code (arrays are channels-last: (N, x, y, z, C) or
   load_pretrained(path)                    released .pt/.h5, converted dir, or a pre-training
                                            workdir -> ({"params", "batch_stats"}, model config)
   merge_params(fresh, loaded, source=...)  copy matching weights into a new model, with a report
+  load_volume(path)                        a NIfTI/MHD/NRRD/DICOM scan as a canonical (RAS+) Volume
+  sliding_window_predict, segment_volume   whole-volume inference with overlapping windows
+                                           (segment_volume: a 2D model slice by slice)
   defaults                                 the config schema (pretrain/finetune/experiment)
 
 Imports are lazy: `import genesis_jax` does not start JAX (multi-host runs must call
@@ -29,6 +32,9 @@ _EXPORTS = {
     "load_pretrained": "genesis_jax.training.transfer",
     "merge_params": "genesis_jax.training.transfer",
     "defaults": "genesis_jax.defaults",
+    "load_volume": "genesis_jax.data.readers",
+    "sliding_window_predict": "genesis_jax.inference",
+    "segment_volume": "genesis_jax.inference",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,3 +35,9 @@ def test_unknown_attribute():
   import genesis_jax
   with pytest.raises(AttributeError):
     genesis_jax.nope
+
+
+def test_every_export_resolves():
+  import genesis_jax
+  for name in genesis_jax.__all__:
+    assert getattr(genesis_jax, name) is not None, name
