@@ -14,6 +14,13 @@ probes (frozen encoder, new head) on Genesis features and on random features:
       --workdir runs/experiment   # reuses the pre-training and the plain arms' finished trials;
                                   # table in <workdir>/results_diagnose.{md,json,png}
 
+Variant ":budget" (NCC only, same workdir and pre-training): Scratch vs Genesis with 2, 4 and 6
+labelled training subjects (`data.train_subset`; validation and test subjects unchanged), best
+checkpoint by validation AUC; the 6-subject arms are the `:diagnose` run's *_auc arms, reused:
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:budget \
+      --workdir runs/experiment   # table in <workdir>/results_budget.{md,json,png}
+
 Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
 (1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
@@ -39,11 +46,23 @@ def get_config(variant: str = ""):
         "probe_random=[finetune.freeze_encoder=True|train.monitor=auc]",
         "probe_genesis=@pretrain[finetune.freeze_encoder=True|train.monitor=auc]"])
     c.experiment.compare = "genesis:scratch,genesis_auc:scratch_auc,probe_genesis:probe_random"
+  elif variant == "budget":
+    c.experiment.report = "results_budget"
+    c.experiment.tasks = "configs/finetune_ncc.py"
+    arms, pairs = [], []
+    for k in (2, 4, 6):
+      suffix = "" if k == 6 else f"_{k}"  # 6 = every training subject: the :diagnose arms.
+      subset = "" if k == 6 else f"|data.train_subset={k}"
+      arms += [f"scratch_auc{suffix}=[train.monitor=auc{subset}]",
+               f"genesis_auc{suffix}=@pretrain[train.monitor=auc{subset}]"]
+      pairs.append(f"genesis_auc{suffix}:scratch_auc{suffix}")
+    c.experiment.arms = ",".join(arms)
+    c.experiment.compare = ",".join(pairs)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = "configs/finetune_ncc.py"
     c.experiment.pretrain_overrides = "num_steps=1200,eval_every=200,checkpoint_every=200"
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py "
-                     f"(known: diagnose, long).")
+                     f"(known: diagnose, budget, long).")
   return c

@@ -111,6 +111,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   # and the LUNA16-style CSV at data.candidates.
   c.data.candidates = ""
   c.data.train_cases = 8  # Labelled budget: number of training subjects (cases).
+  c.data.train_subset = 0  # Train on the first k training cases only (0 = all); val/test unchanged.
   c.data.val_cases = 4
   c.data.test_cases = 8
   c.data.cubes_per_case = 16  # segment: training cubes per case.

@@ -5,7 +5,8 @@ LUNA16-style candidates CSV refers to (classification). The built-in phantom dat
 exactly that layout first, so the built-in tasks go through the same code as users' data.
 Splits take cases in sorted order: the first `train_cases` train, the next `val_cases` validate,
 the next `test_cases` test; they never depend on the trial seed, so every arm and trial of an
-experiment sees the same split.
+experiment sees the same split. `train_subset` k > 0 trains on only the first k of the training
+cases with validation and test unchanged: a labelled-budget sweep keeps its test set.
 """
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ def _split_ids(ids: list[str], d, what: str) -> dict[str, list[str]]:
     raise ValueError(f"{what}: {len(ids)} cases, but train_cases + val_cases + test_cases = {need} "
                      f"({d.train_cases} + {d.val_cases} + {d.test_cases}); lower them in config.data.")
   a, b = int(d.train_cases), int(d.train_cases + d.val_cases)
-  return {"train": ids[:a], "val": ids[a:b], "test": ids[b:need]}
+  subset = int(d.get("train_subset", 0))
+  if not 0 <= subset <= a:
+    raise ValueError(f"config.data.train_subset={subset} must be in [0, train_cases={a}] "
+                     f"(0 = all training cases).")
+  return {"train": ids[:subset or a], "val": ids[a:b], "test": ids[b:need]}
 
 
 def _segmentation(config, root: pathlib.Path) -> dict[str, Any]:
