@@ -95,6 +95,9 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.task.kind = "classify"  # classify (encoder + MLP head) | segment (encoder-decoder)
   c.task.n_class = 1  # 1 = binary (sigmoid); >1 = softmax over classes.
   c.task.loss = "dice"  # segment: "dice" | "dice+ce". classify: BCE (n_class 1) or CE.
+  # classify: the encoder level whose global average pool feeds the head: -1 = the deepest (the
+  # original), 0 = the finest (full resolution) ... depth - 1; for probing what each level holds.
+  c.task.feature_level = -1
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.init = ""  # "" = scratch; a pre-training workdir, converted dir, or .pt/.h5 file.

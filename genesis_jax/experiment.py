@@ -33,6 +33,15 @@ def validate(config) -> None:
     _choice("config.model.dtype", m.dtype, ("float32", "bfloat16"))
     _choice("config.model.conv_impl", m.conv_impl, ("auto", "native", "unfold"))
     _choice("config.model.spatial_dims", m.spatial_dims, (2, 3))
+  task = config.get("task")
+  if task is not None and "feature_level" in task and task.feature_level != -1:
+    depth = int(config.model.depth)
+    if task.kind != "classify":
+      raise ValueError(f"config.task.feature_level={task.feature_level} applies to "
+                       f"classification only (task.kind={task.kind!r}); leave it at -1.")
+    if not -1 <= task.feature_level <= depth:
+      raise ValueError(f"config.task.feature_level={task.feature_level} must be in "
+                       f"[-1, model.depth={depth}] (0 = finest encoder level, -1 = deepest).")
   t = config.get("train")
   if t is not None:
     _choice("config.train.optimizer", t.optimizer, ("sgd", "adam"))

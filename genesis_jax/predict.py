@@ -87,7 +87,8 @@ def _apply_fn(run_cfg, workdir: pathlib.Path, which: str) -> Callable:
   from genesis_jax.models import heads
   from genesis_jax.training import finetune, transfer
   n_class = int(run_cfg.task.n_class)
-  model = heads.build_model(run_cfg.model, task=str(run_cfg.task.kind), n_class=n_class)
+  model = heads.build_model(run_cfg.model, task=str(run_cfg.task.kind), n_class=n_class,
+                            feature_level=int(run_cfg.task.get("feature_level", -1)))
   variables, _ = transfer.load_pretrained(str(workdir), which=which)
   # Variables as an argument, not a closure constant (see finetune._segment_volumes).
   apply_jit = jax.jit(lambda v, x: finetune.probabilities(model.apply(v, x, train=False), n_class))

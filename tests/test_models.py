@@ -51,6 +51,26 @@ def test_classifier_parameter_tree_shares_encoder():
   assert cls["dense_1"]["kernel"].shape == (1024, 3)
 
 
+def test_classifier_feature_level_reads_that_encoder_level():
+  x = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 8, 1)), jnp.float32)
+  model = heads.Classifier(n_class=1, width=2, feature_level=0)
+  v = model.init(jax.random.key(0), x, train=False)
+  # Level 0's features have 2 * width channels; the whole encoder still exists (transfer).
+  assert v["params"]["classifier"]["dense_0"]["kernel"].shape == (4, 1024)
+  assert set(v["params"]["encoder"]) == {"down_0", "down_1", "down_2", "down_3"}
+  y = model.apply(v, x, train=False)
+  # Deeper levels do not reach the output; level 0 does.
+  for level, changes in (("down_2", False), ("down_0", True)):
+    p = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 1.0 if level in jax.tree_util.keystr(path) else a, v["params"])
+    y2 = model.apply({**v, "params": p}, x, train=False)
+    assert bool(jnp.any(y2 != y)) == changes, level
+  deepest = heads.build_model(ml_collections.ConfigDict({"width": 2}), task="classify")
+  assert deepest.feature_level == -1
+  with pytest.raises(ValueError, match=r"feature_level=4 must be in \[-1, depth=3\]"):
+    heads.build_model(ml_collections.ConfigDict({"width": 2}), task="classify", feature_level=4)
+
+
 # ---- shapes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["pytorch", "keras"])

@@ -31,7 +31,12 @@ class ClassifierHead(nn.Module):
 
 
 class Classifier(nn.Module):
-  """Encoder + ClassifierHead on its deepest features. x (N, *spatial, C) -> logits (N, n_class)."""
+  """Encoder + ClassifierHead on its deepest features. x (N, *spatial, C) -> logits (N, n_class).
+
+  `feature_level` k in [0, depth) feeds the head from encoder level k instead (0 = the finest,
+  full resolution; the skip the decoder would take), for probing what each level encodes; -1 or
+  `depth` is the deepest (the original). Deeper levels are then unused.
+  """
   n_class: int
   width: int = 32
   depth: int = 3
@@ -40,6 +45,7 @@ class Classifier(nn.Module):
   bn: str = "standard"
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  feature_level: int = -1
 
   def setup(self):
     self.encoder = unet.Encoder(
@@ -48,8 +54,16 @@ class Classifier(nn.Module):
     self.classifier = ClassifierHead(self.n_class, dtype=self.dtype)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bottom, _ = self.encoder(x, train)
-    return self.classifier(bottom)
+    check_feature_level(self.feature_level, self.depth)
+    bottom, skips = self.encoder(x, train)
+    level = self.feature_level % (self.depth + 1)
+    return self.classifier(bottom if level == self.depth else skips[level])
+
+
+def check_feature_level(level: int, depth: int) -> None:
+  if not -1 <= level <= depth:
+    raise ValueError(f"task.feature_level={level} must be in [-1, depth={depth}] (0 = finest "
+                     f"encoder level, -1 or {depth} = the deepest).")
 
 
 TASKS = ("restore", "segment", "classify")
@@ -57,7 +71,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
-                in_channels: int | None = None) -> nn.Module:
+                in_channels: int | None = None, feature_level: int = -1) -> nn.Module:
   """Model for `task` from `config.model` (fields variant, width, depth, spatial_dims, bn, dtype,
   conv_impl). restore: UNet with n_class (= input channels) outputs (logits; sigmoid + MSE in the loss). segment: UNet with
   n_class outputs. classify: Classifier with n_class logits. in_channels is inferred at init.
@@ -77,5 +91,6 @@ def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
   if task == "segment":
     return unet.UNet(out_channels=n_class, **kw)
   if task == "classify":
-    return Classifier(n_class=n_class, **kw)
+    check_feature_level(feature_level, kw["depth"])
+    return Classifier(n_class=n_class, feature_level=feature_level, **kw)
   raise ValueError(f"task must be one of {TASKS}, got {task!r}.")

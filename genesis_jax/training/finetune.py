@@ -184,7 +184,8 @@ def _setup(config, workdir: pathlib.Path):
   data = task_data.load(config, workdir)
   sample_shape = data["train"][0].shape[1:]
   loop.check_sample_rank(sample_shape, config.model.spatial_dims, config.model.depth)
-  model = heads.build_model(config.model, task=kind, n_class=int(config.task.n_class))
+  model = heads.build_model(config.model, task=kind, n_class=int(config.task.n_class),
+                            feature_level=int(config.task.feature_level))
   return data, sample_shape, model
 
 
