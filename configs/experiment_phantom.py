@@ -21,6 +21,13 @@ checkpoint by validation AUC; the 6-subject arms are the `:diagnose` run's *_auc
   python -m genesis_jax.main --config configs/experiment_phantom.py:budget \
       --workdir runs/experiment   # table in <workdir>/results_budget.{md,json,png}
 
+Variant ":levels" (NCC only, same workdir and pre-training): the `:diagnose` probes (frozen
+encoder, new head, selection by validation AUC) on each encoder level (`task.feature_level` 0, 1,
+2; level 3, the deepest, is the :diagnose run's probe arms, reused), Genesis vs random encoder:
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:levels \
+      --workdir runs/experiment   # table in <workdir>/results_levels.{md,json,png}
+
 Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
 (1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
@@ -58,11 +65,23 @@ def get_config(variant: str = ""):
       pairs.append(f"genesis_auc{suffix}:scratch_auc{suffix}")
     c.experiment.arms = ",".join(arms)
     c.experiment.compare = ",".join(pairs)
+  elif variant == "levels":
+    c.experiment.report = "results_levels"
+    c.experiment.tasks = "configs/finetune_ncc.py"
+    arms, pairs = [], []
+    for level in (0, 1, 2, 3):
+      suffix = "" if level == 3 else f"_level{level}"  # 3 = deepest: the :diagnose probe arms.
+      extra = "" if level == 3 else f"|task.feature_level={level}"
+      probe = f"finetune.freeze_encoder=True|train.monitor=auc{extra}"
+      arms += [f"probe_random{suffix}=[{probe}]", f"probe_genesis{suffix}=@pretrain[{probe}]"]
+      pairs.append(f"probe_genesis{suffix}:probe_random{suffix}")
+    c.experiment.arms = ",".join(arms)
+    c.experiment.compare = ",".join(pairs)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = "configs/finetune_ncc.py"
     c.experiment.pretrain_overrides = "num_steps=1200,eval_every=200,checkpoint_every=200"
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py "
-                     f"(known: diagnose, budget, long).")
+                     f"(known: diagnose, budget, levels, long).")
   return c
