@@ -166,6 +166,11 @@ def jax_child(args) -> None:
            "cubes_per_s": 32 / t, "compile_s": compile_s}, args.out)
 
   def run(dtype_name: str, batch: int, conv_impl: str) -> dict:
+    # "unfold:4": the unfold convs with Winograd F(4, 3) forced (GENESIS_WINOGRAD_TILE, read
+    # when the step is traced), "unfold:2", "unfold:0" (none); plain "unfold" = auto.
+    label = conv_impl.replace(":", "_f")
+    conv_impl, _, tile = conv_impl.partition(":")
+    os.environ["GENESIS_WINOGRAD_TILE"] = tile or "auto"
     jstep, state = make_jax_step(conv_impl,
                                  jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
                                  args.width)
@@ -187,7 +192,7 @@ def jax_child(args) -> None:
            "loss": float(holder["loss"])}
     if args.profile:
       rec["profile_top_ms_per_step"] = _profile(one, lambda: holder["loss"].block_until_ready(),
-                                                f"{args.profile}/{dtype_name}_b{batch}_{conv_impl}",
+                                                f"{args.profile}/{dtype_name}_b{batch}_{label}",
                                                 compiled.as_text())
     if not np.isfinite(rec["loss"]):
       rec["error"] = "non-finite loss"
@@ -295,10 +300,11 @@ def main():
   ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat (3 repeats)")
   ap.add_argument("--width", type=int, default=32)
   ap.add_argument("--conv_impl", nargs="+", default=["auto"],
-                  choices=("auto", "native", "unfold"),
+                  choices=("auto", "native", "unfold", "unfold:0", "unfold:2", "unfold:4"),
                   help="genesis_jax's 3D conv, each timed per configuration: auto = native "
-                       "(cuDNN) on GPU; unfold = 2D convs with Winograd along x (half the "
-                       "multiply-adds in float32)")
+                       "(cuDNN) on GPU; unfold = 2D convs with Winograd along x (auto tile: "
+                       "F(2, 3) for TF32/bf16 = 2/3 of the multiply-adds); unfold:4 forces "
+                       "F(4, 3) (1/2, ~2.8x TF32's rounding error), unfold:0 no Winograd")
   ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
   ap.add_argument("--budget_s", type=float, default=480.0, help="for both children together")
   ap.add_argument("--child_budget_s", type=float, default=240.0)

@@ -168,6 +168,19 @@ def test_winograd_tile_needs_float32_for_f43():
     assert layers.winograd_tile(64, jnp.bfloat16, backend="gpu") == 2
 
 
+def test_winograd_tile_env_override(monkeypatch):
+  for value, want in (("4", {64: 4, 6: 2, 5: 0}), ("2", {64: 2, 6: 2, 5: 0}),
+                      ("0", {64: 0, 6: 0, 5: 0}), ("auto", {64: 4, 6: 2, 5: 0})):
+    monkeypatch.setenv("GENESIS_WINOGRAD_TILE", value)
+    assert {sx: layers.winograd_tile(sx, jnp.float32, backend="cpu") for sx in want} == want
+  monkeypatch.setenv("GENESIS_WINOGRAD_TILE", "4")
+  assert layers.winograd_tile(64, jnp.bfloat16, backend="gpu") == 4
+  assert layers.winograd_tile(64, jnp.float32, layers.WINOGRAD_MIN_MACS - 1) == 0
+  monkeypatch.setenv("GENESIS_WINOGRAD_TILE", "3")
+  with pytest.raises(ValueError, match="GENESIS_WINOGRAD_TILE must be"):
+    layers.winograd_tile(64, jnp.float32)
+
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_winograd_transforms_and_their_hand_written_gradients(m):
   # Forward: t_i[p] = sum_j BT[i, j] x[mp - 1 + j] (zero outside), y[mp + r] = sum_i AT[r, i] ms_i;

@@ -124,6 +124,15 @@ def _min_macs_from_env(default: float = 1e8) -> float:
 WINOGRAD_MIN_MACS = _min_macs_from_env()
 
 
+def _tile_from_env() -> int | None:
+  value = os.environ.get("GENESIS_WINOGRAD_TILE", "auto").strip().lower()
+  if value in ("", "auto"):
+    return None
+  if value not in ("0", "2", "4"):
+    raise ValueError(f"GENESIS_WINOGRAD_TILE must be auto, 0, 2 or 4, got {value!r}.")
+  return int(value)
+
+
 def winograd_tile(sx: int, dtype: Any, macs: float = math.inf, backend: str | None = None) -> int:
   """The Winograd tile along x the unfold conv uses: 4 for full float32 when 4 | x, 2 when 2 | x.
 
@@ -134,10 +143,14 @@ def winograd_tile(sx: int, dtype: Any, macs: float = math.inf, backend: str | No
   GPUs: there F(4, 3)'s rms error is 2.8x the direct conv's (8e-4 against 2.9e-4, emulated in
   bench/winograd_error.py), F(2, 3)'s 1.2x. So F(4, 3) needs float32 on the CPU, or `jax_default_matmul_precision` "highest"
   (or "float32") elsewhere. 0 (no Winograd) for odd x, and for convs of fewer than
-  `WINOGRAD_MIN_MACS` multiply-adds (`macs`, as a direct conv).
+  `WINOGRAD_MIN_MACS` multiply-adds (`macs`, as a direct conv). GENESIS_WINOGRAD_TILE=4 (or 2,
+  or 0 for none) overrides the choice at trace time, e.g. to trade TF32 accuracy for speed.
   """
   if macs < WINOGRAD_MIN_MACS or sx % 2:
     return 0
+  forced = _tile_from_env()
+  if forced is not None:
+    return 4 if forced == 4 and sx % 4 == 0 else min(forced, 2)
   backend = backend or jax.default_backend()
   full_f32 = jnp.dtype(dtype) == jnp.float32 and (
       backend == "cpu" or jax.config.jax_default_matmul_precision in ("highest", "float32"))
