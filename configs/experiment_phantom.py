@@ -23,7 +23,8 @@ checkpoint by validation AUC; the 6-subject arms are the `:diagnose` run's *_auc
 
 Variant ":levels" (NCC only, same workdir and pre-training): the `:diagnose` probes (frozen
 encoder, new head, selection by validation AUC) on each encoder level (`task.feature_level` 0, 1,
-2; level 3, the deepest, is the :diagnose run's probe arms, reused), Genesis vs random encoder:
+2; level 3, the deepest, is the :diagnose run's probe arms, reused), Genesis vs random encoder,
+3 trials each:
 
   python -m genesis_jax.main --config configs/experiment_phantom.py:levels \
       --workdir runs/experiment   # table in <workdir>/results_levels.{md,json,png}
@@ -77,6 +78,7 @@ def get_config(variant: str = ""):
       pairs.append(f"probe_genesis{suffix}:probe_random{suffix}")
     c.experiment.arms = ",".join(arms)
     c.experiment.compare = ",".join(pairs)
+    c.experiment.trials = 3  # 18 new trials, ~40 min on 2 CPU cores; the probes vary little.
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = "configs/finetune_ncc.py"
