@@ -1,0 +1,47 @@
+"""Every shipped config (and variant) loads, validates, and its experiment overrides name real keys."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from genesis_jax import experiment, trials
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "long"],
+            "pretrain_genesis.py": ["plateau"]}
+CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))
+         for v in [""] + VARIANTS.get(p.name, [])]
+
+
+@pytest.mark.parametrize("name,variant", CASES)
+def test_config_loads_and_validates(name, variant, monkeypatch):
+  monkeypatch.chdir(REPO)  # experiment configs name task configs relative to the repository
+  path = f"configs/{name}" + (f":{variant}" if variant else "")
+  config = trials.load_config_file(path)
+  if config.data.source in ("folder", "prepared", "npy"):
+    config.unlock()
+    config.data.path = str(REPO)  # a path that exists; the configs leave it to the user
+  experiment.validate(config)
+  if config.mode != "experiment":
+    return
+  # What trials.run checks before pre-training: every arm's and task's overrides apply.
+  exp = config.experiment
+  common = trials.parse_overrides(exp.overrides)
+  for task_file, task_overrides in trials.parse_tasks(exp.tasks):
+    for _, arm_overrides in trials.parse_arms(exp.arms).values():
+      tcfg = trials.apply_overrides(trials.load_config_file(task_file),
+                                    common + task_overrides + arm_overrides)
+      experiment.validate(tcfg)
+  trials.apply_overrides(trials.load_config_file(exp.pretrain_config),
+                         trials.parse_overrides(exp.pretrain_overrides))
+  arms = set(trials.parse_arms(exp.arms))
+  for pair in filter(None, exp.compare.split(",")):
+    assert set(pair.split(":")) <= arms, pair
+
+
+@pytest.mark.parametrize("name", sorted({n for n, _ in CASES}))
+def test_unknown_variant_is_an_error(name, monkeypatch):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(ValueError, match="nosuch"):
+    trials.load_config_file(f"configs/{name}:nosuch")
