@@ -211,9 +211,18 @@ def _classify_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: p
   if missing:
     raise PredictError(f"{p.candidates}: {len(missing)} scan id(s) have no scan in "
                        f"{p.input}, e.g. {missing[:3]}.")
-  x, _ = tasks.classification_cubes(_LazyScans(paths), candidates, run_cfg.data.crop, run_cfg.data)
+  # One scan at a time (a LUNA16-size candidate list does not fit in memory as cubes at once).
+  by_scan: dict[str, list[int]] = {}
+  for i, c in enumerate(candidates):
+    by_scan.setdefault(c.scan_id, []).append(i)
   batch = int(p.batch_size)
-  probs = np.concatenate([np.asarray(apply(x[i:i + batch])) for i in range(0, len(x), batch)])
+  probs = np.zeros((len(candidates), n_class), np.float32)
+  for sid, rows_of_scan in by_scan.items():
+    x, _ = tasks.classification_cubes(_LazyScans({sid: paths[sid]}),
+                                      [candidates[i] for i in rows_of_scan],
+                                      run_cfg.data.crop, run_cfg.data)
+    scan_probs = [np.asarray(apply(x[i:i + batch])) for i in range(0, len(x), batch)]
+    probs[rows_of_scan] = np.concatenate(scan_probs).reshape(len(rows_of_scan), n_class)
   rows = io.StringIO()
   w = csv.writer(rows)
   names = ["probability"] if n_class == 1 else [f"p_{k}" for k in range(n_class)]
