@@ -10,7 +10,8 @@ supplies `predict.*` and the sliding-window settings `eval.overlap` / `eval.tta_
 Segmentation: every scan (a file, a folder searched recursively, or a glob) is preprocessed as in
 training, segmented by sliding windows (slice by slice for a 2D model), mapped back onto the
 scan's own voxel grid (undoing resampling and body crop) and written to
-`<output>/<scan id>_pred.nii.gz` with the scan's canonical (RAS+) affine: a uint8 mask
+`<output>/<scan id>_pred.nii.gz` (the file name without suffix; nnU-Net's channel suffix _0000
+dropped) with the scan's canonical (RAS+) affine: a uint8 mask
 (probability >= `predict.threshold`), a label map (argmax, several classes), or the float32
 probabilities (`predict.probabilities`). Classification: every candidate of `predict.candidates`
 (LUNA16 columns; `class` optional) gets a probability in `<output>/predictions.csv`.
@@ -56,7 +57,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   run_cfg = run_config(workdir)
   kind, n_class = str(run_cfg.task.kind), int(run_cfg.task.n_class)
   out_dir = pathlib.Path(p.output) if p.output else workdir / "predict"
-  inputs = find_inputs(str(p.input))  # Before loading anything: a wrong path fails at once.
+  inputs = by_scan_id(find_inputs(str(p.input)))  # Before loading or writing anything.
   apply = _apply_fn(run_cfg, workdir, str(p.which))
   out_dir.mkdir(parents=True, exist_ok=True)
   if kind == "segment":
@@ -111,6 +112,21 @@ def find_inputs(spec: str) -> list[pathlib.Path]:
   return matches
 
 
+def by_scan_id(inputs: list[pathlib.Path]) -> dict[str, pathlib.Path]:
+  """scan id (file name without suffix, nnU-Net's _0000 channel suffix dropped) -> path.
+
+  Two inputs with one id (the same name in two folders) would write one output: an error.
+  """
+  out: dict[str, pathlib.Path] = {}
+  for path in inputs:
+    sid = readers.case_id(path)
+    if sid in out:
+      raise PredictError(f"two inputs have the scan id {sid!r}: {out[sid]} and {path}; their "
+                         f"outputs would collide. Predict them in separate runs (predict.output).")
+    out[sid] = path
+  return out
+
+
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
   """Writes `data` to a temporary file next to `path`, then renames it into place."""
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -144,13 +160,13 @@ def to_source_grid(values: np.ndarray, pre: Volume, src: Volume, order: int) -> 
   return out[..., 0] if values.ndim == 3 else out
 
 
-def _segment_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: pathlib.Path
-                 ) -> dict:
+def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
+                 out_dir: pathlib.Path) -> dict:
   p = config.predict
   n_class = int(run_cfg.task.n_class)
   written, kept, failed = [], [], []
-  for path in inputs:
-    out = out_dir / f"{readers.scan_id(path)}_pred.nii.gz"
+  for sid, path in inputs.items():
+    out = out_dir / f"{sid}_pred.nii.gz"
     if out.exists() and not p.overwrite:
       kept.append(str(out))
       continue
@@ -189,8 +205,8 @@ def _segment_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: pa
 
 
 # --------------------------------------------------------------------------------- classify
-def _classify_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: pathlib.Path,
-                  n_class: int) -> dict:
+def _classify_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
+                  out_dir: pathlib.Path, n_class: int) -> dict:
   from genesis_jax import metrics as metrics_lib
   from genesis_jax.data import tasks
   from genesis_jax.data.target_tasks import _LazyScans
@@ -203,11 +219,7 @@ def _classify_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: p
     raise PredictError("classification needs config.predict.candidates: a CSV of seriesuid, "
                        "coordX, coordY, coordZ (LUNA16 columns, LPS mm; class optional).")
   candidates = tasks.read_candidates_csv(p.candidates, labels=False)
-  paths = {}
-  for path in inputs:
-    sid = readers.scan_id(path)
-    paths[sid[:-len("_0000")] if sid.endswith("_0000") else sid] = path
-  missing = sorted({c.scan_id for c in candidates} - set(paths))
+  missing = sorted({c.scan_id for c in candidates} - set(inputs))
   if missing:
     raise PredictError(f"{p.candidates}: {len(missing)} scan id(s) have no scan in "
                        f"{p.input}, e.g. {missing[:3]}.")
@@ -218,7 +230,7 @@ def _classify_all(config, run_cfg, apply, inputs: list[pathlib.Path], out_dir: p
   batch = int(p.batch_size)
   probs = np.zeros((len(candidates), n_class), np.float32)
   for sid, rows_of_scan in by_scan.items():
-    x, _ = tasks.classification_cubes(_LazyScans({sid: paths[sid]}),
+    x, _ = tasks.classification_cubes(_LazyScans({sid: inputs[sid]}),
                                       [candidates[i] for i in rows_of_scan],
                                       run_cfg.data.crop, run_cfg.data)
     scan_probs = [np.asarray(apply(x[i:i + batch])) for i in range(0, len(x), batch)]

@@ -60,7 +60,8 @@ def test_segment_matches_the_runs_own_test_predictions(tmp_path, seg_run, phanto
   assert [os.path.basename(e["scan"]) for e in result["written"]] == [
       "phantom_005_0000.nii.gz", "phantom_006_0000.nii.gz"]
   for entry in result["written"]:
-    name = os.path.basename(entry["scan"]).split(".")[0]
+    name = os.path.basename(entry["scan"]).split("_0000")[0]
+    assert entry["output"] == str(out / f"{name}_pred.nii.gz")
     mine = nib.load(entry["output"])
     theirs = nib.load(seg_run / "predictions" / f"{name}_pred.nii.gz")  # finetune's test pass
     src = nib.as_closest_canonical(nib.load(entry["scan"]))
@@ -87,6 +88,16 @@ def test_segment_matches_the_runs_own_test_predictions(tmp_path, seg_run, phanto
   assert len(probs["written"]) == 2
   p = np.asarray(nib.load(probs["written"][0]["output"]).dataobj)
   assert p.dtype == np.float32 and 0.0 <= p.min() and p.max() <= 1.0
+
+
+def test_two_inputs_with_one_case_id_are_an_error(tmp_path, seg_run, phantoms):
+  for sub in ("a", "b"):
+    (tmp_path / sub).mkdir()
+    os.symlink(phantoms / "imagesTr" / "phantom_005_0000.nii.gz",
+               tmp_path / sub / "phantom_005_0000.nii.gz")
+  with pytest.raises(predict.PredictError, match="two inputs have the scan id 'phantom_005'"):
+    experiment.run(_predict_config(tmp_path, output=str(tmp_path / "out")), seg_run)
+  assert not (tmp_path / "out").exists()
 
 
 def test_bad_scan_raises_or_is_skipped(tmp_path, seg_run, phantoms):
@@ -182,7 +193,7 @@ def test_2d_segmentation_runs_its_test_pass_and_predicts_slice_by_slice(tmp_path
   scans = _test_scans(phantoms, tmp_path)
   result = experiment.run(_predict_config(scans, batch_size=16), run)
   for entry in result["written"]:
-    name = os.path.basename(entry["scan"]).split(".")[0]
+    name = os.path.basename(entry["scan"]).split("_0000")[0]
     np.testing.assert_array_equal(
         np.asarray(nib.load(entry["output"]).dataobj),
         np.asarray(nib.load(run / "predictions" / f"{name}_pred.nii.gz").dataobj))

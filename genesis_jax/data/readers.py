@@ -52,6 +52,12 @@ def scan_id(path: str | pathlib.Path) -> str:
   return name
 
 
+def case_id(path: str | pathlib.Path) -> str:
+  """`scan_id` without the nnU-Net channel suffix: imagesTr/case_007_0000.nii.gz -> case_007."""
+  sid = scan_id(path)
+  return sid[: -len("_0000")] if sid.endswith("_0000") else sid
+
+
 def _suffix(path: pathlib.Path) -> str:
   name = path.name.lower()
   for suffix in sorted(SCAN_SUFFIXES, key=len, reverse=True):

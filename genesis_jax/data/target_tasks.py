@@ -83,10 +83,7 @@ def _scan_paths(root: pathlib.Path) -> dict[str, pathlib.Path]:
   folder = root / "imagesTr" if (root / "imagesTr").is_dir() else root
   paths = {}
   for p in readers.find_scans(folder):
-    sid = readers.scan_id(p)
-    if sid.endswith("_0000"):  # nnU-Net channel suffix: phantom_007_0000 -> phantom_007.
-      sid = sid[: -len("_0000")]
-    paths[sid] = p
+    paths[readers.case_id(p)] = p  # nnU-Net channel suffix dropped: phantom_007_0000 -> phantom_007
   return paths
 
 

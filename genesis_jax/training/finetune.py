@@ -256,6 +256,7 @@ def _segment_volumes(config, workdir, state, volumes) -> dict:
   """Whole-volume sliding-window segmentation of the test cases (a 2D model slice by slice);
   per-case Dice/IoU (and HD95)."""
   from genesis_jax import inference
+  from genesis_jax.data import readers
   n_class = int(config.task.n_class)
   window = tuple(config.data.crop)
   # The variables are an argument, not a closure constant: baking 19M weights into the program
@@ -268,7 +269,7 @@ def _segment_volumes(config, workdir, state, volumes) -> dict:
   for vol, label in volumes:
     if config.eval.write_predictions and jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)
-      name = pathlib.Path(vol.source).name.split(".")[0] + "_pred.nii.gz"
+      name = readers.case_id(vol.source) + "_pred.nii.gz"
       pred = inference.predict_to_nifti(apply, vol, window, out_dir / name, overlap=config.eval.overlap,
                                         tta_flip=config.eval.tta_flip) > 0
     else:
