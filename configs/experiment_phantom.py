@@ -29,6 +29,12 @@ encoder, new head, selection by validation AUC) on each encoder level (`task.fea
   python -m genesis_jax.main --config configs/experiment_phantom.py:levels \
       --workdir runs/experiment   # table in <workdir>/results_levels.{md,json,png}
 
+Variant ":ncs_dice" (NCS only, same workdir and pre-training): the main NCS comparison with the
+best checkpoint and early stopping by validation Dice instead of validation loss:
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:ncs_dice \
+      --workdir runs/experiment   # table in <workdir>/results_ncs_dice.{md,json,png}
+
 Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
 (1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
@@ -79,11 +85,17 @@ def get_config(variant: str = ""):
     c.experiment.arms = ",".join(arms)
     c.experiment.compare = ",".join(pairs)
     c.experiment.trials = 3  # 18 new trials, ~40 min on 2 CPU cores; the probes vary little.
+  elif variant == "ncs_dice":
+    c.experiment.report = "results_ncs_dice"
+    c.experiment.tasks = NCS_CPU
+    c.experiment.arms = ("scratch=,genesis=@pretrain,scratch_dice=[train.monitor=dice],"
+                         "genesis_dice=@pretrain[train.monitor=dice]")
+    c.experiment.compare = "genesis:scratch,genesis_dice:scratch_dice"
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = "configs/finetune_ncc.py"
     c.experiment.pretrain_overrides = "num_steps=1200,eval_every=200,checkpoint_every=200"
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py "
-                     f"(known: diagnose, budget, levels, long).")
+                     f"(known: diagnose, budget, levels, ncs_dice, long).")
   return c

@@ -8,7 +8,7 @@ import pytest
 from genesis_jax import experiment, trials
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "long"],
+VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long"],
             "pretrain_genesis.py": ["plateau"]}
 CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))
          for v in [""] + VARIANTS.get(p.name, [])]
