@@ -197,3 +197,22 @@ def test_2d_segmentation_runs_its_test_pass_and_predicts_slice_by_slice(tmp_path
     np.testing.assert_array_equal(
         np.asarray(nib.load(entry["output"]).dataobj),
         np.asarray(nib.load(run / "predictions" / f"{name}_pred.nii.gz").dataobj))
+
+
+def test_cli_predict_uses_the_runs_model_not_the_given_config(tmp_path, seg_run, phantoms):
+  # configs/finetune_ncs.py describes a width-8 model; the run is width 4: predict must take the
+  # run's own config.json, so this works and gives the in-process result.
+  from conftest import run_cli
+  scans = _test_scans(phantoms, tmp_path)
+  args = ["--config", "configs/finetune_ncs.py", "--workdir", str(seg_run),
+          "--config.mode=predict", f"--config.predict.input={scans}",
+          f"--config.predict.output={tmp_path / 'cli'}"]
+  run_cli(args)
+  for name in ("phantom_005", "phantom_006"):
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(tmp_path / "cli" / f"{name}_pred.nii.gz").dataobj),
+        np.asarray(nib.load(seg_run / "predictions" / f"{name}_pred.nii.gz").dataobj))
+  bad = run_cli(args[:4] + ["--config.mode=predict", "--config.predict.input=/no/such/scans"],
+                check=False)
+  assert bad.returncode != 0 and "/no/such/scans" in bad.stderr
+  assert "Traceback" not in bad.stderr
