@@ -229,14 +229,22 @@ def predict_to_nifti(apply_fn: Callable, vol: Volume, window, out_path: str | os
     raise InferenceInputError(f"{vol.source or 'volume'}: data must be (x, y, z), got {data.shape}")
   if preprocess is not None:
     data = np.asarray(preprocess(data), np.float32)
-  probs = segment_volume(apply_fn, data, window, **kw)
-  if threshold is None:
-    result = probs[..., 0] if probs.shape[-1] == 1 else probs
-  elif probs.shape[-1] == 1:
-    result = (probs[..., 0] >= threshold).astype(np.uint8)
-  else:
-    result = np.argmax(probs, axis=-1).astype(np.uint8)
-  img = nib.Nifti1Image(result, np.asarray(vol.affine, np.float64))
-  img.header.set_xyzt_units("mm")
-  nib.save(img, os.fspath(out_path))
+  result = segmentation_output(segment_volume(apply_fn, data, window, **kw), threshold)
+  nib.save(segmentation_image(result, vol.affine), os.fspath(out_path))
   return result
+
+
+def segmentation_output(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+  """(x, y, z, K) probabilities -> what a segmentation file holds (see `predict_to_nifti`)."""
+  if threshold is None:
+    return probs[..., 0] if probs.shape[-1] == 1 else probs
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] >= threshold).astype(np.uint8)
+  return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
+def segmentation_image(result: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+  """A NIfTI image of `result` with the scan's (RAS+) affine, units mm."""
+  img = nib.Nifti1Image(result, np.asarray(affine, np.float64))
+  img.header.set_xyzt_units("mm")
+  return img

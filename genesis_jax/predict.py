@@ -34,7 +34,6 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -53,7 +52,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   p = config.predict
   if jax.process_count() > 1:
     raise PredictError("mode=predict runs in one process; start it without the multi-host "
-                       "launcher (it uses every local device's memory only for one model).")
+                       "launcher.")
   run_cfg = run_config(workdir)
   kind, n_class = str(run_cfg.task.kind), int(run_cfg.task.n_class)
   out_dir = pathlib.Path(p.output) if p.output else workdir / "predict"
@@ -184,15 +183,9 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
         apply, pre.data, tuple(int(c) for c in run_cfg.data.crop),
         overlap=float(config.eval.overlap), tta_flip=bool(config.eval.tta_flip),
         batch_size=int(p.batch_size))
-    probs = to_source_grid(probs, pre, src, order=1)
-    if p.probabilities:
-      result = probs[..., 0] if n_class == 1 else probs
-    elif n_class == 1:
-      result = (probs[..., 0] >= float(p.threshold)).astype(np.uint8)
-    else:
-      result = np.argmax(probs, axis=-1).astype(np.uint8)
-    img = nib.Nifti1Image(result, np.asarray(src.affine, np.float64))
-    img.header.set_xyzt_units("mm")
+    result = inference.segmentation_output(to_source_grid(probs, pre, src, order=1),
+                                           None if p.probabilities else float(p.threshold))
+    img = inference.segmentation_image(result, src.affine)
     write_atomic(out, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
     entry = {"scan": str(path), "output": str(out), "shape": list(result.shape)}
     if not p.probabilities:

@@ -141,8 +141,8 @@ def winograd_tile(sx: int, dtype: Any, macs: float = math.inf, backend: str | No
   mantissa bits (bfloat16, float16) only F(2, 3), whose transforms are additions and halvings.
   The same holds for float32 convs that run as TF32 (10 mantissa bits), XLA's default on recent
   GPUs: there F(4, 3)'s rms error is 2.8x the direct conv's (8e-4 against 2.9e-4, emulated in
-  bench/winograd_error.py), F(2, 3)'s 1.2x. So F(4, 3) needs float32 on the CPU, or `jax_default_matmul_precision` "highest"
-  (or "float32") elsewhere. 0 (no Winograd) for odd x, and for convs of fewer than
+  bench/winograd_error.py), F(2, 3)'s 1.2x. So F(4, 3) needs float32 on the CPU, or
+  `jax_default_matmul_precision` "highest" (or "float32") elsewhere. 0 (no Winograd) for odd x, and for convs of fewer than
   `WINOGRAD_MIN_MACS` multiply-adds (`macs`, as a direct conv). GENESIS_WINOGRAD_TILE=4 (or 2,
   or 0 for none) overrides the choice at trace time, e.g. to trade TF32 accuracy for speed.
   """
