@@ -116,6 +116,23 @@ def shared_phantom_path(tcfg, workdir: pathlib.Path) -> pathlib.Path:
   return workdir / "phantom_data" / f"seed{int(d.phantom_seed)}_{n}cases_{shape}"
 
 
+def check_trial_configs(config) -> None:
+  """Every task x arm trial config (and the pre-training config, if an arm uses it) takes its
+  overrides and validates. Run before any (long) pre-training, so a misspelt key or a bad value
+  in an override fails at once, not hours later."""
+  from genesis_jax import experiment
+  exp = config.experiment
+  common = parse_overrides(exp.overrides)
+  arms = parse_arms(exp.arms)
+  for task_file, task_overrides in parse_tasks(exp.tasks):
+    for _, arm_overrides in arms.values():
+      experiment.validate(apply_overrides(load_config_file(task_file),
+                                          common + task_overrides + arm_overrides))
+  if any(init == "@pretrain" for init, _ in arms.values()):
+    experiment.validate(apply_overrides(load_config_file(exp.pretrain_config),
+                                        parse_overrides(exp.pretrain_overrides)))
+
+
 def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
   """A finished trial is reused only if it ran with the config this experiment asks for.
 
@@ -176,10 +193,7 @@ def run(config, workdir) -> dict:
       tcfg.data.path = str(shared_phantom_path(tcfg, workdir))
     return tcfg
 
-  # Check every arm/task override against its config before any (long) pre-training starts.
-  for task_file, task_overrides in tasks:
-    for init, arm_overrides in arms.values():
-      trial_config(task_file, task_overrides, "", arm_overrides, 0)
+  check_trial_configs(config)
   for arm, (init, _) in arms.items():
     if init == "@pretrain":
       pretrained[arm] = str(_pretrain(config, workdir))

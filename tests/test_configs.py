@@ -26,15 +26,8 @@ def test_config_loads_and_validates(name, variant, monkeypatch):
   if config.mode != "experiment":
     return
   # What trials.run checks before pre-training: every arm's and task's overrides apply.
+  trials.check_trial_configs(config)
   exp = config.experiment
-  common = trials.parse_overrides(exp.overrides)
-  for task_file, task_overrides in trials.parse_tasks(exp.tasks):
-    for _, arm_overrides in trials.parse_arms(exp.arms).values():
-      tcfg = trials.apply_overrides(trials.load_config_file(task_file),
-                                    common + task_overrides + arm_overrides)
-      experiment.validate(tcfg)
-  trials.apply_overrides(trials.load_config_file(exp.pretrain_config),
-                         trials.parse_overrides(exp.pretrain_overrides))
   arms = set(trials.parse_arms(exp.arms))
   for pair in filter(None, exp.compare.split(",")):
     assert set(pair.split(":")) <= arms, pair
@@ -45,3 +38,15 @@ def test_unknown_variant_is_an_error(name, monkeypatch):
   monkeypatch.chdir(REPO)
   with pytest.raises(ValueError, match="nosuch"):
     trials.load_config_file(f"configs/{name}:nosuch")
+
+
+def test_bad_arm_value_fails_before_pretraining(monkeypatch):
+  monkeypatch.chdir(REPO)
+  config = trials.load_config_file("configs/experiment_phantom.py")
+  config.unlock()
+  config.experiment.arms = "scratch=,genesis=@pretrain[task.feature_level=9]"
+  with pytest.raises(ValueError, match="feature_level=9"):
+    trials.check_trial_configs(config)
+  config.experiment.arms = "scratch=,genesis=@pretrain[train.optimizer=sgdd]"
+  with pytest.raises(ValueError, match="sgdd"):
+    trials.run(config, "/nonexistent/never/written")  # fails before anything is written
