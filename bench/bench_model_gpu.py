@@ -8,9 +8,9 @@
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 64x64x32 cubes,
 732.5 GFLOP per cube (SPEC.md: 1,465 GFLOP per batch-2 step). Each framework runs in its own
-child process (JAX preallocates GPU memory), genesis_jax first, then PyTorch, over the same list of
-(dtype, batch) configurations in priority order; a child skips what its share of --budget_s
-leaves no time for. float32 is each framework's default precision (both allow TF32 in
+child process (JAX preallocates GPU memory), genesis_jax first, then PyTorch (--first torch swaps
+them), over the same list of (dtype, batch) configurations in priority order, variant by variant
+(--conv_impl, --torch_formats); a child skips what its share of --budget_s leaves no time for. float32 is each framework's default precision (both allow TF32 in
 convolutions on NVIDIA GPUs: XLA's default precision, torch.backends.cudnn.allow_tf32=True);
 bfloat16 is bf16 compute with float32 parameters (genesis_jax `dtype=bfloat16`, torch autocast).
 PyTorch gets cudnn.benchmark and the faster of NCDHW and channels_last_3d per configuration.
@@ -46,10 +46,11 @@ def _emit(rec: dict, out: str | None) -> None:
 
 def _run_configs(framework: str, key: str, variants, run, args, stop_at: float,
                  after=None) -> None:
-  """run(dtype, batch, variant) for every configuration and variant until time.time() passes
-  stop_at; emits one train_step record each (a failure, e.g. out of memory, as its "error")."""
-  for dtype_name, batch in args.configs:
-    for variant in variants:
+  """run(dtype, batch, variant) for every variant and configuration until time.time() passes
+  stop_at, variant by variant (the first named runs at every configuration first); emits one
+  train_step record each (a failure, e.g. out of memory, as its "error")."""
+  for variant in variants:
+    for dtype_name, batch in args.configs:
       if time.time() > stop_at:
         print(f"{framework}: skipping {dtype_name} batch {batch} {variant} (budget)", flush=True)
         continue
@@ -109,7 +110,9 @@ def _profile(step_fn, sync, logdir: str, hlo_text: str, steps: int = 3, top: int
   for e in events:
     if e.get("ph") != "X" or e["name"].startswith(("$", "ThunkExecutor", "PjitFunction")):
       continue
-    total[(pids.get(e.get("pid"), "?")[:24], e["name"][:90])] += e.get("dur", 0)
+    # GPU kernels carry the HLO op they run (args.hlo_op); group by it so it maps to a jax op.
+    name = e.get("args", {}).get("hlo_op") or e["name"]
+    total[(pids.get(e.get("pid"), "?")[:24], name[:90])] += e.get("dur", 0)
   rows = [(round(us / 1e3 / steps, 3), where, name, origin.get(name, "")[-80:])
           for (where, name), us in total.most_common(top)]
   for ms, where, name, op in rows:
@@ -246,7 +249,7 @@ def torch_child(args) -> None:
     return {"s_per_step": t, "images_per_s": batch / t, "compile_s": compile_s,
             "loss": float(holder["loss"].detach())}
 
-  _run_configs("torch", "format", ("channels_last", "contiguous"), run, args,
+  _run_configs("torch", "format", args.torch_formats, run, args,
                deadline - args.min_left_s / 2, after=torch.cuda.empty_cache if cuda else None)
 
 
@@ -308,6 +311,13 @@ def main():
   ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
   ap.add_argument("--budget_s", type=float, default=480.0, help="for both children together")
   ap.add_argument("--child_budget_s", type=float, default=240.0)
+  ap.add_argument("--first", choices=("jax", "torch"), default="jax",
+                  help="which child runs first (the other gets what is left of --budget_s)")
+  ap.add_argument("--first_share", type=float, default=0.5,
+                  help="fraction of --budget_s for the child that runs first")
+  ap.add_argument("--torch_formats", nargs="+", default=["channels_last", "contiguous"],
+                  choices=("channels_last", "contiguous"),
+                  help="PyTorch memory formats to time (the faster counts)")
   ap.add_argument("--min_left_s", type=float, default=40.0,
                   help="a child starts a configuration only with this much of its budget left")
   ap.add_argument("--matmul_n", type=int, default=8192)
@@ -330,14 +340,16 @@ def main():
 
   records = []
   start = time.time()
-  for child, share in (("jax", 0.5), ("torch", 1.0)):
+  order = ("jax", "torch") if args.first == "jax" else ("torch", "jax")
+  for child, share in zip(order, (args.first_share, 1.0)):
     left = args.budget_s - (time.time() - start)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", child,
            "--child_budget_s", str(max(left * share, 1.0)), "--steps", str(args.steps),
            "--width", str(args.width), "--cube", *map(str, args.cube),
            "--conv_impl", *args.conv_impl,
            "--min_left_s", str(args.min_left_s), "--matmul_n", str(args.matmul_n),
-           "--batches", *map(str, args.batches), "--dtypes", *args.dtypes]
+           "--batches", *map(str, args.batches), "--dtypes", *args.dtypes,
+           "--torch_formats", *args.torch_formats]
     if not args.corruption:
       cmd.append("--no_corruption")
     if args.profile and child == "jax":
