@@ -10,8 +10,9 @@ One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch o
 732.5 GFLOP per cube (SPEC.md: 1,465 GFLOP per batch-2 step). Each framework runs in its own
 child process (JAX preallocates GPU memory), genesis_jax first, then PyTorch (--first torch swaps
 them), over the same list of (dtype, batch) configurations in priority order, variant by variant
-(--conv_impl, --torch_formats); a child skips what its share of --budget_s leaves no time for. float32 is each framework's default precision (both allow TF32 in
-convolutions on NVIDIA GPUs: XLA's default precision, torch.backends.cudnn.allow_tf32=True);
+(--conv_impl, --torch_formats); a child skips what its share of --budget_s leaves no time for.
+float32 is each framework's default precision (both allow TF32 in convolutions on NVIDIA GPUs:
+XLA's default precision, torch.backends.cudnn.allow_tf32=True);
 bfloat16 is bf16 compute with float32 parameters (genesis_jax `dtype=bfloat16`, torch autocast).
 PyTorch gets cudnn.benchmark and the faster of NCDHW and channels_last_3d per configuration.
 The genesis_jax child also measures the card's matrix-product ceilings and the corruption
@@ -169,11 +170,9 @@ def jax_child(args) -> None:
            "cubes_per_s": 32 / t, "compile_s": compile_s}, args.out)
 
   def run(dtype_name: str, batch: int, conv_impl: str) -> dict:
-    # "unfold:4": the unfold convs with Winograd F(4, 3) forced (GENESIS_WINOGRAD_TILE, read
-    # when the step is traced), "unfold:2", "unfold:0" (none); plain "unfold" = auto.
+    # "unfold:4": the unfold convs with Winograd F(4, 3) forced, "unfold:2", "unfold:0" (none);
+    # plain "unfold" picks the tile by dtype and precision (layers.winograd_tile).
     label = conv_impl.replace(":", "_f")
-    conv_impl, _, tile = conv_impl.partition(":")
-    os.environ["GENESIS_WINOGRAD_TILE"] = tile or "auto"
     jstep, state = make_jax_step(conv_impl,
                                  jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
                                  args.width)
@@ -304,10 +303,11 @@ def main():
   ap.add_argument("--width", type=int, default=32)
   ap.add_argument("--conv_impl", nargs="+", default=["auto"],
                   choices=("auto", "native", "unfold", "unfold:0", "unfold:2", "unfold:4"),
-                  help="genesis_jax's 3D conv, each timed per configuration: auto = native "
-                       "(cuDNN) on GPU; unfold = 2D convs with Winograd along x (auto tile: "
-                       "F(2, 3) for TF32/bf16 = 2/3 of the multiply-adds); unfold:4 forces "
-                       "F(4, 3) (1/2, ~2.8x TF32's rounding error), unfold:0 no Winograd")
+                  help="genesis_jax's 3D conv (config.model.conv_impl), each timed per "
+                       "configuration: auto = unfold on GPU; native = cuDNN 3D convs; unfold = "
+                       "2D convs with Winograd along x (auto tile: F(2, 3) for TF32/bf16 = 2/3 "
+                       "of the multiply-adds); unfold:4 forces F(4, 3) (1/2, ~2.8x TF32's "
+                       "rounding error), unfold:0 no Winograd")
   ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
   ap.add_argument("--budget_s", type=float, default=480.0, help="for both children together")
   ap.add_argument("--child_budget_s", type=float, default=240.0)

@@ -31,7 +31,8 @@ def validate(config) -> None:
     _choice("config.model.variant", m.variant, ("pytorch", "keras"))
     _choice("config.model.bn", m.bn, ("standard", "original"))
     _choice("config.model.dtype", m.dtype, ("float32", "bfloat16"))
-    _choice("config.model.conv_impl", m.conv_impl, ("auto", "native", "unfold"))
+    from genesis_jax.models.layers import CONV_IMPLS  # no JAX call: safe before distributed init
+    _choice("config.model.conv_impl", m.conv_impl, CONV_IMPLS)
     _choice("config.model.spatial_dims", m.spatial_dims, (2, 3))
   task = config.get("task")
   if task is not None and "feature_level" in task and task.feature_level != -1:

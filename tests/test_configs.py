@@ -50,3 +50,14 @@ def test_bad_arm_value_fails_before_pretraining(monkeypatch):
   config.experiment.arms = "scratch=,genesis=@pretrain[train.optimizer=sgdd]"
   with pytest.raises(ValueError, match="sgdd"):
     trials.run(config, "/nonexistent/never/written")  # fails before anything is written
+
+
+def test_conv_impl_values(monkeypatch):
+  monkeypatch.chdir(REPO)
+  config = trials.load_config_file("configs/pretrain_phantom.py")
+  config.unlock()
+  config.model.conv_impl = "unfold:4"  # F(4, 3) whatever the precision: a valid choice
+  experiment.validate(config)
+  config.model.conv_impl = "unfold:3"
+  with pytest.raises(ValueError, match=r"conv_impl='unfold:3' is not one of .*'unfold:4'"):
+    experiment.validate(config)

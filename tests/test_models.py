@@ -181,6 +181,32 @@ def test_winograd_tile_env_override(monkeypatch):
     layers.winograd_tile(64, jnp.float32)
 
 
+def test_conv_impl_auto_and_fixed_tiles(monkeypatch):
+  # "auto" takes the unfold convs where they were measured faster (CPU, H200), cuDNN-free TPU
+  # stays native; "unfold:N" fixes the Winograd tile whatever the dtype, backend or env.
+  assert {b: layers.resolve_conv_impl("auto", backend=b) for b in ("cpu", "gpu", "tpu")} == {
+      "cpu": "unfold", "gpu": "unfold", "tpu": "native"}
+  assert layers.resolve_conv_impl("unfold:4", backend="tpu") == "unfold:4"
+  monkeypatch.setenv("GENESIS_WINOGRAD_TILE", "0")
+  assert layers.winograd_tile(64, jnp.bfloat16, backend="gpu", tile=4) == 4
+  assert layers.winograd_tile(6, jnp.float32, tile=4) == 2  # 4 does not divide x = 6
+  assert layers.winograd_tile(64, jnp.float32, tile=0) == 0
+  with pytest.raises(ValueError, match="Winograd tile must be"):
+    layers.winograd_tile(64, jnp.float32, tile=3)
+  monkeypatch.setattr(layers, "WINOGRAD_MIN_MACS", 0)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 8, 4, 4, 3)), jnp.float32)
+  outs = {}
+  for impl in ("native", "unfold:0", "unfold:2", "unfold:4"):
+    conv = layers.Conv(5, 3, conv_impl=impl)
+    v = conv.init(jax.random.key(0), x)
+    outs[impl] = conv.apply(v, x)
+  for impl in ("unfold:0", "unfold:2", "unfold:4"):
+    np.testing.assert_allclose(outs[impl], outs["native"], atol=1e-5)
+  # The tile really changes the computation (different rounding, same function).
+  assert not np.array_equal(outs["unfold:2"], outs["unfold:4"])
+
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_winograd_transforms_and_their_hand_written_gradients(m):
   # Forward: t_i[p] = sum_j BT[i, j] x[mp - 1 + j] (zero outside), y[mp + r] = sum_i AT[r, i] ms_i;

@@ -4,11 +4,12 @@ All arrays are channels-last: (N, x, y, z, C) for 3D and (N, x, y, C) for 2D. Ev
 here computes exactly the same function as the textbook layer (up to float rounding); they differ
 only in how XLA sees the computation:
 
-* `Conv`: a 3x3x3 convolution, either native (`lax.conv_general_dilated`, the fast path under
-  cuDNN/TPU) or "unfold": 2D 3x3 convs over (y, z) with x folded into the batch, which XLA:CPU
-  runs through Eigen much faster than 3D ones (SPEC.md, measured anchors). The x taps are
+* `Conv`: a 3x3x3 convolution, either native (`lax.conv_general_dilated`: cuDNN's 3D convs on a
+  GPU, the TPU's) or "unfold": 2D 3x3 convs over (y, z) with x folded into the batch, which
+  XLA:CPU runs through Eigen much faster than 3D ones (SPEC.md, measured anchors). The x taps are
   combined by Winograd's F(4, 3) or F(2, 3) along x (m + 2 2D convs at 1/m of the x resolution:
   1/2 or 2/3 of the multiply-adds) when x allows, else by stacking x-shifted copies on channels.
+  With F(2, 3) this also beat cuDNN's 3D convs on an H200 (1.41x float32, 1.36x bf16 images/s).
 * `UpConv`: the 2x2x2 stride-2 transposed conv as one matmul followed by a depth-to-space
   reshape. XLA's gradient of a strided `conv_transpose` is very slow (CPU and CUDA); the matmul's
   is not. Kernels are stored in flax `nn.ConvTranspose` layout (spatially flipped, see SPEC.md).
@@ -29,7 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("auto", "native", "unfold")
+# "unfold:N" is "unfold" with the Winograd tile along x fixed (0 = none, 2 = F(2, 3),
+# 4 = F(4, 3)) instead of chosen by `winograd_tile` from the dtype and backend.
+CONV_IMPLS = ("auto", "native", "unfold", "unfold:0", "unfold:2", "unfold:4")
 
 
 def kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -42,12 +45,18 @@ def kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
   return flat.reshape(shape)
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """"auto" -> "unfold" on CPU (Eigen 2D convs beat XLA:CPU 3D convs), "native" elsewhere."""
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+  """"auto" -> "unfold" on CPU and GPU, "native" elsewhere (TPU: not measured).
+
+  Full-width train step, batch 32 of 64x64x32 (bench/RESULTS.md): on a 2-core CPU Eigen's 2D
+  convs beat XLA:CPU's 3D convs several times over; on an H200 the unfold convs with Winograd
+  F(2, 3) along x ran 1.41x (float32/TF32) and 1.36x (bfloat16) the images/s of cuDNN's 3D convs.
+  """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if conv_impl == "auto":
-    return "unfold" if jax.default_backend() == "cpu" else "native"
+    backend = backend or jax.default_backend()
+    return "unfold" if backend in ("cpu", "gpu", "cuda", "rocm") else "native"
   return conv_impl
 
 
@@ -60,10 +69,11 @@ def _conv_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return lax.conv_general_dilated(x, kernel, (1,) * nd, "SAME", dimension_numbers=dn)
 
 
-def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _conv_unfold_3d(x: jax.Array, kernel: jax.Array, tile: int | None = None) -> jax.Array:
   """Exact 3x3x3 'SAME' conv as 2D 3x3 convs over (y, z), x folded into the batch.
 
-  Even x: `_conv_winograd_x` with the tile of `winograd_tile`. Odd x: one 2D conv with the
+  Even x: `_conv_winograd_x` with the tile of `winograd_tile` (`tile` fixes it: 0 = none, 2, 4;
+  rounded down to what x allows). Odd x: one 2D conv with the
   kernel's x taps on whichever channel side is narrower, so the 2D conv's matmul is as wide as
   possible and the replicated tensor as small as possible:
   * C_in <= C_out, input side: the three x-shifted copies of x (N, X, Y, Z, C), zero at the
@@ -77,7 +87,7 @@ def _conv_unfold_3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   n, sx, sy, sz, c = x.shape
   kx, ky, kz, _, o = kernel.shape
   macs = n * sx * sy * sz * c * o * kx * ky * kz
-  tile = winograd_tile(sx, x.dtype, macs) if kx == 3 else 0
+  tile = winograd_tile(sx, x.dtype, macs, tile=tile) if kx == 3 else 0
   if tile:
     return _conv_winograd_x(x, kernel, tile)
   pred = _runtime_true(kernel)
@@ -133,7 +143,8 @@ def _tile_from_env() -> int | None:
   return int(value)
 
 
-def winograd_tile(sx: int, dtype: Any, macs: float = math.inf, backend: str | None = None) -> int:
+def winograd_tile(sx: int, dtype: Any, macs: float = math.inf, backend: str | None = None,
+                  tile: int | None = None) -> int:
   """The Winograd tile along x the unfold conv uses: 4 for full float32 when 4 | x, 2 when 2 | x.
 
   F(4, 3) has 1.5 products per output against F(2, 3)'s 2 and a direct conv's 3, at the price of
@@ -142,13 +153,17 @@ def winograd_tile(sx: int, dtype: Any, macs: float = math.inf, backend: str | No
   The same holds for float32 convs that run as TF32 (10 mantissa bits), XLA's default on recent
   GPUs: there F(4, 3)'s rms error is 2.8x the direct conv's (8e-4 against 2.9e-4, emulated in
   bench/winograd_error.py), F(2, 3)'s 1.2x. So F(4, 3) needs float32 on the CPU, or
-  `jax_default_matmul_precision` "highest" (or "float32") elsewhere. 0 (no Winograd) for odd x, and for convs of fewer than
-  `WINOGRAD_MIN_MACS` multiply-adds (`macs`, as a direct conv). GENESIS_WINOGRAD_TILE=4 (or 2,
-  or 0 for none) overrides the choice at trace time, e.g. to trade TF32 accuracy for speed.
+  `jax_default_matmul_precision` "highest" (or "float32") elsewhere. 0 (no Winograd) for odd x,
+  and for convs of fewer than `WINOGRAD_MIN_MACS` multiply-adds (`macs`, as a direct conv).
+  `tile` (conv_impl "unfold:N") fixes the choice, else GENESIS_WINOGRAD_TILE=4 (or 2, or 0 for
+  none) at trace time, e.g. to trade TF32 accuracy for speed (F(4, 3) ran 1.19x F(2, 3)'s
+  images/s on an H200 in TF32); either is rounded down to what x allows.
   """
   if macs < WINOGRAD_MIN_MACS or sx % 2:
     return 0
-  forced = _tile_from_env()
+  forced = _tile_from_env() if tile is None else tile
+  if forced not in (None, 0, 2, 4):
+    raise ValueError(f"Winograd tile must be 0, 2 or 4, got {forced!r}.")
   if forced is not None:
     return 4 if forced == 4 and sx % 4 == 0 else min(forced, 2)
   backend = backend or jax.default_backend()
@@ -346,9 +361,9 @@ class Conv(nn.Module):
                         (self.kernel_size,) * nd + (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    impl = resolve_conv_impl(self.conv_impl)
+    impl, _, tile = resolve_conv_impl(self.conv_impl).partition(":")
     if impl == "unfold" and nd == 3 and self.kernel_size > 1:
-      y = _conv_unfold_3d(x, kernel)
+      y = _conv_unfold_3d(x, kernel, int(tile) if tile else None)
     elif self.kernel_size == 1:
       y = jnp.einsum("...c,co->...o", x, kernel.reshape(kernel.shape[-2:]))
     else:
