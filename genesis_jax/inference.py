@@ -238,7 +238,7 @@ def segmentation_output(probs: np.ndarray, threshold: float | None) -> np.ndarra
   """(x, y, z, K) probabilities -> what a segmentation file holds (see `predict_to_nifti`)."""
   if threshold is None:
     return probs[..., 0] if probs.shape[-1] == 1 else probs
-  if probs.shape[-1] == 1:
+  if probs.shape[-1] == 1:  # the rule of metrics.foreground
     return (probs[..., 0] >= threshold).astype(np.uint8)
   return np.argmax(probs, axis=-1).astype(np.uint8)
 

@@ -39,6 +39,19 @@ def _as_mask(x, name: str) -> np.ndarray:
   return a.astype(bool)
 
 
+def foreground(probs, threshold: float = 0.5) -> np.ndarray:
+  """(..., K) segmentation probabilities -> bool foreground mask, the rule every output uses.
+
+  K = 1 (sigmoid): probability >= threshold. K > 1 (softmax, class 0 = background): the argmax
+  is not class 0 (threshold unused). Fine-tuning's validation and test metrics and `predict`'s
+  masks all go through this, so a voxel at exactly the threshold counts the same everywhere.
+  """
+  p = np.asarray(probs)
+  if p.shape[-1] == 1:
+    return p[..., 0] >= threshold
+  return np.argmax(p, axis=-1) > 0
+
+
 def _pair(pred, target) -> tuple[np.ndarray, np.ndarray]:
   p, t = _as_mask(pred, "pred"), _as_mask(target, "target")
   if p.shape != t.shape:

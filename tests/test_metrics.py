@@ -150,3 +150,15 @@ def test_segmentation_metrics_per_case_and_means():
     metrics.segmentation_metrics([a[0], a[1]], [b[0], b[1, :5]])
   with pytest.raises(ValueError, match="spacings"):
     metrics.segmentation_metrics(a, b, spacing=[(1, 1, 1)] * 2, hd=True)
+
+
+def test_foreground_rule_matches_the_written_masks():
+  from genesis_jax import inference
+  p1 = np.array([0.2, 0.5, 0.5000001, 0.9], np.float32).reshape(4, 1, 1, 1)
+  np.testing.assert_array_equal(metrics.foreground(p1)[:, 0, 0], [False, True, True, True])
+  np.testing.assert_array_equal(metrics.foreground(p1, 0.6)[:, 0, 0], [False, False, False, True])
+  p3 = np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.3, 0.4, 0.3]], np.float32).reshape(3, 1, 1, 3)
+  np.testing.assert_array_equal(metrics.foreground(p3)[:, 0, 0], [False, True, True])
+  # What predict / predict_to_nifti write, > 0, is the same mask for one and for several classes.
+  for p in (p1, p3):
+    np.testing.assert_array_equal(inference.segmentation_output(p, 0.5) > 0, metrics.foreground(p))

@@ -114,7 +114,7 @@ def split_metrics(kind: str, n_class: int, loss_fn, probs: np.ndarray, labels: n
     if len(np.unique(y)) > 1 and (n_class <= 2):
       out["auc"] = metrics_lib.auc(y, s)
     return out
-  pred = (p[..., 0] > 0.5) if n_class == 1 else (np.argmax(p, -1) > 0)
+  pred = metrics_lib.foreground(p)
   target = labels[..., 0] > 0
   logits = np.log(p / (1 - p)) if n_class == 1 else np.log(p)
   loss = float(loss_fn(jnp.asarray(logits), jnp.asarray(labels)))
@@ -275,7 +275,7 @@ def _segment_volumes(config, workdir, state, volumes) -> dict:
     else:
       probs = inference.segment_volume(apply, vol.data, window, overlap=config.eval.overlap,
                                        tta_flip=config.eval.tta_flip)
-      pred = probs[..., 0] > 0.5 if n_class == 1 else np.argmax(probs, -1) > 0
+      pred = metrics_lib.foreground(probs)
     preds.append(pred)
     targets.append(label > 0)
     spacings.append(vol.spacing)
