@@ -40,9 +40,8 @@ def validate(config) -> None:
     if task.kind != "classify":
       raise ValueError(f"config.task.feature_level={task.feature_level} applies to "
                        f"classification only (task.kind={task.kind!r}); leave it at -1.")
-    if not -1 <= task.feature_level <= depth:
-      raise ValueError(f"config.task.feature_level={task.feature_level} must be in "
-                       f"[-1, model.depth={depth}] (0 = finest encoder level, -1 = deepest).")
+    from genesis_jax.models.heads import check_feature_level  # no JAX call at import
+    check_feature_level(task.feature_level, depth, "config.")
   t = config.get("train")
   if t is not None:
     _choice("config.train.optimizer", t.optimizer, ("sgd", "adam"))

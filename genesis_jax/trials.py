@@ -110,8 +110,9 @@ def shared_phantom_path(tcfg, workdir: pathlib.Path) -> pathlib.Path:
   One folder per (subjects, seed, shape), the parameters that fix the data set, so every trial
   and arm with the same parameters reads the same files instead of writing its own copy.
   """
+  from genesis_jax.data import target_tasks
   d = tcfg.data
-  n = int(d.train_cases + d.val_cases + d.test_cases)
+  n = target_tasks.num_cases(d)
   shape = "x".join(str(int(s)) for s in d.phantom_shape)
   return workdir / "phantom_data" / f"seed{int(d.phantom_seed)}_{n}cases_{shape}"
 

@@ -250,7 +250,7 @@ def test_feature_level_is_checked_up_front():
   c.task.feature_level = 1
   experiment.validate(c)  # classify, level 1 of depth 3
   c.task.feature_level = 5
-  with pytest.raises(ValueError, match=r"feature_level=5 must be in \[-1, model.depth=3\]"):
+  with pytest.raises(ValueError, match=r"feature_level=5 must be in \[-1, config.model.depth=3\]"):
     experiment.validate(c)
   c.task.kind, c.task.feature_level = "segment", 0
   with pytest.raises(ValueError, match="classification only"):

@@ -67,7 +67,7 @@ def test_classifier_feature_level_reads_that_encoder_level():
     assert bool(jnp.any(y2 != y)) == changes, level
   deepest = heads.build_model(ml_collections.ConfigDict({"width": 2}), task="classify")
   assert deepest.feature_level == -1
-  with pytest.raises(ValueError, match=r"feature_level=4 must be in \[-1, depth=3\]"):
+  with pytest.raises(ValueError, match=r"feature_level=4 must be in \[-1, model.depth=3\]"):
     heads.build_model(ml_collections.ConfigDict({"width": 2}), task="classify", feature_level=4)
 
 

@@ -19,11 +19,16 @@ from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data import readers, tasks
 
 
+def num_cases(d) -> int:
+  """Cases a target task uses (config.data): train + val + test; also the phantom data's size."""
+  return int(d.train_cases + d.val_cases + d.test_cases)
+
+
 def _root(config, workdir: pathlib.Path) -> pathlib.Path:
   d = config.data
   if d.source == "phantom":
     from genesis_jax.data import phantoms
-    n = int(d.train_cases + d.val_cases + d.test_cases)
+    n = num_cases(d)
     root = pathlib.Path(d.path) if d.path else workdir / "phantoms"
     return pathlib.Path(phantoms.write_phantom_dataset(root, n, int(d.phantom_seed),
                                                        tuple(d.phantom_shape)))
@@ -33,7 +38,7 @@ def _root(config, workdir: pathlib.Path) -> pathlib.Path:
 
 
 def _split_ids(ids: list[str], d, what: str) -> dict[str, list[str]]:
-  need = int(d.train_cases + d.val_cases + d.test_cases)
+  need = num_cases(d)
   if len(ids) < need:
     raise ValueError(f"{what}: {len(ids)} cases, but train_cases + val_cases + test_cases = {need} "
                      f"({d.train_cases} + {d.val_cases} + {d.test_cases}); lower them in config.data.")

@@ -60,10 +60,13 @@ class Classifier(nn.Module):
     return self.classifier(bottom if level == self.depth else skips[level])
 
 
-def check_feature_level(level: int, depth: int) -> None:
+def check_feature_level(level: int, depth: int, where: str = "") -> None:
+  """Raises unless `level` names an encoder level of a `depth`-pooling U-Net (-1: the deepest).
+
+  `where` prefixes the field names in the message ("config." for the config check)."""
   if not -1 <= level <= depth:
-    raise ValueError(f"task.feature_level={level} must be in [-1, depth={depth}] (0 = finest "
-                     f"encoder level, -1 or {depth} = the deepest).")
+    raise ValueError(f"{where}task.feature_level={level} must be in [-1, {where}model.depth="
+                     f"{depth}] (0 = finest encoder level, -1 or {depth} = the deepest).")
 
 
 TASKS = ("restore", "segment", "classify")
