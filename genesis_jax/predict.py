@@ -179,10 +179,19 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
       print(f"predict: skipped {path}: {e}", flush=True)
       failed.append({"scan": str(path), "error": str(e)})
       continue
-    probs = inference.segment_volume(
-        apply, pre.data, tuple(int(c) for c in run_cfg.data.crop),
-        overlap=float(config.eval.overlap), tta_flip=bool(config.eval.tta_flip),
-        batch_size=int(p.batch_size))
+    try:
+      probs = inference.segment_volume(
+          apply, pre.data, tuple(int(c) for c in run_cfg.data.crop),
+          overlap=float(config.eval.overlap), tta_flip=bool(config.eval.tta_flip),
+          batch_size=int(p.batch_size))
+    except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewrapped
+      from genesis_jax.training.loop import is_out_of_memory
+      if not is_out_of_memory(e):
+        raise
+      raise PredictError(
+          f"{path}: sliding-window inference ran out of device memory "
+          f"({str(e).strip().splitlines()[0][:300]}); lower config.predict.batch_size (now "
+          f"{p.batch_size} windows per call). Outputs written so far are complete.") from e
     result = inference.segmentation_output(to_source_grid(probs, pre, src, order=1),
                                            None if p.probabilities else float(p.threshold))
     img = inference.segmentation_image(result, src.affine)

@@ -142,6 +142,38 @@ def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
 
 
+def test_out_of_device_memory_names_the_settings_and_keeps_checkpoints(tmp_path, tiny_dataset,
+                                                                       monkeypatch):
+  from genesis_jax.training import loop, pretrain
+  real_jit = loop.jit_train_step
+
+  def jit_then_oom_at_step_5(step_fn, state, mesh):
+    step = real_jit(step_fn, state, mesh)
+    calls = iter(range(1, 10 ** 6))
+
+    def maybe_oom(state, batch):
+      if next(calls) == 5:  # what XLA raises when a step's buffers do not fit
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                           "21474836480 bytes.\nBufferAssignment OOM Debugging.")
+      return step(state, batch)
+    return maybe_oom
+
+  monkeypatch.setattr(loop, "jit_train_step", jit_then_oom_at_step_5)
+  config = _tiny_config(tiny_dataset, 8, "stop")
+  with pytest.raises(loop.DeviceMemoryError) as e:
+    pretrain.train(config, tmp_path / "run")
+  msg = str(e.value)
+  assert "train step ran out of device memory (RESOURCE_EXHAUSTED: Out of memory" in msg
+  assert "config.train.batch_size (now 8 per device)" in msg
+  assert "config.model.dtype='bfloat16'" in msg and "config.model.conv_impl='native'" in msg
+  assert isinstance(e.value.__cause__, RuntimeError)
+  steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints" / "latest").iterdir()
+                 if p.name.isdigit())
+  assert steps == [2, 4]
+  # Any other error passes through unchanged.
+  assert loop.out_of_memory_hint(ValueError("shapes differ"), config) is None
+
+
 def test_workdir_that_is_a_file_fails_before_training(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")

@@ -113,6 +113,22 @@ def test_bad_scan_raises_or_is_skipped(tmp_path, seg_run, phantoms):
   assert len(result["written"]) + len(result["kept"]) == 2
 
 
+def test_out_of_device_memory_stops_with_the_setting_to_lower(tmp_path, seg_run, phantoms,
+                                                              monkeypatch):
+  from genesis_jax import inference, predict
+
+  def oom(*a, **k):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
+  monkeypatch.setattr(inference, "segment_volume", oom)
+  out = tmp_path / "out"
+  # Not a bad scan: even with on_error=skip it stops, instead of skipping every scan.
+  with pytest.raises(predict.PredictError,
+                     match=r"ran out of device memory .*config.predict.batch_size \(now 4 "):
+    experiment.run(_predict_config(_test_scans(phantoms, tmp_path), output=str(out),
+                                   on_error="skip", batch_size=4), seg_run)
+  assert not list(out.glob("*_pred.nii.gz"))
+
+
 def test_to_source_grid_undoes_body_crop_and_resampling():
   rng = np.random.default_rng(0)
   affine = np.diag([0.8, 0.8, 1.5, 1.0])

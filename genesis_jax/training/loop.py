@@ -26,6 +26,35 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
+class DeviceMemoryError(MemoryError):
+  """The train or eval step did not fit in device memory; the message says what to change."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+  """Whether `err` is XLA's out-of-device-memory error (RESOURCE_EXHAUSTED)."""
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def out_of_memory_hint(err: BaseException, config, what: str = "train step") -> str | None:
+  """A message naming the config changes that shrink `what`'s memory, if `err` is an XLA
+  out-of-memory error (RESOURCE_EXHAUSTED); None for any other error."""
+  if not is_out_of_memory(err):
+    return None
+  text = str(err)
+  m = config.get("model") or {}
+  hints = [f"lower config.train.batch_size (now {config.train.batch_size} per device)"]
+  if m.get("dtype", "float32") == "float32":
+    hints.append("set config.model.dtype='bfloat16' (bf16 activations)")
+  impl = m.get("conv_impl", "auto")
+  if impl != "native" and int(m.get("spatial_dims", 3)) == 3:
+    hints.append(f"set config.model.conv_impl='native' (conv_impl={impl!r} keeps about "
+                 f"1.3-1.5x the activation memory of native convs; bench/bench_memory.py)")
+  first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+  return (f"the {what} ran out of device memory ({first}). To fit: " + "; or ".join(hints)
+          + ". Checkpoints written so far are intact; rerun with the same --workdir to resume.")
+
+
 def log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -217,7 +246,13 @@ def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter,
   try:
     while step < num_steps and not meta.get("stopped_early"):
       batch = sharding.to_global(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
+      try:
+        state, metrics = train_step(state, batch)
+      except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewrapped
+        hint = out_of_memory_hint(e, config)
+        if hint is None:
+          raise
+        raise DeviceMemoryError(hint) from e
       step += 1
       pending.append(metrics)
       do_eval = step % config.eval_every == 0 or step == num_steps
@@ -239,7 +274,13 @@ def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter,
         writer.write(step, m)
         last_train = m
       if do_eval:
-        result = evaluate(state)
+        try:
+          result = evaluate(state)
+        except Exception as e:  # noqa: BLE001
+          hint = out_of_memory_hint(e, config, "evaluation")
+          if hint is None:
+            raise
+          raise DeviceMemoryError(hint) from e
         if monitor not in result:
           raise ValueError(
               f"config.train.monitor={monitor!r} is not among the validation results "
