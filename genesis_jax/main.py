@@ -47,7 +47,8 @@ def main(argv: list[str]) -> None:
       print(f"runtime: {distributed.describe_runtime()} | distributed: {decision.get('source')}",
             flush=True)
     experiment.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, OSError) as e:
+  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, MemoryError,
+          OSError) as e:
     # Errors with a message meant for the user: no traceback. In a multi-process run the
     # process exits at once instead of waiting in JAX's shutdown barrier.
     if os.environ.get("GENESIS_TRACEBACK"):
