@@ -5,8 +5,10 @@
 Prepares a phantom dataset (64x64x32 cubes, 256 per scan) in a temporary folder, then times
 `pretrain_loader` at batch 6 and 32, in-process and with grain workers, against a baseline run
 in the same process: a bare numpy loop gathering the same number of random cubes from the same
-memory-mapped shards (the floor any loader pays). Repetitions are interleaved so CPU contention
-hits both alike; the figures are medians. Compare with what a train step consumes: a full-width
+memory-mapped shards (the floor any loader pays), and, with --read_threads N, in-process loaders
+whose grain ReadOptions use N read threads and 2 batches ahead (the setting before session 6) to
+compare with the default (none). Repetitions are interleaved so CPU contention hits all alike;
+the figures are medians. Compare with what a train step consumes: a full-width
 CPU train step at batch 2 takes ~6-12 s (<1 cube/s); the small demo model takes far more.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import tempfile
 import time
 
+import grain.python as grain
 import numpy as np
 
 from configs import pretrain_genesis
@@ -43,6 +46,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   parser.add_argument("--batch_sizes", type=int, nargs="+", default=[6, 32])
+  parser.add_argument("--read_threads", type=int, nargs="*", default=[2],
+                      help="also time in-process loaders with this many grain read threads")
   args = parser.parse_args()
 
   cfg = pretrain_genesis.get_config().data
@@ -70,16 +75,29 @@ def main() -> None:
         for _ in range(3):  # Warm-up: worker start-up is a one-off cost, not throughput.
           next(it)
         iterators[workers] = it
-      results = {"raw": [], **{w: [] for w in args.workers}}
+      default_options = pipeline._read_options  # pylint: disable=protected-access
+      for threads in args.read_threads:
+        pipeline._read_options = lambda b, t=threads: grain.ReadOptions(  # noqa: E731
+            num_threads=t, prefetch_buffer_size=max(16, 2 * b))
+        try:
+          it = iter(pipeline.pretrain_loader(source, batch_size=batch_size, seed=0))
+        finally:
+          pipeline._read_options = default_options
+        for _ in range(3):
+          next(it)
+        iterators[f"threads{threads}"] = it
+      results = {"raw": [], **{w: [] for w in iterators}}
       for _ in range(args.repeats):
         results["raw"].append(_rate(raw_batch, batch_size, args.seconds))
         for workers, it in iterators.items():
           results[workers].append(_rate(lambda it=it: next(it), batch_size, args.seconds))
       raw = statistics.median(results["raw"])
       print(f"batch {batch_size:>3}: baseline numpy gather {raw:8.0f} cubes/s")
-      for workers in args.workers:
-        rate = statistics.median(results[workers])
-        print(f"batch {batch_size:>3}: pretrain_loader workers={workers} {rate:8.0f} cubes/s "
+      for key in iterators:
+        rate = statistics.median(results[key])
+        what = (f"workers={key}" if isinstance(key, int)
+                else f"workers=0, {key[7:]} read threads (old setting)")
+        print(f"batch {batch_size:>3}: pretrain_loader {what} {rate:8.0f} cubes/s "
               f"({rate / batch_size:6.1f} batches/s, ratio to baseline {rate / raw:.2f})")
       del iterators
 

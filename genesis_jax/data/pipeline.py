@@ -175,10 +175,13 @@ def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_
 
 
 def _read_options(batch_size: int) -> grain.ReadOptions:
-  # grain's default (16 threads, 500 records ahead) polls all 500 futures on every record: with
-  # 0.5 MB cubes that is ~250 MB buffered per process and 5x fewer cubes/s on 2 cores
-  # (bench/bench_pipeline.py). Two batches ahead on two threads keeps a train step fed.
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(16, 2 * batch_size))
+  """No read threads: grain's records here are indices (`_IndexSource`), the cubes are read by
+  `ReadRows` after batching, so threads would only prefetch integers. They cost more than that:
+  grain polls every future in its buffer on each record (its default, 16 threads and 500
+  records ahead, ran 5x slower on 2 cores), and even 2 threads and 2 batches ahead read
+  1.5-1.8x fewer cubes/s than none (bench/bench_pipeline.py)."""
+  del batch_size
+  return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 def pretrain_loader(source: CubeSource, *, batch_size: int, seed: int, shard_index: int = 0,
