@@ -328,6 +328,11 @@ def main():
   ap.add_argument("--profile", default="",
                   help="trace 3 steps of each genesis_jax configuration into this folder and "
                        "print the longest ops")
+  ap.add_argument("--no_command_buffers", action="store_true",
+                  help="genesis_jax child without XLA's CUDA-graph command buffers, so a "
+                       "--profile attributes every fused kernel to its jax op (in a command "
+                       "buffer the trace shows one event for many kernels); timings then "
+                       "include per-kernel launch costs, so time and profile in separate runs")
   ap.add_argument("--out", default=None, help="append JSON records here")
   args = ap.parse_args()
   args.configs = [(d, b) for b in args.batches for d in args.dtypes]
@@ -356,7 +361,11 @@ def main():
       cmd += ["--profile", args.profile]
     if args.out:
       cmd += ["--out", args.out]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ)
+    if args.no_command_buffers and child == "jax":
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     for line in proc.stdout:
       if line.startswith("RESULT "):
         records.append(json.loads(line[len("RESULT "):]))
