@@ -123,6 +123,9 @@ def _profile(step_fn, sync, logdir: str, hlo_text: str, steps: int = 3, top: int
 
 def jax_child(args) -> None:
   sys.path.insert(0, ROOT)
+  if args.no_command_buffers:  # read when the backend starts, so before the first JAX call
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -132,7 +135,8 @@ def jax_child(args) -> None:
   deadline = time.time() + args.child_budget_s
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.device_kind} ({dev.platform}), "
-        f"default_matmul_precision={jax.config.jax_default_matmul_precision}", flush=True)
+        f"default_matmul_precision={jax.config.jax_default_matmul_precision}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   # Matrix-product ceilings (random operands, median of timed repeats).
   n = args.matmul_n
@@ -361,11 +365,9 @@ def main():
       cmd += ["--profile", args.profile]
     if args.out:
       cmd += ["--out", args.out]
-    env = dict(os.environ)
     if args.no_command_buffers and child == "jax":
-      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+      cmd.append("--no_command_buffers")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
       if line.startswith("RESULT "):
         records.append(json.loads(line[len("RESULT "):]))
