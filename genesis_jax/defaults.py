@@ -24,7 +24,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16" (params stay float32).
   # 3D convs: "auto" (= "unfold" on CPU/GPU, "native" on TPU) | "native" (XLA/cuDNN 3D conv) |
   # "unfold" (2D convs + Winograd along x: the same conv, 1.4x faster on an H200, several times
-  # on CPU) | "unfold:4" (F(4, 3) also in TF32/bf16: faster, ~2.8x the rounding error) |
+  # on CPU) | "unfold:4" (F(4, 3) also in TF32/bf16: faster; TF32 gradient error 1.6x) |
   # "unfold:2" | "unfold:0" (no Winograd).
   c.model.conv_impl = "auto"
 
