@@ -181,8 +181,9 @@ def jax_child(args) -> None:
                                  jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
                                  args.width)
     shape = (batch, *args.cube, 1)
-    x = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
-    y = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
+    data = np.random.default_rng(batch)  # every configuration of a batch size: the same data
+    x = jnp.asarray(data.uniform(size=shape).astype(np.float32))
+    y = jnp.asarray(data.uniform(size=shape).astype(np.float32))
     t0 = time.perf_counter()
     compiled = jstep.lower(*state, x, y).compile()  # once; --profile reads its HLO text
     compile_s = time.perf_counter() - t0
@@ -222,14 +223,14 @@ def torch_child(args) -> None:
         f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
         f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}", flush=True)
   sync = torch.cuda.synchronize if cuda else (lambda: None)
-  rng = np.random.default_rng(0)
   def run(dtype_name: str, batch: int, fmt_name: str) -> dict:
     fmt = torch.channels_last_3d if fmt_name == "channels_last" else torch.contiguous_format
     model = UNet3D(width=args.width).to(device).to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     shape = (batch, 1, *args.cube)
-    x = torch.from_numpy(rng.uniform(size=shape).astype(np.float32)).to(device)
-    y = torch.from_numpy(rng.uniform(size=shape).astype(np.float32)).to(device)
+    data = np.random.default_rng(batch)  # the same cubes as the genesis_jax child
+    x = torch.from_numpy(data.uniform(size=shape).astype(np.float32)).to(device)
+    y = torch.from_numpy(data.uniform(size=shape).astype(np.float32)).to(device)
     x, y = x.to(memory_format=fmt), y.to(memory_format=fmt)
     holder = {}
 
