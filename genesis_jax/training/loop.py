@@ -6,6 +6,7 @@ periodic async checkpoints, and non-finite losses or gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -53,6 +54,18 @@ def out_of_memory_hint(err: BaseException, config, what: str = "train step") -> 
   first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
   return (f"the {what} ran out of device memory ({first}). To fit: " + "; or ".join(hints)
           + ". Checkpoints written so far are intact; rerun with the same --workdir to resume.")
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(config, what: str):
+  """Re-raises an out-of-memory error inside the block as `DeviceMemoryError` with the hint."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewrapped
+    hint = out_of_memory_hint(e, config, what)
+    if hint is None:
+      raise
+    raise DeviceMemoryError(hint) from e
 
 
 def log(msg: str) -> None:
@@ -246,13 +259,8 @@ def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter,
   try:
     while step < num_steps and not meta.get("stopped_early"):
       batch = sharding.to_global(next(data_iter), mesh)
-      try:
+      with _explain_out_of_memory(config, "train step"):
         state, metrics = train_step(state, batch)
-      except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewrapped
-        hint = out_of_memory_hint(e, config)
-        if hint is None:
-          raise
-        raise DeviceMemoryError(hint) from e
       step += 1
       pending.append(metrics)
       do_eval = step % config.eval_every == 0 or step == num_steps
@@ -274,13 +282,8 @@ def run_training(config, workdir: pathlib.Path, *, state: TrainState, data_iter,
         writer.write(step, m)
         last_train = m
       if do_eval:
-        try:
+        with _explain_out_of_memory(config, "evaluation"):
           result = evaluate(state)
-        except Exception as e:  # noqa: BLE001
-          hint = out_of_memory_hint(e, config, "evaluation")
-          if hint is None:
-            raise
-          raise DeviceMemoryError(hint) from e
         if monitor not in result:
           raise ValueError(
               f"config.train.monitor={monitor!r} is not among the validation results "
