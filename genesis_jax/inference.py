@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
+from genesis_jax import metrics
 from genesis_jax.data.volume import Volume
 
 
@@ -238,8 +239,8 @@ def segmentation_output(probs: np.ndarray, threshold: float | None) -> np.ndarra
   """(x, y, z, K) probabilities -> what a segmentation file holds (see `predict_to_nifti`)."""
   if threshold is None:
     return probs[..., 0] if probs.shape[-1] == 1 else probs
-  if probs.shape[-1] == 1:  # the rule of metrics.foreground
-    return (probs[..., 0] >= threshold).astype(np.uint8)
+  if probs.shape[-1] == 1:
+    return metrics.foreground(probs, threshold).astype(np.uint8)
   return np.argmax(probs, axis=-1).astype(np.uint8)
 
 
