@@ -28,21 +28,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from bench.winograd_error import round_tf32
 from genesis_jax.models import layers, unet
 
 jax.config.update("jax_enable_x64", True)
 
 NATIVE = layers._conv_native  # pylint: disable=protected-access
-
-
-def round_tf32(a: jax.Array) -> jax.Array:
-  """Round-to-nearest-even of float32 to 10 explicit mantissa bits (TF32), kept as float32."""
-  bits = lax.bitcast_convert_type(a, jnp.uint32)
-  lsb = (bits >> 13) & 1
-  bits = (bits + jnp.uint32(0xFFF) + lsb) & jnp.uint32(0xFFFFE000)
-  return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 @jax.custom_vjp
