@@ -77,7 +77,7 @@ def main() -> None:
         iterators[workers] = it
       default_options = pipeline._read_options  # pylint: disable=protected-access
       for threads in args.read_threads:
-        pipeline._read_options = lambda b, t=threads: grain.ReadOptions(  # noqa: E731
+        pipeline._read_options = lambda t=threads, b=batch_size: grain.ReadOptions(  # noqa: E731
             num_threads=t, prefetch_buffer_size=max(16, 2 * b))
         try:
           it = iter(pipeline.pretrain_loader(source, batch_size=batch_size, seed=0))

@@ -171,16 +171,17 @@ def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_
       data_source=_IndexSource(len(source)), sampler=sampler,
       operations=[grain.Batch(batch_size=batch_size * shard_count, drop_remainder=drop_remainder),
                   ReadRows(source, operations, shard_index, shard_count)],
-      worker_count=worker_count, read_options=_read_options(batch_size))
+      worker_count=worker_count, read_options=_read_options())
 
 
-def _read_options(batch_size: int) -> grain.ReadOptions:
+def _read_options() -> grain.ReadOptions:
   """No read threads: grain's records here are indices (`_IndexSource`), the cubes are read by
   `ReadRows` after batching, so threads would only prefetch integers. They cost more than that:
   grain polls every future in its buffer on each record (its default, 16 threads and 500
   records ahead, ran 5x slower on 2 cores), and even 2 threads and 2 batches ahead read
-  1.5-1.8x fewer cubes/s than none (bench/bench_pipeline.py)."""
-  del batch_size
+  1.6x fewer cubes/s than none from a 1,536-cube split (bench/bench_pipeline.py). On tiny splits
+  (tens of cubes) threads were faster, overlapping grain's per-epoch reshuffle; there both
+  settings feed far more than a train step takes."""
   return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
