@@ -3,7 +3,7 @@
   python bench/bench_train.py --config configs/demo.py --steps 60
   python bench/bench_train.py --config configs/pretrain_genesis.py --steps 6 --batch 2
 
-Runs `genesis_jax.training.pretrain.train` in a temporary workdir (built-in phantom data, corruption
+Runs `genesis_jax.train.pretrain.train` in a temporary workdir (built-in phantom data, corruption
 on device) and reports the throughput logged after the first log interval, so compilation is
 excluded. Also prints the loader's cubes/s on the same prepared data for comparison: the input
 pipeline must deliver well above what the step consumes.
@@ -30,7 +30,7 @@ def main() -> None:
   args = ap.parse_args()
   import jax
   from genesis_jax.data import pipeline
-  from genesis_jax.training import pretrain
+  from genesis_jax.train import pretrain
   config = runpy.run_path(args.config)["get_config"]()
   config.num_steps = args.steps
   config.log_every = max(1, args.steps // 3)

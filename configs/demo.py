@@ -6,7 +6,7 @@ Same method and corruptions as the full recipe (configs/pretrain_genesis.py), sm
 width 8 instead of 32, 32x32x16 cubes, 8 phantom subjects. Train on your own scans instead with
 --config.data.source=folder --config.data.path=/path/to/niftis.
 """
-from genesis_jax import defaults
+from genesis_jax.config import schema as defaults
 
 
 def get_config(variant: str = ""):

@@ -4,7 +4,7 @@
 
 Arrays are (N, x, y, C). The 2D network has the same blocks with 3x3 convs and 2x2 pooling.
 """
-from genesis_jax import defaults
+from genesis_jax.config import schema as defaults
 
 
 def get_config(variant: str = ""):

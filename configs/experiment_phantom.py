@@ -40,7 +40,7 @@ Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer p
 
   python -m genesis_jax.main --config configs/experiment_phantom.py:long --workdir runs/experiment_long
 """
-from genesis_jax import defaults
+from genesis_jax.config import schema as defaults
 
 NCS_CPU = "configs/finetune_ncs.py[num_steps=100|data.test_cases=4]"
 

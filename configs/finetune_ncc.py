@@ -7,7 +7,7 @@
 Mirrors the paper's NCC on the built-in phantoms with a small labelled budget (6 training
 subjects). Encoder + GAP -> Dense 1024 -> ReLU -> Dense 1, sigmoid + BCE; Adam 1e-3, early stop.
 """
-from genesis_jax import defaults
+from genesis_jax.config import schema as defaults
 
 
 def get_config(variant: str = ""):

@@ -8,7 +8,7 @@ Mirrors the paper's NCS on the built-in phantoms with a small labelled budget (6
 subjects). The whole encoder-decoder transfers; the 1x1 output conv is re-initialised (keep it
 with --config.finetune.keep_head=True). Dice loss; Adam 1e-3; early stop on validation loss.
 """
-from genesis_jax import defaults
+from genesis_jax.config import schema as defaults
 
 
 def get_config(variant: str = ""):

@@ -8,7 +8,7 @@
 early stop after 50 evaluations without validation improvement, best kept.
 Without --config.data.* it pre-trains on the built-in phantom CT data.
 """
-from genesis_jax import defaults
+from genesis_jax.config import schema as defaults
 
 
 def get_config(variant: str = ""):

@@ -29,12 +29,12 @@ _EXPORTS = {
     "CorruptionParams": "genesis_jax.corruptions",
     "corrupt": "genesis_jax.corruptions",
     "corrupt_batch": "genesis_jax.corruptions",
-    "load_pretrained": "genesis_jax.training.transfer",
-    "merge_params": "genesis_jax.training.transfer",
-    "defaults": "genesis_jax.defaults",
+    "load_pretrained": "genesis_jax.weights.transfer",
+    "merge_params": "genesis_jax.weights.transfer",
+    "defaults": "genesis_jax.config.schema",
     "load_volume": "genesis_jax.data.readers",
-    "sliding_window_predict": "genesis_jax.inference",
-    "segment_volume": "genesis_jax.inference",
+    "sliding_window_predict": "genesis_jax.eval.inference",
+    "segment_volume": "genesis_jax.eval.inference",
 }
 
 __all__ = sorted(_EXPORTS)

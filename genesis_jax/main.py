@@ -38,10 +38,10 @@ def main(argv: list[str]) -> None:
     sys.exit(f"error: --workdir {_WORKDIR.value!r}: URLs are not supported yet; mount the bucket "
              "(e.g. gcsfuse) and pass the local path.")
   # jax.distributed must be initialised before any other JAX call.
-  from genesis_jax.training import distributed
+  from genesis_jax.train import distributed
   decision = distributed.initialize()
   _enable_compilation_cache()
-  from genesis_jax import experiment
+  from genesis_jax import run as experiment
   try:
     if distributed.is_primary():
       print(f"runtime: {distributed.describe_runtime()} | distributed: {decision.get('source')}",

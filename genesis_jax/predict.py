@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from genesis_jax import inference
+from genesis_jax.eval import inference
 from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data import readers
 from genesis_jax.data.volume import Volume
@@ -85,7 +85,8 @@ def run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 def _apply_fn(run_cfg, workdir: pathlib.Path, which: str) -> Callable:
   """batch (B, *window, C) -> probabilities (B, *window, K) or (B, K), with the run's weights."""
   from genesis_jax.models import heads
-  from genesis_jax.training import finetune, transfer
+  from genesis_jax.train import finetune
+  from genesis_jax.weights import transfer
   n_class = int(run_cfg.task.n_class)
   model = heads.build_model(run_cfg.model, task=str(run_cfg.task.kind), n_class=n_class,
                             feature_level=int(run_cfg.task.get("feature_level", -1)))
@@ -185,7 +186,7 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
           overlap=float(config.eval.overlap), tta_flip=bool(config.eval.tta_flip),
           batch_size=int(p.batch_size))
     except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewrapped
-      from genesis_jax.training.loop import is_out_of_memory
+      from genesis_jax.train.loop import is_out_of_memory
       if not is_out_of_memory(e):
         raise
       raise PredictError(
@@ -209,7 +210,7 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
 # --------------------------------------------------------------------------------- classify
 def _classify_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
                   out_dir: pathlib.Path, n_class: int) -> dict:
-  from genesis_jax import metrics as metrics_lib
+  from genesis_jax.eval import metrics as metrics_lib
   from genesis_jax.data import tasks
   from genesis_jax.data.target_tasks import _LazyScans
   p = config.predict

@@ -5,7 +5,7 @@
 #       --config configs/pretrain_genesis.py --workdir runs/local2 [--config.train.batch_size=2 ...]
 #
 # Process i gets GENESIS_COORDINATOR=127.0.0.1:PORT, GENESIS_NUM_PROCESSES=N, GENESIS_PROCESS_ID=i
-# (read by genesis_jax.training.distributed.initialize). --cpu-devices K gives each process K CPU
+# (read by genesis_jax.train.distributed.initialize). --cpu-devices K gives each process K CPU
 # devices (JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=K): a multi-host rehearsal on one box.
 # --gpus-per-process K gives process i the GPUs i*K .. i*K+K-1 (CUDA_VISIBLE_DEVICES).
 # Output of process i goes to LOG_DIR/process_i.log (default <workdir>/launch_logs, or

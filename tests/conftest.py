@@ -61,7 +61,7 @@ def run_cli(args: list[str], *, env_extra: dict | None = None, timeout: float = 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> pathlib.Path:
   """A prepared dataset of tiny phantom cubes (16x16x8), made once per test session/worker."""
-  from genesis_jax import defaults
+  from genesis_jax.config import schema as defaults
   from genesis_jax.data import prepare
   root = tmp_path_factory.mktemp("tiny_data")
   c = defaults.pretrain_config()
@@ -71,3 +71,25 @@ def tiny_dataset(tmp_path_factory) -> pathlib.Path:
   c.data.cubes_per_scan = 8
   c.data.val_fraction = 0.25
   return prepare.ensure_dataset(c.data, root, seed=0)
+
+
+def tiny_task_config(kind, phantoms_root, init=""):
+  """A width-4 fine-tuning config on tiny phantom cases (16x16x8 crops, 6 steps)."""
+  from genesis_jax.config import schema as defaults
+  c = defaults.finetune_config()
+  c.task.kind = kind
+  c.model.width = 4
+  c.data.source = "phantom"
+  c.data.path = str(phantoms_root)
+  c.data.phantom_seed = 1
+  c.data.phantom_shape = (64, 64, 48)
+  c.data.crop = (16, 16, 8)
+  c.data.train_cases, c.data.val_cases, c.data.test_cases = 3, 2, 2
+  c.data.cubes_per_case = 8
+  c.train.batch_size = 8
+  c.num_steps = 6
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.log_every = 3
+  c.finetune.init = str(init)
+  return c

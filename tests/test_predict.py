@@ -10,10 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from genesis_jax import defaults, experiment, predict
+from genesis_jax import predict, run as experiment
+from genesis_jax.config import schema as defaults
 from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data.volume import Volume
-from test_finetune import _task_config
+from conftest import tiny_task_config
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,9 @@ def phantoms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def seg_run(tmp_path_factory, phantoms):
   """A tiny segmentation run whose test pass wrote NIfTI predictions of cases 5 and 6."""
-  from genesis_jax.training import finetune
+  from genesis_jax.train import finetune
   workdir = tmp_path_factory.mktemp("seg_run")
-  config = _task_config("segment", phantoms)
+  config = tiny_task_config("segment", phantoms)
   config.eval.write_predictions = True
   finetune.train(config, workdir)
   return workdir
@@ -115,7 +116,7 @@ def test_bad_scan_raises_or_is_skipped(tmp_path, seg_run, phantoms):
 
 def test_out_of_device_memory_stops_with_the_setting_to_lower(tmp_path, seg_run, phantoms,
                                                               monkeypatch):
-  from genesis_jax import inference, predict
+  from genesis_jax.eval import inference, predict
 
   def oom(*a, **k):
     raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
@@ -152,9 +153,9 @@ def test_to_source_grid_undoes_body_crop_and_resampling():
 
 
 def test_classify_probabilities_match_the_runs_test_auc(tmp_path, phantoms):
-  from genesis_jax.training import finetune
+  from genesis_jax.train import finetune
   run = tmp_path / "cls_run"
-  finetune.train(_task_config("classify", phantoms), run)
+  finetune.train(tiny_task_config("classify", phantoms), run)
   test_auc = json.loads((run / "eval.json").read_text())["auc"]
   rows = list(csv.reader((phantoms / "candidates.csv").read_text().splitlines()))
   test_rows = [r for r in rows[1:] if r[0] in ("phantom_005", "phantom_006")]
@@ -197,9 +198,9 @@ def test_predict_errors_name_the_problem(tmp_path, phantoms):
 
 def test_2d_segmentation_runs_its_test_pass_and_predicts_slice_by_slice(tmp_path, phantoms):
   # A 2D model segments a volume one axial slice at a time, in fine-tuning's test pass and here.
-  from genesis_jax.training import finetune
+  from genesis_jax.train import finetune
   run = tmp_path / "seg2d"
-  config = _task_config("segment", phantoms)
+  config = tiny_task_config("segment", phantoms)
   config.model.spatial_dims = 2
   config.data.crop = (32, 32)
   config.num_steps, config.eval_every, config.checkpoint_every = 2, 2, 2

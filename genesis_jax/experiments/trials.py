@@ -13,7 +13,7 @@ import json
 import pathlib
 import runpy
 
-from genesis_jax import report
+from genesis_jax.experiments import report
 
 TASK_METRIC = {"classify": ("auc", "AUC"), "segment": ("mean_iou", "IoU")}
 
@@ -121,7 +121,7 @@ def check_trial_configs(config) -> None:
   """Every task x arm trial config (and the pre-training config, if an arm uses it) takes its
   overrides and validates. Run before any (long) pre-training, so a misspelt key or a bad value
   in an override fails at once, not hours later."""
-  from genesis_jax import experiment
+  from genesis_jax import run as experiment
   exp = config.experiment
   common = parse_overrides(exp.overrides)
   arms = parse_arms(exp.arms)
@@ -164,7 +164,7 @@ def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
 
 
 def _pretrain(config, workdir: pathlib.Path) -> pathlib.Path:
-  from genesis_jax.training import pretrain
+  from genesis_jax.train import pretrain
   run_dir = workdir / "pretrain"
   pcfg = apply_overrides(load_config_file(config.experiment.pretrain_config),
                          parse_overrides(config.experiment.pretrain_overrides))
@@ -178,7 +178,7 @@ def _pretrain(config, workdir: pathlib.Path) -> pathlib.Path:
 
 
 def run(config, workdir) -> dict:
-  from genesis_jax.training import finetune
+  from genesis_jax.train import finetune
   workdir = pathlib.Path(workdir)
   exp = config.experiment
   arms = parse_arms(exp.arms)

@@ -3,9 +3,9 @@
 Arrays are channels-last like everywhere in genesis_jax; `mid_slice` takes the middle axial (z)
 slice of a cube (x, y, z[, C]) and shows it with x down the rows and y across the columns.
 
-  python -m genesis_jax.visualize --out corruptions.png                 # a phantom cube
-  python -m genesis_jax.visualize --input cubes.npy --index 3 --out c.png  # (N,x,y,z) or (x,y,z)
-  python -m genesis_jax.visualize --input scan.nii.gz --out c.png       # CT, HU window [-1000, 1000]
+  python -m genesis_jax.eval.visualize --out corruptions.png                 # a phantom cube
+  python -m genesis_jax.eval.visualize --input cubes.npy --index 3 --out c.png  # (N,x,y,z) or (x,y,z)
+  python -m genesis_jax.eval.visualize --input scan.nii.gz --out c.png       # CT, HU window [-1000, 1000]
 """
 from __future__ import annotations
 

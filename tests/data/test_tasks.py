@@ -296,7 +296,7 @@ def test_classification_missing_scan_and_outside_candidate():
 
 
 def test_case_split_and_train_subset():
-  from genesis_jax import defaults
+  from genesis_jax.config import schema as defaults
   from genesis_jax.data import target_tasks
   d = defaults.finetune_config().data
   d.train_cases, d.val_cases, d.test_cases = 4, 2, 2

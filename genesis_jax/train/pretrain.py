@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from genesis_jax import corruptions
-from genesis_jax.training import checkpoints as ckpt_lib
-from genesis_jax.training import loop, optim, sharding
-from genesis_jax.training.state import TrainState
+from genesis_jax.train import checkpoints as ckpt_lib
+from genesis_jax.train import loop, optim, sharding
+from genesis_jax.train.state import TrainState
 
 
 def restoration_loss(logits: jax.Array, target: jax.Array) -> jax.Array:

@@ -96,7 +96,7 @@ class _PoisonedLoader:
 
 
 def _tiny_config(dataset, steps, nonfinite):
-  from genesis_jax import defaults
+  from genesis_jax.config import schema as defaults
   c = defaults.pretrain_config()
   c.model.width = 4
   c.data.source = "prepared"
@@ -121,7 +121,7 @@ def _tiny_config(dataset, steps, nonfinite):
 def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
   import jax
   from genesis_jax.data import pipeline
-  from genesis_jax.training import loop, pretrain, transfer
+  from genesis_jax.train import loop, pretrain, transfer
   real = pipeline.pretrain_loader
   monkeypatch.setattr(pipeline, "pretrain_loader",
                       lambda *a, **k: _PoisonedLoader(real(*a, **k), at=5))
@@ -144,7 +144,7 @@ def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
 
 def test_out_of_device_memory_names_the_settings_and_keeps_checkpoints(tmp_path, tiny_dataset,
                                                                        monkeypatch):
-  from genesis_jax.training import loop, pretrain
+  from genesis_jax.train import loop, pretrain
   real_jit = loop.jit_train_step
 
   def jit_then_oom_at_step_5(step_fn, state, mesh):
@@ -186,7 +186,7 @@ def test_workdir_that_is_a_file_fails_before_training(tmp_path):
 def test_resume_with_a_different_data_order_names_the_checkpoint(tmp_path):
   import jax.numpy as jnp
   from genesis_jax.data import pipeline
-  from genesis_jax.training import checkpoints as ckpt_lib
+  from genesis_jax.train import checkpoints as ckpt_lib
   images = np.zeros((10, 4, 4, 1), np.float32)
   labels = np.zeros((10,), np.int32)
   it = iter(pipeline.task_loader(images, labels, batch_size=2, seed=0))

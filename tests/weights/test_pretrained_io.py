@@ -1,4 +1,4 @@
-"""Tests of the released-weight import/export (genesis_jax/models/pretrained_io.py, convert.py).
+"""Tests of the released-weight import/export (genesis_jax/weights/pretrained_io.py, convert.py).
 
 Fixtures (tests/fixtures/, made by make_fixtures.py with real torch 2.13 and h5py) are width-2
 Genesis U-Nets whose key names and layouts are those of the released files.
@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genesis_jax.models import convert, pretrained_io as pio, unet
+from genesis_jax.models import unet
+from genesis_jax.weights import convert, pretrained_io as pio
 
-FIX = pathlib.Path(__file__).parent / "fixtures"
+FIX = pathlib.Path(__file__).parents[1] / "fixtures"
 ZIP, LEGACY, KERAS = FIX / "genesis_tiny_zip.pt", FIX / "genesis_tiny_legacy.pt", FIX / "genesis_tiny_keras.h5"
 
 

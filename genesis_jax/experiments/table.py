@@ -1,9 +1,9 @@
 """Results table of an experiment workdir from the trials finished so far.
 
-  python bench/experiment_table.py runs/experiment
+  python -m genesis_jax.experiments.table runs/experiment
 
 Reads <workdir>/<task>/<arm>/trial_*/eval.json (AUC for classification, mean IoU for
-segmentation) and writes <workdir>/partial/results.{md,json,png} with genesis_jax.report; useful
+segmentation) and writes <workdir>/partial/results.{md,json,png} with genesis_jax.experiments.report; useful
 while an experiment is still running or was stopped early.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import pathlib
 import sys
 
-from genesis_jax import report
+from genesis_jax.experiments import report
 
 
 def main(workdir: str) -> None:

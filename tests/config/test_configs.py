@@ -5,9 +5,10 @@ import pathlib
 
 import pytest
 
-from genesis_jax import experiment, trials
+from genesis_jax import run as experiment
+from genesis_jax.experiments import trials
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long"],
             "pretrain_genesis.py": ["plateau"]}
 CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))

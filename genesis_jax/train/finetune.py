@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genesis_jax import metrics as metrics_lib
-from genesis_jax.training import checkpoints as ckpt_lib
+from genesis_jax.eval import metrics as metrics_lib
+from genesis_jax.train import checkpoints as ckpt_lib
 from genesis_jax.data import target_tasks as task_data
-from genesis_jax.training import loop, optim, sharding, transfer
-from genesis_jax.training.state import TrainState
+from genesis_jax.train import loop, optim, sharding
+from genesis_jax.weights import transfer
+from genesis_jax.train.state import TrainState
 
 KINDS = ("classify", "segment")
 
@@ -255,7 +256,7 @@ def _test(config, workdir, state, model, data, mesh, eval_step, per_process) -> 
 def _segment_volumes(config, workdir, state, volumes) -> dict:
   """Whole-volume sliding-window segmentation of the test cases (a 2D model slice by slice);
   per-case Dice/IoU (and HD95)."""
-  from genesis_jax import inference
+  from genesis_jax.eval import inference
   from genesis_jax.data import readers
   n_class = int(config.task.n_class)
   window = tuple(config.data.crop)

@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from genesis_jax.training import distributed
+from genesis_jax.train import distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _plan(environ, *args, tpu_chips=0, **kwargs):
@@ -109,7 +109,7 @@ def test_single_process_initialize_calls_nothing(monkeypatch):
 
 _WORKER = textwrap.dedent("""
     import json
-    from genesis_jax.training import distributed
+    from genesis_jax.train import distributed
     decision = distributed.initialize(initialization_timeout_s=30)  # before any other JAX call
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -156,7 +156,7 @@ def test_two_processes_on_localhost_sum_a_global_array():
 
 _FAILING_WORKER = textwrap.dedent("""
     import sys, time
-    from genesis_jax.training import distributed
+    from genesis_jax.train import distributed
     distributed.initialize(initialization_timeout_s=30)
     import jax
     if jax.process_index() == 1:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from genesis_jax import inference
+from genesis_jax.eval import inference
 from genesis_jax.data.volume import Volume
 
 

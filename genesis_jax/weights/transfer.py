@@ -1,7 +1,7 @@
 """Transfer of pre-trained weights into a fine-tuning model, reported path by path.
 
 `load_pretrained(init)` reads any of: a pre-training workdir (its best or latest Orbax
-checkpoint), a converted release (`python -m genesis_jax.models.convert`), or a released PyTorch
+checkpoint), a converted release (`python -m genesis_jax.weights.convert`), or a released PyTorch
 (.pt/.pth/.tar) or Keras (.h5) file. `merge_params` then copies every matching leaf into the
 freshly initialised tree and says what it did; a shape mismatch on a leaf that is not excluded by
 `dont_load` is an error naming the paths, never a silent fallback to random init.
@@ -121,7 +121,7 @@ def load_pretrained(init: str, *, which: str = "best", step: int | None = None) 
     raise FileNotFoundError(f"pre-trained init {init!r} does not exist.")
   suffix = path.suffix.lower()
   if path.is_file():
-    from genesis_jax.models import pretrained_io
+    from genesis_jax.weights import pretrained_io
     if suffix in (".h5", ".hdf5"):
       variables = pretrained_io.import_keras(path)
     elif suffix in (".pt", ".pth", ".tar", ".bin", ".ckpt"):
@@ -130,7 +130,7 @@ def load_pretrained(init: str, *, which: str = "best", step: int | None = None) 
       raise TransferError(f"{path}: not a known weights file (expected .pt/.pth/.tar or .h5).")
     return variables, pretrained_io.model_config_of(variables)
   if (path / "genesis_model.json").exists():
-    from genesis_jax.models import convert
+    from genesis_jax.weights import convert
     variables, model_cfg = convert.load_converted(path)
     return variables, model_cfg
   ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path

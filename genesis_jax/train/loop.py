@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genesis_jax.training import checkpoints as ckpt_lib
-from genesis_jax.training import metric_writers, optim, sharding
-from genesis_jax.training.state import TrainState, learning_rate
+from genesis_jax.train import checkpoints as ckpt_lib
+from genesis_jax.train import metric_writers, optim, sharding
+from genesis_jax.train.state import TrainState, learning_rate
 
 
 class NonFiniteError(FloatingPointError):
@@ -192,7 +192,7 @@ def write_restoration_samples(first: dict, path: pathlib.Path, max_rows: int = 4
   """PNG grid, one row per cube: clean target | corrupted input | restored (mid slices)."""
   if jax.process_index() != 0:
     return
-  from genesis_jax import visualize
+  from genesis_jax.eval import visualize
   rows = []
   for i in range(min(max_rows, len(first["targets"]))):
     rows.append([visualize.mid_slice(first[k][i]) for k in ("targets", "inputs", "restored")])

@@ -6,7 +6,7 @@ import pytest
 from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_auc_score
 
-from genesis_jax import metrics
+from genesis_jax.eval import metrics
 
 
 def test_auc_hand_computed_and_sklearn():
@@ -153,7 +153,7 @@ def test_segmentation_metrics_per_case_and_means():
 
 
 def test_foreground_rule_matches_the_written_masks():
-  from genesis_jax import inference
+  from genesis_jax.eval import inference
   p1 = np.array([0.2, 0.5, 0.5000001, 0.9], np.float32).reshape(4, 1, 1, 1)
   np.testing.assert_array_equal(metrics.foreground(p1)[:, 0, 0], [False, True, True, True])
   np.testing.assert_array_equal(metrics.foreground(p1, 0.6)[:, 0, 0], [False, False, False, True])

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from genesis_jax import report
+from genesis_jax.experiments import report
 
 
 def _fake_results(n: int = 10) -> dict:

@@ -1,7 +1,7 @@
 """Converts released Models Genesis weights into an Orbax checkpoint that fine-tuning loads.
 
-  python -m genesis_jax.models.convert Genesis_Chest_CT.pt runs/genesis_pt      # PyTorch (either format)
-  python -m genesis_jax.models.convert Genesis_Chest_CT.h5 runs/genesis_keras   # Keras
+  python -m genesis_jax.weights.convert Genesis_Chest_CT.pt runs/genesis_pt      # PyTorch (either format)
+  python -m genesis_jax.weights.convert Genesis_Chest_CT.h5 runs/genesis_keras   # Keras
 
 DST becomes a standalone Orbax checkpoint of {'params', 'batch_stats'} (the tree of `unet.UNet`)
 plus DST/genesis_model.json: the model fields (variant, width, depth, spatial_dims, in/out
@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from genesis_jax.models import pretrained_io
+from genesis_jax.weights import pretrained_io
 
 MODEL_JSON = "genesis_model.json"
 
@@ -55,7 +55,7 @@ def load_converted(dst: str) -> tuple[dict, dict]:
   json_path = os.path.join(dst, MODEL_JSON)
   if not os.path.isfile(json_path):
     raise ValueError(f"{dst}: no {MODEL_JSON}; not a directory written by "
-                     "`python -m genesis_jax.models.convert`.")
+                     "`python -m genesis_jax.weights.convert`.")
   with open(json_path) as f:
     cfg = json.load(f)
   with ocp.StandardCheckpointer() as ckptr:

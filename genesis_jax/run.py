@@ -79,7 +79,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   validate(config)
   workdir = pathlib.Path(workdir)
   if config.mode == "pretrain":
-    from genesis_jax.training import pretrain
+    from genesis_jax.train import pretrain
     return pretrain.train(config, workdir)
   if config.mode == "prepare":
     from genesis_jax.data import prepare
@@ -87,13 +87,13 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     print(f"prepared dataset: {path}")
     return {"dataset": str(path)}
   if config.mode == "finetune":
-    from genesis_jax.training import finetune
+    from genesis_jax.train import finetune
     return finetune.train(config, workdir)
   if config.mode == "evaluate":
-    from genesis_jax.training import finetune
+    from genesis_jax.train import finetune
     return finetune.evaluate(config, workdir)
   if config.mode == "predict":
     from genesis_jax import predict
     return predict.run(config, workdir)
-  from genesis_jax import trials
+  from genesis_jax.experiments import trials
   return trials.run(config, workdir)

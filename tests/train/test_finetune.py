@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from genesis_jax import defaults
+from genesis_jax.config import schema as defaults
 from genesis_jax.models import heads
-from genesis_jax.training import transfer
+from conftest import tiny_task_config
+from genesis_jax.weights import transfer
 
 
 def _model_cfg(width=4):
@@ -88,7 +89,7 @@ def test_not_a_checkpoint_is_an_error(tmp_path):
 @pytest.fixture(scope="module")
 def pretrained_workdir(tmp_path_factory, tiny_dataset):
   from test_fault_tolerance import _tiny_config
-  from genesis_jax.training import pretrain
+  from genesis_jax.train import pretrain
   workdir = tmp_path_factory.mktemp("pre")
   pretrain.train(_tiny_config(tiny_dataset, 4, "stop"), workdir)
   return workdir
@@ -101,29 +102,9 @@ def task_phantoms(tmp_path_factory):
   return phantoms.write_phantom_dataset(root, 7, seed=1, shape=(64, 64, 48))
 
 
-def _task_config(kind, phantoms_root, init=""):
-  c = defaults.finetune_config()
-  c.task.kind = kind
-  c.model.width = 4
-  c.data.source = "phantom"
-  c.data.path = str(phantoms_root)
-  c.data.phantom_seed = 1
-  c.data.phantom_shape = (64, 64, 48)
-  c.data.crop = (16, 16, 8)
-  c.data.train_cases, c.data.val_cases, c.data.test_cases = 3, 2, 2
-  c.data.cubes_per_case = 8
-  c.train.batch_size = 8
-  c.num_steps = 6
-  c.eval_every = 3
-  c.checkpoint_every = 3
-  c.log_every = 3
-  c.finetune.init = str(init)
-  return c
-
-
 def test_finetune_classify_from_pretraining(tmp_path, pretrained_workdir, task_phantoms):
-  from genesis_jax.training import finetune
-  config = _task_config("classify", task_phantoms, pretrained_workdir)
+  from genesis_jax.train import finetune
+  config = tiny_task_config("classify", task_phantoms, pretrained_workdir)
   config.finetune.freeze_encoder = True
   summary = finetune.train(config, tmp_path)
   ev = json.loads((tmp_path / "eval.json").read_text())
@@ -139,8 +120,8 @@ def test_finetune_classify_from_pretraining(tmp_path, pretrained_workdir, task_p
 
 def test_finetune_segment_writes_eval_and_predictions(tmp_path, pretrained_workdir, task_phantoms):
   import nibabel as nib
-  from genesis_jax.training import finetune
-  config = _task_config("segment", task_phantoms, pretrained_workdir)
+  from genesis_jax.train import finetune
+  config = tiny_task_config("segment", task_phantoms, pretrained_workdir)
   config.eval.write_predictions = True
   finetune.train(config, tmp_path)
   ev = json.loads((tmp_path / "eval.json").read_text())
@@ -153,9 +134,9 @@ def test_finetune_segment_writes_eval_and_predictions(tmp_path, pretrained_workd
 
 
 def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, monkeypatch):
-  from genesis_jax import trials
-  from genesis_jax.training import finetune
-  c = _task_config("classify", task_phantoms)
+  from genesis_jax.experiments import trials
+  from genesis_jax.train import finetune
+  c = tiny_task_config("classify", task_phantoms)
   c.data.path = ""  # Built-in phantoms: written once into <workdir>/phantom_data, shared.
   monkeypatch.setattr(trials, "load_config_file", lambda path: _locked(c))
   exp = defaults.experiment_config()
@@ -224,7 +205,7 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
 
 
 def test_monitor_must_fit_the_task():
-  from genesis_jax import experiment
+  from genesis_jax import run as experiment
   c = defaults.finetune_config()
   c.train.monitor = "dice"
   with pytest.raises(ValueError, match=r"config.train.monitor='dice' is not one of \('val_loss', 'auc'\)"):
@@ -245,7 +226,7 @@ def _locked(c):
 
 
 def test_feature_level_is_checked_up_front():
-  from genesis_jax import experiment
+  from genesis_jax import run as experiment
   c = defaults.finetune_config()
   c.task.feature_level = 1
   experiment.validate(c)  # classify, level 1 of depth 3

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from genesis_jax import visualize
+from genesis_jax.eval import visualize
 
 
 def test_mid_slice_takes_the_middle_z_of_any_layout():

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 
-from genesis_jax import metrics
+from genesis_jax.eval import metrics
 from genesis_jax.data.volume import Volume
 
 

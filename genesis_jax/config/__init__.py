@@ -1,0 +1,1 @@
+"""The config schema (one section per mode), its validation and config-file loading."""

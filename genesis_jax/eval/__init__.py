@@ -1,0 +1,1 @@
+"""Evaluation: metrics, sliding-window inference and restoration/segmentation pictures."""
