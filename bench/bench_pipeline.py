@@ -75,14 +75,14 @@ def main() -> None:
         for _ in range(3):  # Warm-up: worker start-up is a one-off cost, not throughput.
           next(it)
         iterators[workers] = it
-      default_options = pipeline._read_options  # pylint: disable=protected-access
+      default_options = pipeline.read_options
       for threads in args.read_threads:
-        pipeline._read_options = lambda t=threads, b=batch_size: grain.ReadOptions(  # noqa: E731
+        pipeline.read_options = lambda t=threads, b=batch_size: grain.ReadOptions(  # noqa: E731
             num_threads=t, prefetch_buffer_size=max(16, 2 * b))
         try:
           it = iter(pipeline.pretrain_loader(source, batch_size=batch_size, seed=0))
         finally:
-          pipeline._read_options = default_options
+          pipeline.read_options = default_options
         for _ in range(3):
           next(it)
         iterators[f"threads{threads}"] = it

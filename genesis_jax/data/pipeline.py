@@ -18,7 +18,9 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
-from genesis_jax.data import prepare as prepare_lib
+from genesis_jax import errors
+from genesis_jax.data import manifest as manifest_lib
+from genesis_jax.data import store
 
 _SPLITS = ("train", "val")
 
@@ -34,14 +36,14 @@ class CubeSource(grain.RandomAccessDataSource):
     if split not in _SPLITS:
       raise ValueError(f"split must be one of {_SPLITS}, got {split!r}.")
     self._dir = pathlib.Path(dataset_dir)
-    manifest = prepare_lib.validate_dataset(self._dir)
+    manifest = manifest_lib.validate_dataset(self._dir)
     self._split = split
     self.crop = tuple(manifest["crop"])
     shards = [s for s in manifest["shards"] if s["split"] == split and s["count"] > 0]
     if not shards:
-      raise ValueError(f"{self._dir}: the {split!r} split holds no cubes "
+      raise errors.DataError(f"{self._dir}: the {split!r} split holds no cubes "
                        f"(counts {manifest['counts']}); use more scans or another val_fraction.")
-    self._paths = [str(prepare_lib.shard_path(self._dir, s)) for s in shards]
+    self._paths = [str(manifest_lib.shard_path(self._dir, s)) for s in shards]
     self._starts = list(np.cumsum([0] + [s["count"] for s in shards[:-1]]).tolist())
     self._len = int(sum(s["count"] for s in shards))
     self._arrays: list[np.ndarray | None] = [None] * len(shards)
@@ -56,7 +58,7 @@ class CubeSource(grain.RandomAccessDataSource):
     shard = bisect.bisect_right(self._starts, index) - 1
     array = self._arrays[shard]
     if array is None:
-      array = self._arrays[shard] = np.load(self._paths[shard], mmap_mode="r", allow_pickle=False)
+      array = self._arrays[shard] = store.open_cubes(self._paths[shard])
     return np.asarray(array[index - self._starts[shard]], np.float32)[..., None]
 
   def __getstate__(self) -> dict:
@@ -163,7 +165,8 @@ def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count}).")
   if len(source) < shard_count:
-    raise ValueError(f"{source!r}: {len(source)} records cannot feed {shard_count} processes.")
+    raise errors.DataError(f"{source!r}: {len(source)} records cannot feed {shard_count} "
+                           "processes; use more data or fewer processes.")
   _allow_workers(worker_count)
   sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(),
                                shuffle=shuffle, num_epochs=num_epochs, seed=_grain_seed(seed))
@@ -171,17 +174,16 @@ def _loader(source: Any, operations: list, *, batch_size: int, seed: int, shard_
       data_source=_IndexSource(len(source)), sampler=sampler,
       operations=[grain.Batch(batch_size=batch_size * shard_count, drop_remainder=drop_remainder),
                   ReadRows(source, operations, shard_index, shard_count)],
-      worker_count=worker_count, read_options=_read_options())
+      worker_count=worker_count, read_options=read_options())
 
 
-def _read_options() -> grain.ReadOptions:
+def read_options() -> grain.ReadOptions:
   """No read threads: grain's records here are indices (`_IndexSource`), the cubes are read by
   `ReadRows` after batching, so threads would only prefetch integers. They cost more than that:
-  grain polls every future in its buffer on each record (its default, 16 threads and 500
-  records ahead, ran 5x slower on 2 cores), and even 2 threads and 2 batches ahead read
-  1.6x fewer cubes/s than none from a 1,536-cube split (bench/bench_pipeline.py). On tiny splits
-  (tens of cubes) threads were faster, overlapping grain's per-epoch reshuffle; there both
-  settings feed far more than a train step takes."""
+  grain polls every future in its buffer on each record, which on a few busy cores reads fewer
+  cubes per second than no threads at all (bench/bench_pipeline.py measures both; figures in
+  bench/RESULTS.md). Only on tiny splits (tens of cubes), where grain's per-epoch reshuffle
+  dominates, were threads faster; there both settings feed far more than a train step takes."""
   return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from genesis_jax.data import manifest as manifest_lib
 from genesis_jax.data import pipeline
 from genesis_jax.data import prepare as prepare_lib
 
@@ -53,7 +54,7 @@ def test_cube_source_items_are_float32_channels_last(dataset):
 
 
 def test_cube_source_rejects_incomplete_dataset(tmp_path):
-  with pytest.raises(prepare_lib.DatasetIncompleteError, match="no manifest"):
+  with pytest.raises(manifest_lib.DatasetIncompleteError, match="no manifest"):
     pipeline.CubeSource(tmp_path, "train")
   with pytest.raises(ValueError, match="split"):
     pipeline.CubeSource(tmp_path, "test")

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from genesis_jax.data import pipeline
+from genesis_jax.data import manifest as manifest_lib
 from genesis_jax.data import prepare as prepare_lib
+from genesis_jax.data import sampling
+from genesis_jax.data import store
 
 CROP = (8, 8, 4)
 SHAPE = (24, 20, 12)
@@ -79,7 +82,7 @@ def test_prepare_is_deterministic_and_incremental(scans, tmp_path, monkeypatch):
 
   def fail(*args, **kwargs):
     raise AssertionError("a complete dataset must not be recomputed")
-  monkeypatch.setattr(prepare_lib, "_process_scan", fail)
+  monkeypatch.setattr(prepare_lib, "process_scan", fail)
   before = _tree(a)
   prepare_lib.prepare(_config(), scans, a, seed=1, progress=False)
   assert _tree(a) == before
@@ -102,18 +105,18 @@ def test_worker_processes_give_the_same_dataset(scans, tmp_path):
 def test_changed_settings_recompute_and_drop_the_old_manifest_first(scans, tmp_path, monkeypatch):
   out = prepare_lib.prepare(_config(), scans, tmp_path / "ds", seed=0, progress=False)
   calls = []
-  real = prepare_lib._process_scan
+  real = prepare_lib.process_scan
 
   def interrupted(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
       raise KeyboardInterrupt
     return real(*args, **kwargs)
-  monkeypatch.setattr(prepare_lib, "_process_scan", interrupted)
+  monkeypatch.setattr(prepare_lib, "process_scan", interrupted)
   with pytest.raises(KeyboardInterrupt):
     prepare_lib.prepare(_config(cubes_per_scan=2), scans, out, seed=0, progress=False)
   # One shard already changed: the old manifest (3 cubes per scan) must not load as complete.
-  with pytest.raises(prepare_lib.DatasetIncompleteError):
+  with pytest.raises(manifest_lib.DatasetIncompleteError):
     pipeline.CubeSource(out, "train")
 
 
@@ -121,29 +124,29 @@ def test_truncated_shard_is_detected(scans, tmp_path):
   out = prepare_lib.prepare(_config(), scans, tmp_path / "ds", seed=0, progress=False)
   shard = sorted((out / "shards").glob("*.npy"))[0]
   shard.write_bytes(shard.read_bytes()[:-100])
-  with pytest.raises(prepare_lib.DatasetIncompleteError, match="file size"):
+  with pytest.raises(manifest_lib.DatasetIncompleteError, match="file size"):
     pipeline.CubeSource(out, "val")
 
 
 def test_interrupted_prepare_resumes_to_identical_dataset(scans, tmp_path, monkeypatch):
   reference = prepare_lib.prepare(_config(), scans, tmp_path / "ref", seed=0, progress=False)
   calls = []
-  real_write = prepare_lib._write_npy
+  real_write = store.write_npy
 
   def crash_mid_write(path, array):
     calls.append(path)
     if len(calls) == 4:  # Half a shard reaches its temp file, then the run dies.
-      prepare_lib._atomic_write(path, lambda f: (f.write(b"\x93NUMPY half"), 1 / 0))
+      store.atomic_write(path, lambda f: (f.write(b"\x93NUMPY half"), 1 / 0))
     real_write(path, array)
-  monkeypatch.setattr(prepare_lib, "_write_npy", crash_mid_write)
+  monkeypatch.setattr(store, "write_npy", crash_mid_write)
   out = tmp_path / "ds"
   with pytest.raises(ZeroDivisionError):
     prepare_lib.prepare(_config(), scans, out, seed=0, progress=False)
   assert not (out / "manifest.json").exists() and len(list(out.rglob("*.npy"))) == 3
   assert not list(out.rglob(".*tmp*"))
-  with pytest.raises(prepare_lib.DatasetIncompleteError, match="incomplete"):
+  with pytest.raises(manifest_lib.DatasetIncompleteError, match="incomplete"):
     pipeline.CubeSource(out, "train")
-  monkeypatch.setattr(prepare_lib, "_write_npy", real_write)
+  monkeypatch.setattr(store, "write_npy", real_write)
   prepare_lib.prepare(_config(), scans, out, seed=0, progress=False)
   assert _tree(out) == _tree(reference)
 
@@ -155,6 +158,7 @@ def test_killed_subprocess_then_rerun_matches_uninterrupted(scans, tmp_path):
   script = textwrap.dedent(f"""
       import os, signal, ml_collections
       from genesis_jax.data import prepare as p
+      from genesis_jax.data import store
       calls = []
       def dying_write(path, array):
         calls.append(1)
@@ -162,8 +166,8 @@ def test_killed_subprocess_then_rerun_matches_uninterrupted(scans, tmp_path):
           tmp = path.with_name("." + path.name + ".tmp-" + str(os.getpid()))
           tmp.write_bytes(b"partial")
           os.kill(os.getpid(), signal.SIGKILL)
-        p._atomic_write(path, lambda f: __import__("numpy").save(f, array))
-      p._write_npy = dying_write
+        store.atomic_write(path, lambda f: __import__("numpy").save(f, array))
+      store.write_npy = dying_write
       p.prepare(ml_collections.ConfigDict({_config().to_dict()!r}), {str(scans)!r}, {str(out)!r},
                 seed=0, progress=False)
   """)
@@ -192,7 +196,7 @@ def test_bad_scans_are_skipped_with_a_report_or_raise(scans, tmp_path, monkeypat
     prepare_lib.prepare(_config(on_error="raise"), folder, tmp_path / "raise", seed=0, progress=False)
   # Known-bad files are remembered until they change: a re-run reads nothing and stays complete.
   before = _tree(out)
-  monkeypatch.setattr(prepare_lib, "_process_scan", lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(prepare_lib, "process_scan", lambda *a, **k: 1 / 0)
   prepare_lib.prepare(_config(), folder, out, seed=0, progress=False)
   assert _tree(out) == before
   with pytest.raises(ValueError, match="broken.nii.gz"):
@@ -221,18 +225,18 @@ def test_lung_filter_keeps_mostly_air_crops_and_zero_cubes_is_an_error(scans, tm
   with pytest.raises(prepare_lib.PrepareError, match="no cube passed the filters"):
     prepare_lib.prepare(_config(lung_filter=True), tissue, tmp_path / "ds2", seed=0, progress=False)
   with pytest.raises(ValueError, match="modality 'ct'"):
-    prepare_lib.CubeSettings.from_config(_config(lung_filter=True, modality="mri"))
+    sampling.CubeSettings.from_config(_config(lung_filter=True, modality="mri"))
 
 
 def test_scales_and_2d_slices(scans, tmp_path):
-  settings = prepare_lib.CubeSettings.from_config(_config(scales=(1.0, 2.0), cubes_per_scan=4))
+  settings = sampling.CubeSettings.from_config(_config(scales=(1.0, 2.0), cubes_per_scan=4))
   data = np.random.default_rng(0).random((20, 20, 6), dtype=np.float32)
-  cubes = prepare_lib.extract_cubes(data, settings, prepare_lib.scan_rng(0, "x"))
+  cubes = sampling.extract_cubes(data, settings, sampling.scan_rng(0, "x"))
   assert cubes.shape == (4, *CROP) and 0.0 <= cubes.min() and cubes.max() <= 1.0
   np.testing.assert_array_equal(
-      cubes, prepare_lib.extract_cubes(data, settings, prepare_lib.scan_rng(0, "x")))
-  with pytest.raises(prepare_lib.VolumeTooSmallError, match="crop window"):
-    prepare_lib.extract_cubes(data[:12], settings, prepare_lib.scan_rng(0, "x"))
+      cubes, sampling.extract_cubes(data, settings, sampling.scan_rng(0, "x")))
+  with pytest.raises(sampling.VolumeTooSmallError, match="crop window"):
+    sampling.extract_cubes(data[:12], settings, sampling.scan_rng(0, "x"))
   out = prepare_lib.prepare(_config(crop=(16, 12)), scans, tmp_path / "ds2d", seed=0,
                             progress=False)
   source = pipeline.CubeSource(out, "train")
@@ -259,7 +263,7 @@ def test_ensure_dataset_folder_and_prepared(scans, tmp_path):
   again = prepare_lib.ensure_dataset(_config(source="prepared", path=str(out)), tmp_path / "x")
   assert again == out
   (out / "manifest.json").unlink()
-  with pytest.raises(prepare_lib.DatasetIncompleteError):
+  with pytest.raises(manifest_lib.DatasetIncompleteError):
     prepare_lib.ensure_dataset(_config(source="prepared", path=str(out)), tmp_path / "x")
 
 
@@ -273,12 +277,12 @@ def test_ensure_dataset_phantom_uses_images_only_and_is_reused(tmp_path, monkeyp
 
   def fail(*args, **kwargs):
     raise AssertionError("phantoms and their cubes must be reused")
-  monkeypatch.setattr(prepare_lib, "_process_scan", fail)
+  monkeypatch.setattr(prepare_lib, "process_scan", fail)
   assert prepare_lib.ensure_dataset(cfg, tmp_path, seed=0) == out
 
 
 def test_other_processes_wait_for_process_zero(scans, tmp_path, monkeypatch):
-  monkeypatch.setattr(prepare_lib, "_process_info", lambda: (1, 2))
+  monkeypatch.setattr(prepare_lib, "process_info", lambda: (1, 2))
   cfg = _config(source="folder", path=str(scans), prepared_dir=str(tmp_path / "ds"))
   with pytest.raises(TimeoutError, match="process 0"):
     prepare_lib.ensure_dataset(cfg, tmp_path, seed=0, wait_timeout_s=0.0)
