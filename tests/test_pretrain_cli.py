@@ -66,7 +66,7 @@ def test_genesis_2d_variant_runs(tmp_path):
                   "--config.log_every=2", "--config.eval_every=4", "--config.checkpoint_every=4",
                   "--config.eval_batches=1"])
   assert "step 4/4" in proc.stdout
-  from genesis_jax.train import transfer
+  from genesis_jax.weights import transfer
   variables, model_cfg = transfer.load_pretrained(str(workdir), which="latest")
   kernel = variables["params"]["encoder"]["down_0"]["conv_0"]["conv"]["kernel"]
   assert kernel.shape[:2] == (3, 3) and kernel.ndim == 4  # 2D convs: (3, 3, C_in, C_out).

@@ -121,7 +121,8 @@ def _tiny_config(dataset, steps, nonfinite):
 def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
   import jax
   from genesis_jax.data import pipeline
-  from genesis_jax.train import loop, pretrain, transfer
+  from genesis_jax.train import loop, pretrain
+  from genesis_jax.weights import transfer
   real = pipeline.pretrain_loader
   monkeypatch.setattr(pipeline, "pretrain_loader",
                       lambda *a, **k: _PoisonedLoader(real(*a, **k), at=5))

@@ -12,7 +12,7 @@ _EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
 
 def _final_params(workdir, step=None):
   import os
-  from genesis_jax.train import transfer
+  from genesis_jax.weights import transfer
   # A relative path on purpose: users pass relative workdirs (Orbax itself needs absolute ones).
   variables, _ = transfer.load_pretrained(os.path.relpath(workdir), which="latest", step=step)
   return variables
