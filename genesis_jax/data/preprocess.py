@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.ndimage
 
+from genesis_jax import errors
 from genesis_jax.data.volume import Volume
 
 # Body mask threshold for CT: air is about -1000 HU, lung parenchyma about -850 HU, soft tissue
@@ -36,13 +37,14 @@ def normalize_intensity(data: np.ndarray, cfg: Any) -> np.ndarray:
   if modality == "ct":
     lo, hi = (float(v) for v in cfg.hu_window)
     if not hi > lo:
-      raise ValueError(f"config data.hu_window must be (lo, hi) with lo < hi, got {cfg.hu_window}.")
+      raise errors.ConfigError(
+          f"config data.hu_window must be (lo, hi) with lo < hi, got {cfg.hu_window}.")
   elif modality == "mri":
     norm = str(cfg.mri_norm).lower()
     if norm == "percentile":
       p_lo, p_hi = (float(v) for v in cfg.mri_percentiles)
       if not 0 <= p_lo < p_hi <= 100:
-        raise ValueError(
+        raise errors.ConfigError(
             f"config data.mri_percentiles must be 0 <= lo < hi <= 100, got {cfg.mri_percentiles}.")
       lo, hi = (float(v) for v in np.percentile(data, [p_lo, p_hi]))
     elif norm == "minmax":
@@ -51,12 +53,12 @@ def normalize_intensity(data: np.ndarray, cfg: Any) -> np.ndarray:
       mean, std = float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
       lo, hi = mean - ZSCORE_CLIP * std, mean + ZSCORE_CLIP * std
     else:
-      raise ValueError(
+      raise errors.ConfigError(
           f"config data.mri_norm must be 'percentile', 'zscore' or 'minmax', got {cfg.mri_norm!r}.")
     if not hi > lo:
       return np.zeros_like(data)
   else:
-    raise ValueError(f"config data.modality must be 'ct' or 'mri', got {cfg.modality!r}.")
+    raise errors.ConfigError(f"config data.modality must be 'ct' or 'mri', got {cfg.modality!r}.")
   out = (np.clip(data, lo, hi) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
   # Rounding in the scale can step a hair outside [0, 1]; the contract is a closed interval.
   return np.clip(out, 0.0, 1.0, out=out)
@@ -76,7 +78,8 @@ def resample(vol: Volume, spacing: Sequence[float], order: int = 1) -> Volume:
   """
   target = np.asarray(spacing, dtype=np.float64)
   if target.shape != (3,) or not (np.isfinite(target) & (target > 0)).all():
-    raise ValueError(f"config data.spacing must be 3 positive mm values (x, y, z), got {spacing}.")
+    raise errors.ConfigError(
+        f"config data.spacing must be 3 positive mm values (x, y, z), got {spacing}.")
   scale = target / np.asarray(vol.spacing)  # Old voxels per new voxel, per axis.
   if np.allclose(scale, 1.0, rtol=1e-6, atol=0):
     return vol

@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from genesis_jax.data import phantoms
+from genesis_jax.data.phantoms import subject as phantom_subject
 
 SMALL = (64, 64, 48)  # Keeps every test cheap; anatomy scales with the field of view.
 
@@ -201,7 +202,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
       raise KeyboardInterrupt  # As if the user pressed Ctrl-C mid-write.
     return real(seed, shape)
 
-  monkeypatch.setattr(phantoms, "make_phantom", failing)
+  monkeypatch.setattr(phantom_subject, "make_phantom", failing)
   root = tmp_path / "ds"
   with pytest.raises(KeyboardInterrupt):
     phantoms.write_phantom_dataset(root, 3, shape=(32, 32, 32))
