@@ -29,7 +29,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -40,6 +39,7 @@ from scipy import ndimage
 from genesis_jax.eval import inference
 from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data import readers
+from genesis_jax.data import store
 from genesis_jax.data.volume import Volume
 
 
@@ -64,7 +64,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   else:
     result = _classify_all(config, run_cfg, apply, inputs, out_dir, n_class)
   result.update(workdir=str(workdir), checkpoint=str(p.which), kind=kind)
-  write_atomic(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
+  store.write_bytes(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
   print(f"predict: wrote {out_dir / 'predictions.json'}", flush=True)
   return result
 
@@ -102,7 +102,7 @@ def find_inputs(spec: str) -> list[pathlib.Path]:
   if not spec:
     raise PredictError("config.predict.input is empty: give a scan, a folder of scans or a glob.")
   path = pathlib.Path(spec).expanduser()
-  if path.is_dir() and not readers._is_dicom_dir(path):
+  if path.is_dir() and not readers.is_dicom_dir(path):
     return readers.find_scans(path)
   if path.exists():
     return [path]
@@ -125,21 +125,6 @@ def by_scan_id(inputs: list[pathlib.Path]) -> dict[str, pathlib.Path]:
                          f"outputs would collide. Predict them in separate runs (predict.output).")
     out[sid] = path
   return out
-
-
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to a temporary file next to `path`, then renames it into place."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given.
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 # ---------------------------------------------------------------------------------- segment
@@ -196,7 +181,7 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
     result = inference.segmentation_output(to_source_grid(probs, pre, src, order=1),
                                            None if p.probabilities else float(p.threshold))
     img = inference.segmentation_image(result, src.affine)
-    write_atomic(out, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+    store.write_bytes(out, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
     entry = {"scan": str(path), "output": str(out), "shape": list(result.shape)}
     if not p.probabilities:
       voxel_ml = float(np.prod(src.spacing)) / 1000.0
@@ -212,7 +197,6 @@ def _classify_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
                   out_dir: pathlib.Path, n_class: int) -> dict:
   from genesis_jax.eval import metrics as metrics_lib
   from genesis_jax.data import tasks
-  from genesis_jax.data.target_tasks import _LazyScans
   p = config.predict
   out = out_dir / "predictions.csv"
   if out.exists() and not p.overwrite:
@@ -233,7 +217,7 @@ def _classify_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
   batch = int(p.batch_size)
   probs = np.zeros((len(candidates), n_class), np.float32)
   for sid, rows_of_scan in by_scan.items():
-    x, _ = tasks.classification_cubes(_LazyScans({sid: inputs[sid]}),
+    x, _ = tasks.classification_cubes(tasks.LazyScans({sid: inputs[sid]}),
                                       [candidates[i] for i in rows_of_scan],
                                       run_cfg.data.crop, run_cfg.data)
     scan_probs = [np.asarray(apply(x[i:i + batch])) for i in range(0, len(x), batch)]
@@ -246,7 +230,7 @@ def _classify_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
     lps = (-c.world_xyz_mm[0], -c.world_xyz_mm[1], c.world_xyz_mm[2])
     w.writerow([c.scan_id, *(f"{v:.6g}" for v in lps), "" if c.label < 0 else c.label,
                 *(f"{v:.6f}" for v in pr)])
-  write_atomic(out, rows.getvalue().encode())
+  store.write_bytes(out, rows.getvalue().encode())
   print(f"predict: {len(candidates)} candidates -> {out}", flush=True)
   result: dict[str, Any] = {"written": [str(out)], "n": len(candidates)}
   labels = np.array([c.label for c in candidates])

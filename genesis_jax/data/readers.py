@@ -12,7 +12,8 @@ extra (`pip install genesis_jax[io]`): a missing SimpleITK is an ImportError tha
 failure at import time of this module.
 
 Anything wrong with an input file (unreadable, truncated, inconsistent header, real 4D data, an
-empty folder) raises `VolumeReadError`, a ValueError whose message names the file and the problem.
+empty folder) raises `VolumeReadError` (a `genesis_jax.errors.DataError`, so a ValueError) whose
+message names the file and the problem.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from genesis_jax import errors
 from genesis_jax.data.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -39,8 +41,12 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _log = logging.getLogger(__name__)
 
 
-class VolumeReadError(ValueError):
+class VolumeReadError(errors.DataError):
   """A scan could not be read or fails a sanity check; the message names the file."""
+
+
+class MissingExtraError(errors.EnvironmentSetupError, ImportError):
+  """An optional dependency (the `io` extra, SimpleITK) is needed for this file format."""
 
 
 def scan_id(path: str | pathlib.Path) -> str:
@@ -75,7 +81,8 @@ def _is_dicom_file(path: pathlib.Path) -> bool:
     return False
 
 
-def _is_dicom_dir(path: pathlib.Path) -> bool:
+def is_dicom_dir(path: pathlib.Path) -> bool:
+  """Whether `path` is a folder holding one DICOM series (read as one scan)."""
   files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
   if any(p.suffix.lower() == ".dcm" for p in files):
     return True
@@ -88,8 +95,9 @@ def find_scans(folder: str | pathlib.Path) -> list[pathlib.Path]:
   """All scans under `folder` (searched recursively), sorted by path.
 
   A scan is a file with a supported suffix (.nii, .nii.gz, .mhd, .mha, .nrrd, .nhdr) or a folder
-  holding .dcm files or suffix-less DICOM files (one DICOM series). Hidden files (".*", e.g. the "._x.nii.gz" AppleDouble
-  files shipped inside the Decathlon archives) are skipped. `.raw` files belong to their `.mhd`.
+  holding .dcm files or suffix-less DICOM files (one DICOM series). Hidden files (".*", e.g. the
+  "._x.nii.gz" AppleDouble files shipped inside the Decathlon archives) are skipped. `.raw` files
+  belong to their `.mhd`.
   """
   root = pathlib.Path(folder)
   if not root.is_dir():
@@ -98,7 +106,7 @@ def find_scans(folder: str | pathlib.Path) -> list[pathlib.Path]:
   dirs = [root]
   while dirs:
     d = dirs.pop()
-    if _is_dicom_dir(d):
+    if is_dicom_dir(d):
       scans.append(d)
     for p in d.iterdir():
       if p.name.startswith("."):
@@ -272,7 +280,8 @@ def _read_nifti(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   if dtype.kind in "iu" and not np.isfinite(data).all():
     # Integers cannot hold NaN/Inf: these come from a corrupt scl_slope/scl_inter.
     raise VolumeReadError(
-        f"{path}: scaling (scl_slope, scl_inter) = {raw_scaling} turns integer voxels into NaN/Inf.")
+        f"{path}: scaling (scl_slope, scl_inter) = {raw_scaling} turns integer voxels into "
+        "NaN/Inf.")
   return data, np.asarray(affine, dtype=np.float64)
 
 
@@ -283,7 +292,7 @@ def _sitk():
   try:
     import SimpleITK as sitk  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
+    raise MissingExtraError(
         "Reading MetaImage (.mhd/.mha), NRRD and DICOM needs SimpleITK: "
         "pip install 'genesis_jax[io]'") from e
   return sitk

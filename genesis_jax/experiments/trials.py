@@ -110,9 +110,9 @@ def shared_phantom_path(tcfg, workdir: pathlib.Path) -> pathlib.Path:
   One folder per (subjects, seed, shape), the parameters that fix the data set, so every trial
   and arm with the same parameters reads the same files instead of writing its own copy.
   """
-  from genesis_jax.data import target_tasks
+  from genesis_jax.data import tasks as task_data
   d = tcfg.data
-  n = target_tasks.num_cases(d)
+  n = task_data.num_cases(d)
   shape = "x".join(str(int(s)) for s in d.phantom_shape)
   return workdir / "phantom_data" / f"seed{int(d.phantom_seed)}_{n}cases_{shape}"
 

@@ -20,7 +20,7 @@ import optax
 
 from genesis_jax.eval import metrics as metrics_lib
 from genesis_jax.train import checkpoints as ckpt_lib
-from genesis_jax.data import target_tasks as task_data
+from genesis_jax.data import tasks as task_data
 from genesis_jax.train import loop, optim, sharding
 from genesis_jax.weights import transfer
 from genesis_jax.train.state import TrainState

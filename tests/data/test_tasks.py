@@ -297,18 +297,17 @@ def test_classification_missing_scan_and_outside_candidate():
 
 def test_case_split_and_train_subset():
   from genesis_jax.config import schema as defaults
-  from genesis_jax.data import target_tasks
   d = defaults.finetune_config().data
   d.train_cases, d.val_cases, d.test_cases = 4, 2, 2
   ids = [f"c{i}" for i in range(9)]
-  full = target_tasks._split_ids(ids, d, "cases")
+  full = tasks.split_ids(ids, d, "cases")
   assert full == {"train": ["c0", "c1", "c2", "c3"], "val": ["c4", "c5"], "test": ["c6", "c7"]}
   # A smaller labelled budget: fewer training cases, the same validation and test cases.
   d.train_subset = 2
-  assert target_tasks._split_ids(ids, d, "cases") == {**full, "train": ["c0", "c1"]}
+  assert tasks.split_ids(ids, d, "cases") == {**full, "train": ["c0", "c1"]}
   d.train_subset = 5
   with pytest.raises(ValueError, match="train_subset=5"):
-    target_tasks._split_ids(ids, d, "cases")
+    tasks.split_ids(ids, d, "cases")
   d.train_subset, d.test_cases = 0, 4
   with pytest.raises(ValueError, match="9 cases, but train_cases"):
-    target_tasks._split_ids(ids, d, "cases")
+    tasks.split_ids(ids, d, "cases")

@@ -1,42 +1,30 @@
-"""Target-task data in the layouts users already have, cut into training cubes.
+"""Segmentation data in the Medical Segmentation Decathlon / nnU-Net layout, cut into cubes.
 
-Segmentation: the Medical Segmentation Decathlon / nnU-Net layout,
   root/imagesTr/<case>.nii.gz            (MSD: one file per case, 4D when multi-channel)
   root/imagesTr/<case>_0000.nii.gz, ...  (nnU-Net: one file per channel)
   root/labelsTr/<case>.nii.gz            (integer class per voxel, same grid as the image)
   root/dataset.json                      (optional; its "labels" give the class count)
-
-Classification: candidate locations from a CSV in the LUNA16 candidates format,
-  seriesuid,coordX,coordY,coordZ,class
-with world coordinates in mm. LUNA16's are ITK/LPS world coordinates (the .mhd "Offset" frame),
-so `read_candidates_csv` converts them to the RAS world of `Volume.affine` (x and y negated);
-`frame="ras"` reads files already written in RAS.
-
-Cubes are channels-last: images (N, x, y, z, 1) float32 in [0, 1]; a 2-entry crop (x, y) gives
-2D slices (N, x, y, 1) taken at the same centres.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import pathlib
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from genesis_jax import errors
 from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data.readers import VolumeReadError, check_volume, find_scans, load_volume, scan_id
+from genesis_jax.data.tasks.cubes import as_3d_crop, stack_cubes
 from genesis_jax.data.volume import Volume
 
 # nnU-Net names channel files <case>_0000.nii.gz, <case>_0001.nii.gz, ...
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # Label and image grids must agree to this many mm (float noise in the headers is tolerated).
 _AFFINE_ATOL_MM = 1e-3
-
-
-# --- Segmentation -------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +136,6 @@ def load_segmentation_pairs(root: str | pathlib.Path, channel: int | None = None
   return [load_segmentation_case(c, num_classes) for c in segmentation_cases(root, channel)]
 
 
-def _as_3d_crop(crop: Sequence[int]) -> tuple[tuple[int, int, int], bool]:
-  crop = tuple(int(c) for c in crop)
-  if len(crop) == 2:
-    return (crop[0], crop[1], 1), True
-  if len(crop) != 3 or min(crop) < 1:
-    raise ValueError(f"crop must be (x, y, z) or (x, y) positive sizes, got {crop}.")
-  return crop, False
-
-
 def segmentation_cubes(pairs: Sequence[tuple[Volume, np.ndarray]], crop: Sequence[int], cfg: Any,
                        *, per_case: int, fg_fraction: float, seed: int
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -169,9 +148,9 @@ def segmentation_cubes(pairs: Sequence[tuple[Volume, np.ndarray]], crop: Sequenc
   Returns images (N, *crop, 1) float32 in [0, 1] and masks (N, *crop, 1) uint8 class ids,
   N = len(pairs) * per_case. A volume smaller than the crop is a VolumeReadError.
   """
-  crop3, is_2d = _as_3d_crop(crop)
+  crop3, is_2d = as_3d_crop(crop)
   if not 0.0 <= fg_fraction <= 1.0:
-    raise ValueError(f"fg_fraction must be in [0, 1], got {fg_fraction}.")
+    raise errors.ConfigError(f"config.data.fg_fraction must be in [0, 1], got {fg_fraction}.")
   rng = np.random.default_rng(seed)
   size = np.array(crop3)
   images, masks = [], []
@@ -189,138 +168,4 @@ def segmentation_cubes(pairs: Sequence[tuple[Volume, np.ndarray]], crop: Sequenc
       box = tuple(slice(o, o + s) for o, s in zip(origin, size))
       images.append(vol.data[box])
       masks.append(labels[box])
-  return _stack(images, np.float32, is_2d), _stack(masks, np.uint8, is_2d)
-
-
-def _stack(cubes: list[np.ndarray], dtype, is_2d: bool) -> np.ndarray:
-  if not cubes:
-    return np.zeros((0,), dtype)
-  out = np.stack(cubes).astype(dtype, copy=False)
-  if is_2d:
-    out = out[..., 0]
-  return out[..., None]
-
-
-# --- Classification of candidate locations -----------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-  scan_id: str  # LUNA16 seriesuid: the scan file's name without suffix (see readers.scan_id).
-  world_xyz_mm: tuple[float, float, float]  # RAS world mm, the frame of Volume.affine.
-  label: int
-
-
-def read_candidates_csv(path: str | pathlib.Path, *, frame: str = "lps",
-                        labels: bool = True) -> list[Candidate]:
-  """Reads `seriesuid,coordX,coordY,coordZ,class` rows (the LUNA16 candidates format).
-
-  Args:
-    path: the CSV file; the header row names the columns (case-insensitive; "label" is accepted
-      for "class").
-    frame: the world frame of coordX/Y/Z. "lps" (LUNA16 and anything written from ITK/SimpleITK
-      physical points) is converted to RAS by negating x and y; "ras" is taken as is.
-    labels: False for candidates to predict: the class column may be missing or blank (label -1).
-  """
-  path = pathlib.Path(path)
-  if frame not in ("lps", "ras"):
-    raise ValueError(f"frame must be 'lps' or 'ras', got {frame!r}.")
-  sign = np.array([-1.0, -1.0, 1.0]) if frame == "lps" else np.ones(3)
-  try:
-    text = path.read_text(encoding="utf-8-sig")  # -sig: CSVs saved by Excel start with a BOM.
-  except (OSError, UnicodeDecodeError) as e:
-    raise VolumeReadError(f"{path}: cannot read the candidates file ({e}).") from e
-  rows = csv.reader(text.splitlines())
-  header = [h.strip().lower() for h in next(rows, [])]
-  columns = {}
-  for want, names in (("id", ("seriesuid", "scan_id")), ("x", ("coordx",)), ("y", ("coordy",)),
-                      ("z", ("coordz",)), ("label", ("class", "label"))):
-    found = [header.index(n) for n in names if n in header]
-    if not found and want == "label" and not labels:
-      continue
-    if not found:
-      raise VolumeReadError(
-          f"{path}: header {header} lacks a {'/'.join(names)} column; expected"
-          " seriesuid,coordX,coordY,coordZ,class.")
-    columns[want] = found[0]
-  out = []
-  for line_no, row in enumerate(rows, start=2):
-    if not any(cell.strip() for cell in row):
-      continue
-    try:
-      xyz = np.array([float(row[columns[k]]) for k in "xyz"])
-      cell = row[columns["label"]].strip() if "label" in columns else ""
-      label_f = -1.0 if not labels and not cell else float(cell)
-      uid = row[columns["id"]].strip()
-    except (ValueError, IndexError) as e:
-      raise VolumeReadError(f"{path}, line {line_no}: cannot parse {row} ({e}).") from e
-    if not np.isfinite(xyz).all() or not uid or label_f != int(label_f):
-      raise VolumeReadError(
-          f"{path}, line {line_no}: need a scan id, finite coordinates and an integer class,"
-          f" got {row}.")
-    out.append(Candidate(uid, tuple(float(v) for v in xyz * sign), int(label_f)))
-  return out
-
-
-def world_to_voxel(vol: Volume, world_xyz_mm: Sequence[float]) -> np.ndarray:
-  """Continuous (x, y, z) voxel index of a RAS world point in `vol`."""
-  return (np.linalg.inv(vol.affine) @ np.array([*world_xyz_mm, 1.0]))[:3]
-
-
-def extract_cube(data: np.ndarray, center: Sequence[int], size: Sequence[int],
-                 pad_value: float = 0.0) -> np.ndarray:
-  """`size` voxels around integer `center` (centre at index size // 2), padded off the edges."""
-  center, size = np.asarray(center, int), np.asarray(size, int)
-  start = center - size // 2
-  lo = np.maximum(start, 0)
-  hi = np.minimum(start + size, data.shape)
-  out = np.full(tuple(size), pad_value, dtype=data.dtype)
-  if (hi > lo).all():
-    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-    out[dst] = data[tuple(slice(a, b) for a, b in zip(lo, hi))]
-  return out
-
-
-def classification_cubes(scans: Mapping[str, Volume], candidates: Sequence[Candidate],
-                         crop: Sequence[int], cfg: Any, *, missing: str = "raise"
-                         ) -> tuple[np.ndarray, np.ndarray]:
-  """Cubes centred on candidate locations, with their labels.
-
-  Each scan is preprocessed once with `cfg` (config.data); `scans` is read once per scan id, so a
-  lazy Mapping that loads on access keeps only one scan in memory. World mm -> voxel goes through
-  the inverse of the (preprocessed) affine; where a cube runs off the volume it is padded with
-  0.0, the normalised value of the window's minimum (air for the CT default).
-
-  Args:
-    missing: "raise" (default) or "skip" candidates whose scan id is not in `scans`.
-  Returns images (N, *crop, 1) float32 in [0, 1] and labels (N,) int32, in candidate order.
-  Raises VolumeReadError when a candidate's centre lies outside its scan, the usual sign of an
-  LPS/RAS mix-up.
-  """
-  if missing not in ("raise", "skip"):
-    raise ValueError(f"missing must be 'raise' or 'skip', got {missing!r}.")
-  crop3, is_2d = _as_3d_crop(crop)
-  by_scan: dict[str, list[int]] = {}
-  for i, c in enumerate(candidates):
-    by_scan.setdefault(c.scan_id, []).append(i)
-  cubes: dict[int, np.ndarray] = {}
-  for sid, indices in by_scan.items():
-    if sid not in scans:
-      if missing == "skip":
-        continue
-      raise VolumeReadError(f"candidate scan id {sid!r} has no scan among the {len(scans)} given.")
-    vol = preprocess_lib.preprocess(scans[sid], cfg)
-    check_volume(vol)  # NaN/Inf would pass silently into the cubes.
-    for i in indices:
-      ijk = world_to_voxel(vol, candidates[i].world_xyz_mm)
-      center = np.round(ijk).astype(int)
-      if ((center < 0) | (center >= vol.shape)).any():
-        raise VolumeReadError(
-            f"{vol.source or sid}: candidate {i} at {candidates[i].world_xyz_mm} mm (RAS) maps to"
-            f" voxel {np.round(ijk, 1)}, outside the volume {vol.shape}; wrong coordinate frame"
-            " (LUNA16 CSVs are LPS) or wrong scan?")
-      cubes[i] = extract_cube(vol.data, center, crop3, pad_value=0.0)
-  order = sorted(cubes)
-  images = _stack([cubes[i] for i in order], np.float32, is_2d)
-  labels = np.array([candidates[i].label for i in order], dtype=np.int32)
-  return images, labels
+  return stack_cubes(images, np.float32, is_2d), stack_cubes(masks, np.uint8, is_2d)

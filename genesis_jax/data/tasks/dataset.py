@@ -1,4 +1,4 @@
-"""Target-task data for fine-tuning, split by case: train / val / test.
+"""Target-task data for fine-tuning (`load(config, workdir)`), split by case: train / val / test.
 
 Cases are the subjects of an MSD / nnU-Net layout folder (segmentation), or the scans that a
 LUNA16-style candidates CSV refers to (classification). The built-in phantom data is written in
@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from genesis_jax import errors
 from genesis_jax.data import preprocess as preprocess_lib
-from genesis_jax.data import readers, tasks
+from genesis_jax.data import readers
+from genesis_jax.data.tasks import candidates as candidates_lib
+from genesis_jax.data.tasks import segmentation
 
 
 def num_cases(d) -> int:
@@ -33,55 +36,45 @@ def _root(config, workdir: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(phantoms.write_phantom_dataset(root, n, int(d.phantom_seed),
                                                        tuple(d.phantom_shape)))
   if d.source != "folder":
-    raise ValueError(f"fine-tuning reads config.data.source 'phantom' or 'folder', got {d.source!r}.")
+    raise errors.ConfigError(
+        f"fine-tuning reads config.data.source 'phantom' or 'folder', got {d.source!r}.")
+  if not pathlib.Path(d.path).exists():
+    raise errors.MissingPathError(f"config.data.path={d.path!r}: no such folder; give the folder "
+                                  "of the target task (imagesTr/, labelsTr/ or scans).")
   return pathlib.Path(d.path)
 
 
-def _split_ids(ids: list[str], d, what: str) -> dict[str, list[str]]:
+def split_ids(ids: list[str], d, what: str) -> dict[str, list[str]]:
+  """Sorted case ids -> {"train", "val", "test": ids} by config.data's case counts."""
   need = num_cases(d)
   if len(ids) < need:
-    raise ValueError(f"{what}: {len(ids)} cases, but train_cases + val_cases + test_cases = {need} "
-                     f"({d.train_cases} + {d.val_cases} + {d.test_cases}); lower them in config.data.")
+    raise errors.ConfigError(
+        f"{what}: {len(ids)} cases, but train_cases + val_cases + test_cases = {need} "
+        f"({d.train_cases} + {d.val_cases} + {d.test_cases}); lower them in config.data.")
   a, b = int(d.train_cases), int(d.train_cases + d.val_cases)
   subset = int(d.get("train_subset", 0))
   if not 0 <= subset <= a:
-    raise ValueError(f"config.data.train_subset={subset} must be in [0, train_cases={a}] "
-                     f"(0 = all training cases).")
+    raise errors.ConfigError(f"config.data.train_subset={subset} must be in [0, train_cases={a}] "
+                             f"(0 = all training cases).")
   return {"train": ids[:subset or a], "val": ids[a:b], "test": ids[b:need]}
 
 
 def _segmentation(config, root: pathlib.Path) -> dict[str, Any]:
   d = config.data
-  cases = tasks.segmentation_cases(root)
-  num_classes = tasks.read_num_classes(root)
+  cases = segmentation.segmentation_cases(root)
+  num_classes = segmentation.read_num_classes(root)
   by_id = {c.case_id: c for c in cases}
-  split = _split_ids(sorted(by_id), d, f"segmentation data at {root}")
-  pairs = {k: [tasks.load_segmentation_case(by_id[i], num_classes) for i in ids]
+  split = split_ids(sorted(by_id), d, f"segmentation data at {root}")
+  pairs = {k: [segmentation.load_segmentation_case(by_id[i], num_classes) for i in ids]
            for k, ids in split.items()}
   out = {}
   for k, seed in (("train", 0), ("val", 1)):  # Fixed data seeds: the same cubes in every trial.
-    out[k] = tasks.segmentation_cubes(pairs[k], d.crop, d, per_case=int(d.cubes_per_case),
-                                      fg_fraction=float(d.fg_fraction), seed=seed)
+    out[k] = segmentation.segmentation_cubes(pairs[k], d.crop, d,
+                                             per_case=int(d.cubes_per_case),
+                                             fg_fraction=float(d.fg_fraction), seed=seed)
   out["test_volumes"] = [preprocess_lib.preprocess_pair(v, lab, d) for v, lab in pairs["test"]]
   out["split"] = split
   return out
-
-
-class _LazyScans(dict):
-  """scan id -> Volume, loaded on first access (classification_cubes reads each once)."""
-
-  def __init__(self, paths: dict[str, pathlib.Path]):
-    super().__init__()
-    self._paths = paths
-
-  def __contains__(self, key):
-    return key in self._paths
-
-  def __getitem__(self, key):
-    return readers.load_volume(self._paths[key])
-
-  def keys(self):
-    return self._paths.keys()
 
 
 def _scan_paths(root: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -96,22 +89,24 @@ def _classification(config, root: pathlib.Path) -> dict[str, Any]:
   d = config.data
   csv_path = pathlib.Path(d.candidates) if d.candidates else root / "candidates.csv"
   if not csv_path.exists():
-    raise FileNotFoundError(f"candidates CSV {csv_path} does not exist (config.data.candidates).")
-  candidates = tasks.read_candidates_csv(csv_path)
+    raise errors.MissingPathError(f"candidates CSV {csv_path} does not exist; set "
+                                  "config.data.candidates to the CSV of candidate locations.")
+  candidates = candidates_lib.read_candidates_csv(csv_path)
   paths = _scan_paths(root)
   ids = sorted({c.scan_id for c in candidates} & set(paths))
   missing = sorted({c.scan_id for c in candidates} - set(paths))
   if missing:
-    raise ValueError(f"{csv_path}: {len(missing)} scan id(s) have no scan under {root}, "
-                     f"e.g. {missing[:3]}.")
-  split = _split_ids(ids, d, f"classification data at {root}")
+    raise errors.DataError(f"{csv_path}: {len(missing)} scan id(s) have no scan under {root}, "
+                           f"e.g. {missing[:3]}.")
+  split = split_ids(ids, d, f"classification data at {root}")
   out = {}
   for k, sids in split.items():
     chosen = [c for c in candidates if c.scan_id in set(sids)]
-    scans = _LazyScans({s: paths[s] for s in sids})
-    x, y = tasks.classification_cubes(scans, chosen, d.crop, d)
+    scans = candidates_lib.LazyScans({s: paths[s] for s in sids})
+    x, y = candidates_lib.classification_cubes(scans, chosen, d.crop, d)
     if k != "test" and len(np.unique(y)) < 2:
-      raise ValueError(f"classification {k} split has only class {np.unique(y)}; add cases.")
+      raise errors.DataError(
+          f"classification {k} split has only class {np.unique(y)}; add cases.")
     out[k] = (x, y)
   out["split"] = split
   return out
