@@ -54,7 +54,7 @@ def _make_phantom(seed: int, shape) -> Phantom:
     raise errors.ConfigError(f"Phantom seed {seed}, shape {shape}: no lung voxels were drawn; use "
                              "a larger config.data.phantom_shape.")
 
-  # About one vessel segment per 80 mm^3 of lung (about 1,500 at 128 x 128 x 96), 9 trees a lung.
+  # About one vessel segment per 80 mm^3 of lung, shared by 9 trees a lung.
   lung_mm3 = lung_idx.size * float(np.prod(spacing))
   budget = int(np.clip(lung_mm3 / 80 / 18, 3, 100))
   segs, branch_points = [], []
