@@ -31,11 +31,11 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from genesis_jax.main import _CPU_XLA_FLAGS  # noqa: E402
+from genesis_jax.main import CPU_XLA_FLAGS  # noqa: E402
 from genesis_jax.models import unet  # noqa: E402
 
 # As the CLI does, in every mode (read when the XLA backend starts, after these imports).
-os.environ.setdefault("XLA_FLAGS", _CPU_XLA_FLAGS)
+os.environ.setdefault("XLA_FLAGS", CPU_XLA_FLAGS)
 
 GFLOP_PER_STEP = 1465.0
 

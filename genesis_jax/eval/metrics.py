@@ -21,8 +21,10 @@ import numpy as np
 from scipy import ndimage
 from sklearn import metrics as sk_metrics
 
+from genesis_jax import errors
 
-class MetricInputError(ValueError):
+
+class MetricInputError(errors.DataError):
   """Inputs a metric cannot score: wrong shapes, non-binary masks, a single class for AUC."""
 
 

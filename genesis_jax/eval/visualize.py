@@ -10,14 +10,21 @@ slice of a cube (x, y, z[, C]) and shows it with x down the rows and y across th
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from genesis_jax import errors
 
 
-class ImageGridError(ValueError):
+MIN_PANEL_PX = 192  # Default upscale target: a panel's long side in pixels.
+LABEL_PX = 16  # Label font size in pixels.
+
+
+class ImageGridError(errors.DataError):
   """Bad input to a grid: wrong rank, ragged rows, or labels that do not match."""
 
 
@@ -36,11 +43,27 @@ def mid_slice(volume, channel: int = 0) -> np.ndarray:
   raise ImageGridError(f"mid_slice: expected (x, y[, z][, C]), got shape {np.shape(volume)}.")
 
 
+def font(size: int) -> ImageFont.ImageFont:
+  """Pillow's default font at `size` px (the small fixed bitmap font without FreeType)."""
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, OSError):  # Pillow without FreeType.
+    return ImageFont.load_default()
+
+
+def auto_scale(height: int, width: int, min_panel: int = MIN_PANEL_PX) -> int:
+  """The smallest integer upscale that makes a (height, width) panel `min_panel` px on its long side."""
+  return max(1, math.ceil(min_panel / max(height, width, 1)))
+
+
 def save_image_grid(path, rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str] = (),
-                    col_labels: Sequence[str] = (), scale: int = 2) -> pathlib.Path:
+                    col_labels: Sequence[str] = (), scale: int | None = None) -> pathlib.Path:
   """Write a grey PNG: rows x columns of 2D arrays in [0, 1] (clipped), labels on top/left.
 
-  Each image is (x, y) and drawn with x down and y across, upscaled `scale` times (nearest).
+  Each image is (x, y) and drawn with x down and y across, upscaled `scale` times (nearest
+  neighbour, so voxels stay sharp); by default (None) enough for panels of at least
+  `MIN_PANEL_PX` px, so a 32x32 slice is readable. Column titles are centred over the panels,
+  row labels sit left of their row.
   """
   if not rows or not all(len(r) == len(rows[0]) for r in rows) or not rows[0]:
     raise ImageGridError(f"save_image_grid({path}): rows must be a non-empty rectangle of images.")
@@ -54,19 +77,28 @@ def save_image_grid(path, rows: Sequence[Sequence[np.ndarray]], row_labels: Sequ
     for im in r:
       if im.ndim != 2:
         raise ImageGridError(f"save_image_grid({path}): images must be 2D, got {im.shape}.")
-  h = max(im.shape[0] for r in imgs for im in r) * scale
-  w = max(im.shape[1] for r in imgs for im in r) * scale
-  pad, left = 4, (8 * max((len(s) for s in row_labels), default=0) + 8 if row_labels else 0)
-  top = 16 if col_labels else 0
+  h = max(im.shape[0] for r in imgs for im in r)
+  w = max(im.shape[1] for r in imgs for im in r)
+  scale = auto_scale(h, w) if scale is None else int(scale)
+  h, w = h * scale, w * scale
+  label_font = font(LABEL_PX)
+  measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+  pad = 4
+  left = (max(measure.textlength(str(s), font=label_font) for s in row_labels) + 3 * pad
+          if row_labels else 0)
+  left = int(math.ceil(left))
+  top = LABEL_PX + 3 * pad if col_labels else 0
   canvas = Image.new("L", (left + len(imgs[0]) * (w + pad) + pad, top + len(imgs) * (h + pad) + pad),
                      color=32)
   draw = ImageDraw.Draw(canvas)
   for j, label in enumerate(col_labels):
-    draw.text((left + pad + j * (w + pad), 2), str(label), fill=255)
+    draw.text((left + pad + j * (w + pad) + w // 2, top // 2), str(label), fill=255,
+              font=label_font, anchor="mm")
   for i, r in enumerate(imgs):
     y0 = top + pad + i * (h + pad)
     if row_labels:
-      draw.text((4, y0 + h // 2 - 6), str(row_labels[i]), fill=255)
+      draw.text((left - pad, y0 + h // 2), str(row_labels[i]), fill=255, font=label_font,
+                anchor="rm")
     for j, im in enumerate(r):
       im = np.nan_to_num(np.clip(im, 0.0, 1.0))
       tile = Image.fromarray(np.round(im * 255).astype(np.uint8), mode="L")

@@ -1,6 +1,6 @@
 """Experiment statistics and report: mean +- std per arm, p-values between arms, table and chart.
 
-Mirrors the paper's results table (e.g. NCC AUC: scratch 94.25 +- 5.07 vs Genesis 98.20 +- 0.51):
+Mirrors the paper's results table (mean +- std of each arm's trials per task):
 for every task, each arm (scratch, genesis, ...) has N independent trials of one metric. The
 summary gives per arm the mean and the sample standard deviation (ddof=1) of the trials, and for
 each arm against the task's baseline arm two two-sided tests:
@@ -23,8 +23,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from scipy import stats
+
+from genesis_jax import errors
+from genesis_jax.eval import visualize
 
 TESTS = {
     "welch": "two-sided Welch's t-test, scipy.stats.ttest_ind(equal_var=False)",
@@ -32,7 +35,7 @@ TESTS = {
 }
 
 
-class TrialResultsError(ValueError):
+class TrialResultsError(errors.DataError):
   """Trial results that cannot be summarised: empty arms, non-finite values, unknown baseline."""
 
 
@@ -171,32 +174,25 @@ def to_markdown(summary: dict) -> str:
 
 
 # Chart geometry, pixels.
-_PANEL_W, _PANEL_H, _MARGIN_L, _MARGIN_B, _MARGIN_T = 300, 380, 64, 48, 40
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-
-
-def _font(size: int):
-  try:
-    return ImageFont.load_default(size=size)
-  except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font.
-    return ImageFont.load_default()
+PANEL_W, PANEL_H, MARGIN_L, MARGIN_B, MARGIN_T = 300, 380, 64, 48, 40
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
 def draw_chart(summary: dict) -> Image.Image:
   """One panel per task: every trial as a dot, the mean as a bar, ± one std as a whisker."""
   tasks = list(summary["tasks"].items())
   # Wide enough for each arm's label and "mean±std" line (~95 px per arm).
-  widths = [max(_PANEL_W, _MARGIN_L + 12 + 95 * len(entry["arms"])) for _, entry in tasks]
+  widths = [max(PANEL_W, MARGIN_L + 12 + 95 * len(entry["arms"])) for _, entry in tasks]
   starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
-  img = Image.new("RGB", (int(starts[-1]), _PANEL_H), "white")
+  img = Image.new("RGB", (int(starts[-1]), PANEL_H), "white")
   d = ImageDraw.Draw(img)
-  font, small = _font(14), _font(11)
-  colour = {arm: _COLOURS[i % len(_COLOURS)] for i, arm in enumerate(summary["arms"])}
+  font, small = visualize.font(14), visualize.font(11)
+  colour = {arm: COLOURS[i % len(COLOURS)] for i, arm in enumerate(summary["arms"])}
   for p, (task, entry) in enumerate(tasks):
     s = entry["scale"]
-    x0, x1 = int(starts[p]) + _MARGIN_L, int(starts[p + 1]) - 12
-    y0, y1 = _MARGIN_T, _PANEL_H - _MARGIN_B
+    x0, x1 = int(starts[p]) + MARGIN_L, int(starts[p + 1]) - 12
+    y0, y1 = MARGIN_T, PANEL_H - MARGIN_B
     lo = min(min(a["min"], a["mean"] - a["std"]) for a in entry["arms"].values()) * s
     hi = max(max(a["max"], a["mean"] + a["std"]) for a in entry["arms"].values()) * s
     pad = (hi - lo) * 0.08 or max(abs(hi) * 0.05, 1e-3)

@@ -62,7 +62,12 @@ def _fmt_seconds(s: float) -> str:
 
 
 class Progress:
-  """One line per log step: step, loss, steps/s, cubes/s, ETA."""
+  """One concise console line per log step: step/total, loss, learning rate, speed and ETA.
+
+    step  20/200 | loss 0.01234 | lr 1 | 2.1 steps/s, 12.6 cubes/s | ETA 1m25s
+
+  The full metrics (gradient norm, skipped steps, ...) go to metrics.jsonl and TensorBoard.
+  """
 
   def __init__(self, total_steps: int, start_step: int, cubes_per_step: int, *, stream=sys.stdout):
     self.total = total_steps
@@ -72,16 +77,23 @@ class Progress:
     self._step = start_step
 
   def update(self, step: int, metrics: dict) -> dict:
+    """Prints the line (process 0) and returns the rates, for the metrics written with it."""
     now = time.perf_counter()
     dt = max(now - self._t, 1e-9)
     rate = (step - self._step) / dt
     self._t, self._step = now, step
     rates = {"steps_per_s": rate, "cubes_per_s": rate * self.cubes_per_step}
     if jax.process_index() == 0:
-      eta = (self.total - step) / rate if rate > 0 else float("inf")
-      parts = [f"step {step}/{self.total}"]
-      parts += [f"{k} {v:.5g}" for k, v in metrics.items() if isinstance(v, float)]
-      parts += [f"{rate:.3g} steps/s", f"{rates['cubes_per_s']:.3g} cubes/s",
-                f"ETA {_fmt_seconds(eta) if math.isfinite(eta) else '?'}"]
-      print(" | ".join(parts), file=self.stream, flush=True)
+      print(self.line(step, metrics, rate), file=self.stream, flush=True)
     return rates
+
+  def line(self, step: int, metrics: dict, rate: float) -> str:
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    parts = [f"step {step:>{len(str(self.total))}}/{self.total}"]
+    if "loss" in metrics:
+      parts.append(f"loss {float(metrics['loss']):.5g}")
+    if "learning_rate" in metrics:
+      parts.append(f"lr {float(metrics['learning_rate']):.3g}")
+    parts.append(f"{rate:.3g} steps/s, {rate * self.cubes_per_step:.3g} cubes/s")
+    parts.append(f"ETA {_fmt_seconds(eta) if math.isfinite(eta) else '?'}")
+    return " | ".join(parts)

@@ -54,3 +54,17 @@ def test_cli_writes_the_corruption_grid_for_a_npy_cube(tmp_path):
   np.save(tmp_path / "bad.npy", cubes * 3)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     visualize.main(["--input", str(tmp_path / "bad.npy"), "--out", str(out)])
+
+
+def test_save_image_grid_upscales_small_slices_to_readable_panels(tmp_path):
+  # A 32x32 mid slice becomes a panel of at least MIN_PANEL_PX pixels (nearest neighbour).
+  im = np.zeros((32, 32))
+  im[:16] = 1.0
+  path = visualize.save_image_grid(tmp_path / "big.png", [[im, im, im]], row_labels=["cube 0"],
+                                   col_labels=["original", "corrupted", "restored"])
+  img = np.asarray(Image.open(path))
+  assert img.shape[0] >= visualize.MIN_PANEL_PX and img.shape[1] >= 3 * visualize.MIN_PANEL_PX
+  scale = visualize.auto_scale(32, 32)
+  assert 32 * scale >= visualize.MIN_PANEL_PX > 32 * (scale - 1)
+  column = img[:, -5]  # The last panel's right edge: clear of the centred title.
+  assert (column == 255).sum() == 16 * scale and (column == 0).sum() == 16 * scale

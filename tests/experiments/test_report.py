@@ -120,7 +120,7 @@ def test_write_report_files(tmp_path):
   assert loaded["tasks"]["NCS"]["scale"] == 1
   img = Image.open(png)
   # One panel per task, each widened to fit its arms' labels (NCS has 3 arms).
-  assert img.size[1] == report._PANEL_H and img.size[0] > 2 * report._PANEL_W
+  assert img.size[1] == report.PANEL_H and img.size[0] > 2 * report.PANEL_W
   pix = np.asarray(img.convert("RGB")).reshape(-1, 3)
-  for colour in report._COLOURS[:3]:  # Every arm was drawn in its colour.
+  for colour in report.COLOURS[:3]:  # Every arm was drawn in its colour.
     assert np.any(np.all(pix == colour, axis=1)), colour
