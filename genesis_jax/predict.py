@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import functools
 import glob
-import gzip
 import io
 import json
 import os
@@ -34,8 +33,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
+from genesis_jax import errors
 from genesis_jax.eval import inference
 from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data import readers
@@ -43,7 +42,7 @@ from genesis_jax.data import store
 from genesis_jax.data.volume import Volume
 
 
-class PredictError(ValueError):
+class PredictError(errors.ConfigError):
   """Predict mode cannot run as configured; the message says what to change."""
 
 
@@ -108,7 +107,8 @@ def find_inputs(spec: str) -> list[pathlib.Path]:
     return [path]
   matches = sorted(pathlib.Path(m) for m in glob.glob(os.path.expanduser(spec)))
   if not matches:
-    raise FileNotFoundError(f"config.predict.input={spec!r}: no such file, folder or glob match.")
+    raise errors.MissingPathError(f"config.predict.input={spec!r}: no such file, folder or glob "
+                                  f"match; give a scan, a folder of scans or a glob.")
   return matches
 
 
@@ -128,23 +128,6 @@ def by_scan_id(inputs: list[pathlib.Path]) -> dict[str, pathlib.Path]:
 
 
 # ---------------------------------------------------------------------------------- segment
-def to_source_grid(values: np.ndarray, pre: Volume, src: Volume, order: int) -> np.ndarray:
-  """(*pre.shape[, K]) values on the preprocessed grid -> the source scan's grid (zero outside).
-
-  The preprocessed volume differs from the source by resampling and/or a body crop, both
-  recorded in its affine: each source voxel takes the value at its world position.
-  """
-  if np.allclose(pre.affine, src.affine) and pre.shape == src.shape:
-    return values
-  m = np.linalg.inv(pre.affine) @ src.affine  # source index -> preprocessed index
-  chans = values[..., None] if values.ndim == 3 else values
-  out = [ndimage.affine_transform(chans[..., k], m[:3, :3], offset=m[:3, 3],
-                                  output_shape=src.shape, order=order, mode="constant", cval=0.0)
-         for k in range(chans.shape[-1])]
-  out = np.stack(out, axis=-1).astype(np.float32)
-  return out[..., 0] if values.ndim == 3 else out
-
-
 def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
                  out_dir: pathlib.Path) -> dict:
   p = config.predict
@@ -178,10 +161,8 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
           f"{path}: sliding-window inference ran out of device memory "
           f"({str(e).strip().splitlines()[0][:300]}); lower config.predict.batch_size (now "
           f"{p.batch_size} windows per call). Outputs written so far are complete.") from e
-    result = inference.segmentation_output(to_source_grid(probs, pre, src, order=1),
-                                           None if p.probabilities else float(p.threshold))
-    img = inference.segmentation_image(result, src.affine)
-    store.write_bytes(out, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+    result = inference.write_segmentation(out, probs, pre, src,
+                                          threshold=None if p.probabilities else float(p.threshold))
     entry = {"scan": str(path), "output": str(out), "shape": list(result.shape)}
     if not p.probabilities:
       voxel_ml = float(np.prod(src.spacing)) / 1000.0

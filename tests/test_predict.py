@@ -12,8 +12,6 @@ import pytest
 
 from genesis_jax import predict, run as experiment
 from genesis_jax.config import schema as defaults
-from genesis_jax.data import preprocess as preprocess_lib
-from genesis_jax.data.volume import Volume
 from conftest import tiny_task_config
 
 
@@ -64,7 +62,7 @@ def test_segment_matches_the_runs_own_test_predictions(tmp_path, seg_run, phanto
     name = os.path.basename(entry["scan"]).split("_0000")[0]
     assert entry["output"] == str(out / f"{name}_pred.nii.gz")
     mine = nib.load(entry["output"])
-    theirs = nib.load(seg_run / "predictions" / f"{name}_pred.nii.gz")  # finetune's test pass
+    theirs = nib.load(seg_run / "test_predictions" / f"{name}_pred.nii.gz")  # finetune's test pass
     src = nib.as_closest_canonical(nib.load(entry["scan"]))
     assert mine.shape == src.shape and mine.get_data_dtype() == np.uint8
     np.testing.assert_allclose(mine.affine, src.affine, atol=1e-5)
@@ -116,7 +114,7 @@ def test_bad_scan_raises_or_is_skipped(tmp_path, seg_run, phantoms):
 
 def test_out_of_device_memory_stops_with_the_setting_to_lower(tmp_path, seg_run, phantoms,
                                                               monkeypatch):
-  from genesis_jax.eval import inference, predict
+  from genesis_jax.eval import inference
 
   def oom(*a, **k):
     raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
@@ -128,28 +126,6 @@ def test_out_of_device_memory_stops_with_the_setting_to_lower(tmp_path, seg_run,
     experiment.run(_predict_config(_test_scans(phantoms, tmp_path), output=str(out),
                                    on_error="skip", batch_size=4), seg_run)
   assert not list(out.glob("*_pred.nii.gz"))
-
-
-def test_to_source_grid_undoes_body_crop_and_resampling():
-  rng = np.random.default_rng(0)
-  affine = np.diag([0.8, 0.8, 1.5, 1.0])
-  affine[:3, 3] = (-20.0, 10.0, 5.0)
-  data = np.full((40, 36, 24), -1000.0, np.float32)
-  data[8:30, 6:28, 4:20] = rng.normal(40, 20, (22, 22, 16))  # body
-  src = Volume(data, affine, "synthetic")
-  labels = np.zeros(data.shape, np.uint8)
-  labels[12:20, 10:18, 8:14] = 1
-  cfg = defaults.finetune_config().data
-  cfg.body_crop = True
-  pre, pre_labels = preprocess_lib.preprocess_pair(src, labels, cfg)
-  assert pre.shape != src.shape  # cropped
-  back = predict.to_source_grid(pre_labels.astype(np.float32), pre, src, order=0)
-  np.testing.assert_array_equal(back, labels)  # exact for a crop
-  cfg.spacing = (1.6, 1.6, 1.5)
-  pre, pre_labels = preprocess_lib.preprocess_pair(src, labels, cfg)
-  back = predict.to_source_grid(pre_labels.astype(np.float32)[..., None], pre, src, order=0)
-  assert back.shape == src.shape + (1,)
-  assert np.mean(back[..., 0] == labels) > 0.99  # resampled twice, edges may move by a voxel
 
 
 def test_classify_probabilities_match_the_runs_test_auc(tmp_path, phantoms):
@@ -213,7 +189,7 @@ def test_2d_segmentation_runs_its_test_pass_and_predicts_slice_by_slice(tmp_path
     name = os.path.basename(entry["scan"]).split("_0000")[0]
     np.testing.assert_array_equal(
         np.asarray(nib.load(entry["output"]).dataobj),
-        np.asarray(nib.load(run / "predictions" / f"{name}_pred.nii.gz").dataobj))
+        np.asarray(nib.load(run / "test_predictions" / f"{name}_pred.nii.gz").dataobj))
 
 
 def test_cli_predict_uses_the_runs_model_not_the_given_config(tmp_path, seg_run, phantoms):
@@ -228,7 +204,7 @@ def test_cli_predict_uses_the_runs_model_not_the_given_config(tmp_path, seg_run,
   for name in ("phantom_005", "phantom_006"):
     np.testing.assert_array_equal(
         np.asarray(nib.load(tmp_path / "cli" / f"{name}_pred.nii.gz").dataobj),
-        np.asarray(nib.load(seg_run / "predictions" / f"{name}_pred.nii.gz").dataobj))
+        np.asarray(nib.load(seg_run / "test_predictions" / f"{name}_pred.nii.gz").dataobj))
   bad = run_cli(args[:4] + ["--config.mode=predict", "--config.predict.input=/no/such/scans"],
                 check=False)
   assert bad.returncode != 0 and "/no/such/scans" in bad.stderr

@@ -13,21 +13,26 @@ from the output; zero is "air" for CT mapped to [0, 1] and background for min-ma
 from __future__ import annotations
 
 import functools
+import gzip
 import itertools
 import math
 import os
+import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
-from genesis_jax.eval import metrics
+from genesis_jax import errors
+from genesis_jax.data import store
 from genesis_jax.data.volume import Volume
+from genesis_jax.eval import metrics
 
 
-class InferenceInputError(ValueError):
+class InferenceInputError(errors.DataError):
   """A volume, window or model output that sliding-window inference cannot work with."""
 
 
@@ -209,34 +214,52 @@ def segment_volume(apply_fn: Callable, data: np.ndarray, window, **kw) -> np.nda
                    for z in range(data.shape[2])], axis=2)
 
 
-def predict_to_nifti(apply_fn: Callable, vol: Volume, window, out_path: str | os.PathLike, *,
-                     threshold: float | None = 0.5,
-                     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
-                     **kw) -> np.ndarray:
-  """Segments a `Volume` with `segment_volume` (3D or 2D window) and writes it as NIfTI.
+def to_source_grid(values: np.ndarray, grid: Volume, scan: Volume, order: int) -> np.ndarray:
+  """(*grid.shape[, K]) values on a preprocessed grid -> the scan's own grid (zero outside).
 
-  `vol.data` (x, y, z) is fed to the model as one channel; it must already be in the model's
-  input units (e.g. HU clipped and mapped to [0, 1]) unless `preprocess` maps it there. The file
-  uses `vol.affine` (canonical RAS+), so it overlays the source scan in any viewer.
-
-  Output written and returned:
-    - threshold None: probabilities, float32 (x, y, z) for K = 1 or (x, y, z, K);
-    - K = 1: uint8 mask, prob >= threshold;
-    - K > 1: uint8 label map argmax over the K outputs (threshold unused).
-  `kw` is passed to `sliding_window_predict` (overlap, batch_size, gaussian, tta_flip, ...).
+  The preprocessed volume differs from the scan as read by resampling and/or a body crop, both
+  recorded in its affine: each scan voxel takes the value at its world position (`order` 1 =
+  linear, 0 = nearest). Values already on the scan's grid are returned as they are.
   """
-  data = np.asarray(vol.data, np.float32)
-  if data.ndim != 3:
-    raise InferenceInputError(f"{vol.source or 'volume'}: data must be (x, y, z), got {data.shape}")
-  if preprocess is not None:
-    data = np.asarray(preprocess(data), np.float32)
-  result = segmentation_output(segment_volume(apply_fn, data, window, **kw), threshold)
-  nib.save(segmentation_image(result, vol.affine), os.fspath(out_path))
+  if np.allclose(grid.affine, scan.affine) and grid.shape == scan.shape:
+    return values
+  m = np.linalg.inv(grid.affine) @ scan.affine  # scan index -> grid index
+  chans = values[..., None] if values.ndim == 3 else values
+  out = [ndimage.affine_transform(chans[..., k], m[:3, :3], offset=m[:3, 3],
+                                  output_shape=scan.shape, order=order, mode="constant", cval=0.0)
+         for k in range(chans.shape[-1])]
+  out = np.stack(out, axis=-1).astype(np.float32)
+  return out[..., 0] if values.ndim == 3 else out
+
+
+def write_segmentation(path: str | os.PathLike, probs: np.ndarray, grid: Volume, scan: Volume, *,
+                       threshold: float | None = 0.5) -> np.ndarray:
+  """Writes a segmentation NIfTI on the scan's own grid: the one writer of prediction files.
+
+  `probs` (x, y, z, K) are probabilities on `grid` (the preprocessed volume the model saw, e.g.
+  from `segment_volume`); `scan` is the Volume as read (canonical RAS+). The probabilities are
+  mapped back onto the scan's voxels (`to_source_grid`, linear), turned into what the file holds
+  (`segmentation_output`) and written with the scan's affine, so the file overlays the scan in
+  any viewer. A `.gz` name is gzip-compressed (with a fixed timestamp, so equal results give
+  equal files); the file is written under a temporary name and renamed, so it is complete or
+  absent. Returns what was written.
+  """
+  path = pathlib.Path(path)
+  result = segmentation_output(to_source_grid(probs, grid, scan, order=1), threshold)
+  data = segmentation_image(result, scan.affine).to_bytes()
+  if path.name.endswith(".gz"):
+    data = gzip.compress(data, compresslevel=6, mtime=0)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  store.write_bytes(path, data)
   return result
 
 
 def segmentation_output(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-  """(x, y, z, K) probabilities -> what a segmentation file holds (see `predict_to_nifti`)."""
+  """(x, y, z, K) probabilities -> what a segmentation file holds.
+
+  threshold None: the probabilities, float32 (x, y, z) for K = 1 or (x, y, z, K); otherwise a
+  uint8 mask (K = 1, `metrics.foreground`) or label map (K > 1, argmax; threshold unused).
+  """
   if threshold is None:
     return probs[..., 0] if probs.shape[-1] == 1 else probs
   if probs.shape[-1] == 1:

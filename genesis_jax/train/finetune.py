@@ -266,17 +266,14 @@ def _segment_volumes(config, workdir, state, volumes) -> dict:
       state.apply_fn(variables, x, train=False), n_class))
   apply = functools.partial(apply_jit, state.variables)
   preds, targets, spacings = [], [], []
-  out_dir = workdir / "predictions"
+  out_dir = workdir / "test_predictions"
   for vol, label in volumes:
-    if config.eval.write_predictions and jax.process_index() == 0:
-      out_dir.mkdir(parents=True, exist_ok=True)
-      name = readers.case_id(vol.source) + "_pred.nii.gz"
-      pred = inference.predict_to_nifti(apply, vol, window, out_dir / name, overlap=config.eval.overlap,
-                                        tta_flip=config.eval.tta_flip) > 0
-    else:
-      probs = inference.segment_volume(apply, vol.data, window, overlap=config.eval.overlap,
-                                       tta_flip=config.eval.tta_flip)
-      pred = metrics_lib.foreground(probs)
+    probs = inference.segment_volume(apply, vol.data, window, overlap=config.eval.overlap,
+                                     tta_flip=config.eval.tta_flip)
+    pred = metrics_lib.foreground(probs)
+    if config.eval.write_predictions and jax.process_index() == 0:  # On the scan's own grid.
+      inference.write_segmentation(out_dir / (readers.case_id(vol.source) + "_pred.nii.gz"),
+                                   probs, vol, readers.load_volume(vol.source))
     preds.append(pred)
     targets.append(label > 0)
     spacings.append(vol.spacing)

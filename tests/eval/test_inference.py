@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from genesis_jax.eval import inference
+from genesis_jax.config import schema
+from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data.volume import Volume
+from genesis_jax.eval import inference
 
 
 def _conv_model(channels_in: int, k: int, nd: int = 3, seed: int = 0):
@@ -156,19 +158,60 @@ def test_bad_inputs_raise():
     inference.sliding_window_predict(lambda x: x.mean(axis=(1, 2, 3)), vol[..., None], (4, 4, 4))
 
 
-def test_predict_to_nifti_keeps_affine(tmp_path):
+def test_write_segmentation_keeps_the_scans_affine(tmp_path):
   rng = np.random.default_rng(7)
   data = rng.random((10, 9, 7), dtype=np.float32)
   affine = np.array([[0.8, 0, 0, -50.0], [0, 0.8, 0, 20.0], [0, 0, 2.5, 7.0], [0, 0, 0, 1]])
   vol = Volume(data=data, affine=affine, source="test")
-  path = tmp_path / "pred.nii.gz"
-  mask = inference.predict_to_nifti(lambda x: x, vol, (8, 8, 4), path, threshold=0.5)
+  path = tmp_path / "out" / "pred.nii.gz"
+  probs = inference.segment_volume(lambda x: x, data, (8, 8, 4))
+  mask = inference.write_segmentation(path, probs, vol, vol, threshold=0.5)
   img = nib.load(path)
   np.testing.assert_allclose(img.affine, affine)
   np.testing.assert_array_equal(np.asanyarray(img.dataobj), (data >= 0.5).astype(np.uint8))
   np.testing.assert_array_equal(mask, (data >= 0.5))
-  probs = inference.predict_to_nifti(lambda x: x, vol, (8, 8, 4), tmp_path / "p.nii",
-                                     threshold=None, preprocess=lambda d: 1.0 - d)
+  assert [p.name for p in path.parent.iterdir()] == ["pred.nii.gz"]  # no temporary file left
+  probs = inference.segment_volume(lambda x: x, 1.0 - data, (8, 8, 4))
+  written = inference.write_segmentation(tmp_path / "p.nii", probs, vol, vol, threshold=None)
   np.testing.assert_allclose(np.asanyarray(nib.load(tmp_path / "p.nii").dataobj), 1.0 - data,
                              rtol=1e-5)
-  assert probs.shape == data.shape
+  assert written.shape == data.shape
+
+
+def test_write_segmentation_writes_on_the_scans_own_grid(tmp_path):
+  # Probabilities on a cropped grid (a body crop) land on the scan's voxels, zero outside.
+  affine = np.diag([0.5, 0.75, 2.0, 1.0])  # Spacings that map the crop edge to whole indices.
+  scan = Volume(np.zeros((12, 10, 6), np.float32), affine, "scan")
+  crop_affine = affine.copy()
+  crop_affine[:3, 3] = affine[:3, :3] @ np.array([2.0, 3.0, 1.0])
+  grid = Volume(np.zeros((6, 5, 4), np.float32), crop_affine, "scan")
+  probs = np.ones((6, 5, 4, 1), np.float32)
+  mask = inference.write_segmentation(tmp_path / "m.nii.gz", probs, grid, scan)
+  expected = np.zeros(scan.shape, np.uint8)
+  expected[2:8, 3:8, 1:5] = 1
+  np.testing.assert_array_equal(mask, expected)
+  img = nib.load(tmp_path / "m.nii.gz")
+  np.testing.assert_allclose(img.affine, affine)
+  np.testing.assert_array_equal(np.asanyarray(img.dataobj), expected)
+
+
+def test_to_source_grid_undoes_body_crop_and_resampling():
+  rng = np.random.default_rng(0)
+  affine = np.diag([0.8, 0.8, 1.5, 1.0])
+  affine[:3, 3] = (-20.0, 10.0, 5.0)
+  data = np.full((40, 36, 24), -1000.0, np.float32)
+  data[8:30, 6:28, 4:20] = rng.normal(40, 20, (22, 22, 16))  # body
+  src = Volume(data, affine, "synthetic")
+  labels = np.zeros(data.shape, np.uint8)
+  labels[12:20, 10:18, 8:14] = 1
+  cfg = schema.finetune_config().data
+  cfg.body_crop = True
+  pre, pre_labels = preprocess_lib.preprocess_pair(src, labels, cfg)
+  assert pre.shape != src.shape  # cropped
+  back = inference.to_source_grid(pre_labels.astype(np.float32), pre, src, order=0)
+  np.testing.assert_array_equal(back, labels)  # exact for a crop
+  cfg.spacing = (1.6, 1.6, 1.5)
+  pre, pre_labels = preprocess_lib.preprocess_pair(src, labels, cfg)
+  back = inference.to_source_grid(pre_labels.astype(np.float32)[..., None], pre, src, order=0)
+  assert back.shape == src.shape + (1,)
+  assert np.mean(back[..., 0] == labels) > 0.99  # resampled twice, edges may move by a voxel

@@ -126,7 +126,7 @@ def test_finetune_segment_writes_eval_and_predictions(tmp_path, pretrained_workd
   finetune.train(config, tmp_path)
   ev = json.loads((tmp_path / "eval.json").read_text())
   assert ev["n"] == 2 and len(ev["iou"]) == 2 and 0 <= ev["mean_iou"] <= 1
-  preds = sorted((tmp_path / "predictions").glob("*.nii.gz"))
+  preds = sorted((tmp_path / "test_predictions").glob("*.nii.gz"))
   assert len(preds) == 2
   img = nib.load(preds[0])
   src = nib.load(sorted((task_phantoms / "imagesTr").glob("*.nii.gz"))[5])
