@@ -41,60 +41,67 @@ Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer p
   python -m genesis_jax.main --config configs/experiment_phantom.py:long --workdir runs/experiment_long
 """
 from genesis_jax.config import schema as defaults
+from genesis_jax.config.schema import arm, task
 
-NCS_CPU = "configs/finetune_ncs.py[num_steps=100|data.test_cases=4]"
+NCC = {"finetune_ncc": task("configs/finetune_ncc.py")}
+NCS_CPU = {"finetune_ncs": task("configs/finetune_ncs.py",
+                                {"num_steps": 100, "data.test_cases": 4})}
 
 
 def get_config(variant: str = ""):
   c = defaults.experiment_config()
-  c.experiment.tasks = f"configs/finetune_ncc.py,{NCS_CPU}"
-  c.experiment.arms = "scratch=,genesis=@pretrain"
+  c.experiment.tasks = {**NCC, **NCS_CPU}
+  c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain")}
   c.experiment.pretrain_config = "configs/pretrain_phantom.py"
   c.experiment.trials = 5
+  auc = {"train.monitor": "auc"}
+  probe = {"finetune.freeze_encoder": True, "train.monitor": "auc"}
   if variant == "diagnose":
     c.experiment.report = "results_diagnose"
-    c.experiment.tasks = "configs/finetune_ncc.py"
-    c.experiment.arms = ",".join([
-        "scratch=", "genesis=@pretrain",
-        "scratch_auc=[train.monitor=auc]", "genesis_auc=@pretrain[train.monitor=auc]",
-        "probe_random=[finetune.freeze_encoder=True|train.monitor=auc]",
-        "probe_genesis=@pretrain[finetune.freeze_encoder=True|train.monitor=auc]"])
-    c.experiment.compare = "genesis:scratch,genesis_auc:scratch_auc,probe_genesis:probe_random"
+    c.experiment.tasks = NCC
+    c.experiment.arms = {
+        "scratch": arm(""), "genesis": arm("@pretrain"),
+        "scratch_auc": arm("", auc), "genesis_auc": arm("@pretrain", auc),
+        "probe_random": arm("", probe), "probe_genesis": arm("@pretrain", probe)}
+    c.experiment.compare = (("genesis", "scratch"), ("genesis_auc", "scratch_auc"),
+                            ("probe_genesis", "probe_random"))
   elif variant == "budget":
     c.experiment.report = "results_budget"
-    c.experiment.tasks = "configs/finetune_ncc.py"
-    arms, pairs = [], []
+    c.experiment.tasks = NCC
+    arms, pairs = {}, []
     for k in (2, 4, 6):
       suffix = "" if k == 6 else f"_{k}"  # 6 = every training subject: the :diagnose arms.
-      subset = "" if k == 6 else f"|data.train_subset={k}"
-      arms += [f"scratch_auc{suffix}=[train.monitor=auc{subset}]",
-               f"genesis_auc{suffix}=@pretrain[train.monitor=auc{subset}]"]
-      pairs.append(f"genesis_auc{suffix}:scratch_auc{suffix}")
-    c.experiment.arms = ",".join(arms)
-    c.experiment.compare = ",".join(pairs)
+      subset = {} if k == 6 else {"data.train_subset": k}
+      arms[f"scratch_auc{suffix}"] = arm("", {**auc, **subset})
+      arms[f"genesis_auc{suffix}"] = arm("@pretrain", {**auc, **subset})
+      pairs.append((f"genesis_auc{suffix}", f"scratch_auc{suffix}"))
+    c.experiment.arms = arms
+    c.experiment.compare = tuple(pairs)
   elif variant == "levels":
     c.experiment.report = "results_levels"
-    c.experiment.tasks = "configs/finetune_ncc.py"
-    arms, pairs = [], []
+    c.experiment.tasks = NCC
+    arms, pairs = {}, []
     for level in (0, 1, 2, 3):
       suffix = "" if level == 3 else f"_level{level}"  # 3 = deepest: the :diagnose probe arms.
-      extra = "" if level == 3 else f"|task.feature_level={level}"
-      probe = f"finetune.freeze_encoder=True|train.monitor=auc{extra}"
-      arms += [f"probe_random{suffix}=[{probe}]", f"probe_genesis{suffix}=@pretrain[{probe}]"]
-      pairs.append(f"probe_genesis{suffix}:probe_random{suffix}")
-    c.experiment.arms = ",".join(arms)
-    c.experiment.compare = ",".join(pairs)
-    c.experiment.trials = 3  # 18 new trials, ~40 min on 2 CPU cores; the probes vary little.
+      extra = {} if level == 3 else {"task.feature_level": level}
+      arms[f"probe_random{suffix}"] = arm("", {**probe, **extra})
+      arms[f"probe_genesis{suffix}"] = arm("@pretrain", {**probe, **extra})
+      pairs.append((f"probe_genesis{suffix}", f"probe_random{suffix}"))
+    c.experiment.arms = arms
+    c.experiment.compare = tuple(pairs)
+    c.experiment.trials = 3  # 18 new trials; the probes vary little between trials.
   elif variant == "ncs_dice":
     c.experiment.report = "results_ncs_dice"
     c.experiment.tasks = NCS_CPU
-    c.experiment.arms = ("scratch=,genesis=@pretrain,scratch_dice=[train.monitor=dice],"
-                         "genesis_dice=@pretrain[train.monitor=dice]")
-    c.experiment.compare = "genesis:scratch,genesis_dice:scratch_dice"
+    dice = {"train.monitor": "dice"}
+    c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain"),
+                         "scratch_dice": arm("", dice), "genesis_dice": arm("@pretrain", dice)}
+    c.experiment.compare = (("genesis", "scratch"), ("genesis_dice", "scratch_dice"))
   elif variant == "long":
     c.experiment.report = "results_long"
-    c.experiment.tasks = "configs/finetune_ncc.py"
-    c.experiment.pretrain_overrides = "num_steps=1200,eval_every=200,checkpoint_every=200"
+    c.experiment.tasks = NCC
+    c.experiment.pretrain_overrides = {"num_steps": 1200, "eval_every": 200,
+                                       "checkpoint_every": 200}
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py "
                      f"(known: diagnose, budget, levels, ncs_dice, long).")

@@ -1,4 +1,4 @@
-"""Full Models Genesis pre-training recipe of the original (SPEC.md), on a folder of scans.
+"""Full Models Genesis pre-training recipe of the original (docs/method.md), on a folder of scans.
 
   python -m genesis_jax.main --config configs/pretrain_genesis.py --workdir runs/genesis \
       --config.data.source=folder --config.data.path=/data/luna16_nifti

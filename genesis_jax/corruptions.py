@@ -3,8 +3,9 @@
 One sample is channels-last `(*spatial, C)`: (x, y, z, C) for cubes, (x, y, C) for 2D slices;
 `corrupt_batch` takes `(N, *spatial, C)`. Intensities are in [0, 1]. Every op keeps shape and
 dtype, jits, vmaps, and never leaves the device. The recipe and its default rates are the
-original's (SPEC.md "The corruptions"); sizes scale per axis from the axis length s exactly as the
-original's integer formulas do, so the defaults reproduce it at 64 x 64 x 32.
+original's (docs/method.md, "Corruptions"; the defaults live in the config schema); sizes scale
+per axis from the axis length s exactly as the original's integer formulas do, so the defaults
+reproduce it at 64 x 64 x 32.
 
 Randomness. Scalars (rates, box sizes, curve controls) come from `jax.random`. Bulk randomness
 (noise fields, 10,000 shuffle blocks) comes from a counter-based integer hash seeded by two words
@@ -32,49 +33,46 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-TRANSFORMS = ("nonlinear", "local", "outpaint", "inpaint")
-# Ablation groups of the paper: I non-linear, II local shuffling, III out-painting, IV in-painting.
-PRESETS = {
-    "all": frozenset(TRANSFORMS),
-    "v": frozenset(TRANSFORMS),
-    "i&ii": frozenset({"nonlinear", "local"}),
-    "iii&iv": frozenset({"outpaint", "inpaint"}),
-    "none": frozenset(),
-}
+from genesis_jax import errors
+from genesis_jax.config import schema, validate
+
+TRANSFORMS = schema.TRANSFORMS
+PRESETS = schema.PRESETS  # The paper's ablation groups (docs/method.md, "Ablation groups").
 
 
-class CorruptionConfigError(ValueError):
+class CorruptionConfigError(errors.ConfigError):
   """A corruption config field names an unknown transform or an impossible rate."""
+
+
+def _default(name: str):
+  """A field's default: the config schema's `corruption.<name>` (one place for the recipe)."""
+  return schema.default(f"corruption.{name}")
 
 
 @dataclasses.dataclass(frozen=True)
 class CorruptionParams:
-  """Static (hashable) corruption settings; defaults are the original's."""
-  flip_rate: float = 0.4
-  local_rate: float = 0.5
-  nonlinear_rate: float = 0.9
-  paint_rate: float = 0.9
-  outpaint_rate: float = 0.8  # In-painting gets 1 - outpaint_rate of painted samples.
-  local_blocks: int = 10_000
-  flip_compat: bool = False  # True: the original's flip (axes channel, x, y; z never).
-  transforms: frozenset[str] = frozenset(TRANSFORMS)
+  """Static (hashable) corruption settings; defaults are the original's (the config schema's)."""
+  flip_rate: float = _default("flip_rate")
+  local_rate: float = _default("local_rate")
+  nonlinear_rate: float = _default("nonlinear_rate")
+  paint_rate: float = _default("paint_rate")
+  outpaint_rate: float = _default("outpaint_rate")  # In-painting: 1 - outpaint_rate of painted.
+  local_blocks: int = _default("local_blocks")
+  flip_compat: bool = _default("flip_compat")  # True: the original's flip (channel, x, y; no z).
+  transforms: frozenset[str] = schema.transform_set(_default("transforms"))
 
   def __post_init__(self):
-    object.__setattr__(self, "transforms", frozenset(self.transforms))
-    unknown = self.transforms - set(TRANSFORMS)
-    if unknown:
-      raise CorruptionConfigError(
-          f"corruption.transforms: unknown {sorted(unknown)}; known: {list(TRANSFORMS)}.")
-    for name in ("flip_rate", "local_rate", "nonlinear_rate", "paint_rate", "outpaint_rate"):
-      v = getattr(self, name)
-      if not 0.0 <= v <= 1.0:
-        raise CorruptionConfigError(f"corruption.{name} = {v} is not a probability in [0, 1].")
-    if self.local_blocks < 0:
-      raise CorruptionConfigError(f"corruption.local_blocks = {self.local_blocks} is negative.")
+    object.__setattr__(self, "transforms", parse_transforms(self.transforms))
+    for f in dataclasses.fields(self):
+      if f.name != "transforms":
+        try:
+          validate.check_value(f"corruption.{f.name}", getattr(self, f.name))
+        except errors.ConfigError as e:
+          raise CorruptionConfigError(str(e)) from None
 
   @classmethod
   def from_config(cls, cfg: Any) -> CorruptionParams:
-    """From `config.corruption` (configs/pretrain_genesis.py); missing fields keep defaults."""
+    """From `config.corruption` (a pre-training config); missing fields keep defaults."""
     get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
     kw = {}
     for f in dataclasses.fields(cls):
@@ -110,20 +108,10 @@ class CorruptionParams:
 
 def parse_transforms(spec: str | frozenset[str] | set[str] | tuple[str, ...]) -> frozenset[str]:
   """"all"/"V", "I&II", "III&IV", "none" or a "+"-joined subset ("nonlinear+local")."""
-  if not isinstance(spec, str):
-    out = frozenset(spec)
-  elif spec.strip().lower() in PRESETS:
-    out = PRESETS[spec.strip().lower()]
-  else:
-    out = frozenset(p.strip().lower() for p in spec.split("+") if p.strip())
-    if not out:
-      raise CorruptionConfigError(f"corruption.transforms = {spec!r} is empty.")
-  unknown = out - set(TRANSFORMS)
-  if unknown:
-    raise CorruptionConfigError(
-        f"corruption.transforms = {spec!r}: unknown {sorted(unknown)}; known: {list(TRANSFORMS)}"
-        f" or presets {sorted(PRESETS)}.")
-  return out
+  try:
+    return schema.transform_set(spec)
+  except errors.ConfigError as e:
+    raise CorruptionConfigError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------

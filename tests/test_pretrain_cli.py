@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -38,7 +39,18 @@ def test_unknown_config_key_is_an_error_with_suggestion(tmp_path):
   proc = run_cli(["--config", "configs/demo.py", "--workdir", str(tmp_path / "x"),
                   "--config.trian.batch_size=2"], check=False)
   assert proc.returncode != 0
-  assert "trian" in proc.stderr and 'Did you mean "train"' in proc.stderr
+  assert "trian" in proc.stderr
+  assert re.search(r'Did you mean "?(config\.)?train', proc.stderr), proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "x").exists()
+
+
+def test_key_of_another_mode_is_an_error(tmp_path):
+  """A pre-training key on a fine-tuning config is rejected before anything runs (the message,
+  which names the family the key belongs to, is tests/config/test_schema.py's)."""
+  proc = run_cli(["--config", "configs/finetune_ncc.py", "--workdir", str(tmp_path / "x"),
+                  "--config.corruption.local_rate=0.1"], check=False)
+  assert proc.returncode != 0 and "corruption" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "x").exists()
 

@@ -1,158 +1,455 @@
-"""The config schema: every key a config may set, with the original recipe's values (SPEC.md).
+"""The config schema: every key a config may set, declared once with its type, range and meaning.
 
-Config files in configs/ start from `pretrain_config()` and change a few fields; a key not
-defined here is an error (configs are locked). Axis order everywhere: channels-last, (N, x, y, z, C)
-for 3D and (N, x, y, C) for 2D.
+Keys live in sections (`model`, `corruption`, `data`, `train`, ...; "" is the top level). Each key
+belongs to one or more config families:
+
+  pretrain    modes pretrain and prepare           (built by `pretrain_config()`)
+  finetune    modes finetune, evaluate and predict (built by `finetune_config()`)
+  experiment  mode experiment                      (built by `experiment_config()`)
+
+A builder returns a ConfigDict with the keys of its family only, so a key that the mode does not
+use (say `--config.corruption.local_rate` on a fine-tuning run) is an error, not silently ignored.
+`genesis_jax.config.validate` checks a config against this schema; `genesis_jax.config.reference`
+writes docs/config.md from it. Defaults are the original recipe's (docs/method.md, "Pre-training
+recipe" and "Fine-tuning recipe"). Axis order everywhere: channels-last, (N, x, y, z, C) for 3D
+and (N, x, y, C) for 2D.
+
+This module imports nothing else from the package but `errors`: every layer may read it.
 """
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
 import ml_collections
 
+from genesis_jax import errors
+
+PRE, FT, EXP = "pretrain", "finetune", "experiment"
+FAMILIES = {PRE: ("pretrain", "prepare"), FT: ("finetune", "evaluate", "predict"),
+            EXP: ("experiment",)}
+MODES = ("pretrain", "finetune", "evaluate", "predict", "prepare", "experiment")
+BUILDERS = {PRE: "pretrain_config()", FT: "finetune_config()", EXP: "experiment_config()"}
+FAMILY_NAMES = {PRE: "pre-training", FT: "fine-tuning", EXP: "experiment"}
+
+
+def family_of(mode: str) -> str:
+  """The config family (PRE, FT or EXP) whose keys a mode reads."""
+  for family, modes in FAMILIES.items():
+    if mode in modes:
+      return family
+  raise errors.ConfigError(f"config.mode={mode!r} is not one of {MODES}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """A closed (or half-open) interval; None leaves that side unbounded."""
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+
+  def __contains__(self, v) -> bool:
+    if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+      return False
+    return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
+
+  def __str__(self) -> str:
+    if self.hi is None:
+      return f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+    return (f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+            f"{')' if self.hi_open else ']'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key.
+
+  default: the value, or {family: value} where the families' defaults differ.
+  type: int, float, str, bool, tuple (items of `item`), or dict (a nested structure).
+  choices: the allowed values (None: any of the type). range: for numbers and tuple items.
+  length: allowed tuple lengths. families: the config families that have this key.
+  """
+  default: Any
+  doc: str
+  type: type = str
+  choices: tuple | None = None
+  range: Range | None = None
+  item: type | None = None
+  length: tuple[int, ...] | None = None
+  families: tuple[str, ...] = (PRE, FT)
+
+  def default_for(self, family: str) -> Any:
+    d = self.default
+    return copy.deepcopy(d[family] if isinstance(d, PerFamily) else d)
+
+
+class PerFamily(dict):
+  """A default that differs between config families: {family: value}."""
+
+
+def per(pretrain, finetune) -> PerFamily:
+  """A default that differs between pre-training and fine-tuning."""
+  return PerFamily({PRE: pretrain, FT: finetune})
+
+
+POSITIVE = Range(1)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0.0, 1.0)
+
+# 3D convs; "unfold:N" fixes the Winograd tile along x (0 = none, 2 = F(2, 3), 4 = F(4, 3)).
+CONV_IMPLS = ("auto", "native", "unfold", "unfold:0", "unfold:2", "unfold:4")
+# The four Genesis transforms and the paper's ablation groups (I non-linear, II local shuffling,
+# III out-painting, IV in-painting); docs/method.md, "Ablation groups".
+TRANSFORMS = ("nonlinear", "local", "outpaint", "inpaint")
+PRESETS = {
+    "all": frozenset(TRANSFORMS),
+    "v": frozenset(TRANSFORMS),
+    "i&ii": frozenset({"nonlinear", "local"}),
+    "iii&iv": frozenset({"outpaint", "inpaint"}),
+    "none": frozenset(),
+}
+MONITORS = {PRE: ("val_loss",), "classify": ("val_loss", "auc"),
+            "segment": ("val_loss", "dice", "iou")}
+
+
+def transform_set(spec) -> frozenset[str]:
+  """corruption.transforms -> the set of transforms: a preset ("all"/"V", "I&II", "III&IV",
+  "none"), a "+"-joined subset ("nonlinear+local"), or a collection of names."""
+  if not isinstance(spec, str):
+    out = frozenset(spec)
+  elif spec.strip().lower() in PRESETS:
+    out = PRESETS[spec.strip().lower()]
+  else:
+    out = frozenset(p.strip().lower() for p in spec.split("+") if p.strip())
+    if not out:
+      raise errors.ConfigError(f"corruption.transforms = {spec!r} is empty.")
+  unknown = out - set(TRANSFORMS)
+  if unknown:
+    raise errors.ConfigError(
+        f"corruption.transforms = {spec!r}: unknown {sorted(unknown)}; known: {list(TRANSFORMS)}"
+        f" or presets {sorted(PRESETS)}.")
+  return out
+
+
+def arm(init: str = "", overrides: dict | None = None) -> dict:
+  """An experiment arm: its initialisation ("" = scratch, "@pretrain" = the experiment's own
+  pre-training, or a path) and overrides of the task configs, keyed like the config
+  ({"train": {"monitor": "auc"}}; dotted keys such as {"train.monitor": "auc"} are nested)."""
+  return {"init": init, "overrides": nest(overrides or {})}
+
+
+def task(config: str, overrides: dict | None = None) -> dict:
+  """An experiment task: a fine-tuning config file (path.py or path.py:variant) and overrides."""
+  return {"config": config, "overrides": nest(overrides or {})}
+
+
+def nest(mapping: dict) -> dict:
+  """{"a.b": 1, "c": {"d": 2}} -> {"a": {"b": 1}, "c": {"d": 2}} (ConfigDicts take no dots)."""
+  out: dict = {}
+  for key, value in mapping.items():
+    *parents, leaf = str(key).split(".")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = nest(value) if isinstance(value, dict) else value
+  return out
+
+
+def _k(default, doc, type_=None, **kw) -> Key:
+  if type_ is None:
+    type_ = type(next(iter(default.values())) if isinstance(default, PerFamily) else default)
+  return Key(default, doc, type_, **kw)
+
+
+_P, _F, _E = (PRE,), (FT,), (EXP,)
+
+SECTIONS: dict[str, dict[str, Key]] = {
+    "": {
+        "mode": _k(PerFamily({PRE: "pretrain", FT: "finetune", EXP: "experiment"}), "The job to run; a "
+                   "config family serves several modes (pretrain, prepare | finetune, evaluate, "
+                   "predict | experiment).", str, choices=MODES, families=(PRE, FT, EXP)),
+        "seed": _k(0, "Seed of initialisation, data order and corruptions.", range=NON_NEGATIVE),
+        "num_steps": _k(per(200_000, 2000), "Training steps (an upper bound: early stopping "
+                        "usually ends the run first).", range=POSITIVE),
+        "log_every": _k(per(50, 20), "Steps between training log lines and metrics rows.",
+                        range=POSITIVE),
+        "eval_every": _k(per(1000, 100), "Steps between validation evaluations.", range=POSITIVE),
+        "eval_batches": _k(20, "Validation batches per evaluation (0 = the whole split).",
+                           range=NON_NEGATIVE, families=_P),
+        "checkpoint_every": _k(per(1000, 100), "Steps between checkpoints.", range=POSITIVE),
+        "keep_checkpoints": _k(3, "Latest checkpoints kept (the best one is kept apart).",
+                               range=POSITIVE),
+        "samples_every_eval": _k(True, "PNG grids of restorations in <workdir>/samples/ at each "
+                                 "evaluation.", families=_P),
+    },
+    "model": {
+        "variant": _k("pytorch", "U-Net flavour: pytorch (transposed-conv UNet3D) or keras "
+                      "(nearest upsampling).", choices=("pytorch", "keras")),
+        "width": _k(32, "Channels of the first conv; doubled per level (32, 64, ...).",
+                    range=POSITIVE),
+        "depth": _k(3, "Number of poolings; crop sizes must be divisible by 2**depth.",
+                    range=POSITIVE),
+        "spatial_dims": _k(3, "3 for cubes (x, y, z), 2 for slices (x, y).", choices=(2, 3)),
+        "bn": _k("standard", "Batch norm: standard (running averages at eval) or original "
+                 "(batch statistics always).", choices=("standard", "original")),
+        "dtype": _k("float32", "Compute dtype (parameters stay float32).",
+                    choices=("float32", "bfloat16")),
+        "conv_impl": _k("auto", "3D convs: auto (unfold on CPU/GPU, native on TPU), native "
+                        "(XLA/cuDNN 3D conv), unfold (2D convs + Winograd along x; the same conv), "
+                        "unfold:N (Winograd tile N along x fixed: 0 none, 2 F(2,3), 4 F(4,3), "
+                        "also in TF32/bf16).", choices=CONV_IMPLS),
+        "winograd_min_macs": _k(1e8, "A 3D conv layer uses Winograd along x only when its "
+                                "multiply-adds per sample (as a direct conv) are at least this "
+                                "(0 = always, inf = never).", float, range=NON_NEGATIVE),
+    },
+    "corruption": {
+        "transforms": _k("all", "Transforms applied: all/V, I&II, III&IV, none, or a +-joined "
+                         "subset of nonlinear, local, outpaint, inpaint.", families=_P),
+        "flip_rate": _k(0.4, "Probability of a random flip.", range=PROBABILITY, families=_P),
+        "local_rate": _k(0.5, "Probability of local pixel shuffling.", range=PROBABILITY,
+                         families=_P),
+        "nonlinear_rate": _k(0.9, "Probability of the non-linear intensity transform.",
+                             range=PROBABILITY, families=_P),
+        "paint_rate": _k(0.9, "Probability of in- or out-painting.", range=PROBABILITY,
+                         families=_P),
+        "outpaint_rate": _k(0.8, "Share of painted samples that are out-painted (the rest are "
+                            "in-painted).", range=PROBABILITY, families=_P),
+        "local_blocks": _k(10_000, "Blocks shuffled by local pixel shuffling.",
+                           range=NON_NEGATIVE, families=_P),
+        "flip_compat": _k(False, "Reproduce the original's flip axes (channel, x, y; never z).",
+                          families=_P),
+    },
+    "data": {
+        "source": _k("phantom", "Where the data comes from: phantom (built-in), folder (scans), "
+                     "prepared (a prepared dir) or npy (released cubes); fine-tuning reads "
+                     "phantom or folder.", choices=("phantom", "folder", "prepared", "npy")),
+        "path": _k("", "A folder of scans, a prepared dataset dir or a glob of .npy cubes "
+                   "(pre-training); the task folder (fine-tuning: MSD/nnU-Net layout for "
+                   "segment, scans for classify); phantom: where the data is written."),
+        "prepared_dir": _k("", "Where `prepare` writes cubes (default <workdir>/data).",
+                           families=_P),
+        "crop": _k((64, 64, 32), "Cube size (x, y, z); two entries = 2D slices "
+                   "(x, y).", tuple, item=int, range=POSITIVE, length=(2, 3)),
+        "cubes_per_scan": _k(32, "Cubes sampled per scan.", range=POSITIVE, families=_P),
+        "scales": _k((1.0,), "In-plane zoom-out factors; cube k of a scan uses scales[k % len].",
+                     tuple, item=float, range=Range(0.0, lo_open=True), families=_P),
+        "val_fraction": _k(0.2, "Share of scans held out for validation (split by scan).",
+                           range=Range(0.0, 1.0, hi_open=True), families=_P),
+        "modality": _k("ct", "Intensity normalisation: ct or mri.", choices=("ct", "mri")),
+        "hu_window": _k((-1000.0, 1000.0), "CT: clip to (lo, hi) HU, then map linearly to "
+                        "[0, 1].", tuple, item=float, length=(2,)),
+        "mri_norm": _k("percentile", "MRI: per-volume normalisation.",
+                       choices=("percentile", "zscore", "minmax")),
+        "mri_percentiles": _k((0.5, 99.5), "MRI percentile: clip to these (lo, hi) percentiles.",
+                              tuple, item=float, range=Range(0.0, 100.0), length=(2,)),
+        "spacing": _k((), "Target voxel spacing in mm (x, y, z); empty = no resampling.",
+                      tuple, item=float, range=Range(0.0, lo_open=True), length=(0, 3)),
+        "body_crop": _k(False, "Crop each scan to the body bounding box first."),
+        "lung_filter": _k(False, "Original chest-CT filter: keep cubes with < 15% voxels >= -150 "
+                          "HU.", families=_P),
+        "on_error": _k("skip", "Bulk prepare: skip (and report) or raise on a bad scan.",
+                       choices=("skip", "raise"), families=_P),
+        "num_workers": _k(0, "grain worker processes (0 = in-process).", range=NON_NEGATIVE),
+        "phantom_subjects": _k(24, "Built-in data: number of phantom subjects.", range=POSITIVE,
+                               families=_P),
+        "phantom_seed": _k(0, "Built-in data: which subjects (target tasks use other seeds).",
+                           range=NON_NEGATIVE),
+        "phantom_shape": _k((128, 128, 96), "Built-in data: scan shape (x, y, z).", tuple,
+                            item=int, range=POSITIVE, length=(3,)),
+        "candidates": _k("", "classify, folder data: the LUNA16-style candidates CSV.",
+                         families=_F),
+        "train_cases": _k(8, "Labelled budget: training subjects (cases).", range=POSITIVE,
+                          families=_F),
+        "train_subset": _k(0, "Train on the first k training cases only (0 = all); validation "
+                           "and test cases unchanged.", range=NON_NEGATIVE, families=_F),
+        "val_cases": _k(4, "Validation subjects.", range=POSITIVE, families=_F),
+        "test_cases": _k(8, "Test subjects.", range=POSITIVE, families=_F),
+        "cubes_per_case": _k(16, "segment: training cubes per case.", range=POSITIVE,
+                             families=_F),
+        "fg_fraction": _k(0.75, "segment: share of training cubes centred on foreground.",
+                          range=PROBABILITY, families=_F),
+    },
+    "train": {
+        "batch_size": _k(per(6, 16), "Per device; global batch = batch_size * device count.",
+                         range=POSITIVE),
+        "optimizer": _k(per("sgd", "adam"), "Optimizer.", choices=("sgd", "adam")),
+        "learning_rate": _k(per(1.0, 1e-3), "Base learning rate.", float,
+                            range=Range(0.0, lo_open=True)),
+        "lr_scaling": _k("none", "none, or linear (lr *= global batch / base_batch_size).",
+                         choices=("none", "linear")),
+        "base_batch_size": _k(6, "The global batch the learning rate is meant for (linear "
+                              "scaling).", range=POSITIVE),
+        "momentum": _k(0.9, "SGD momentum (0 = none).", range=Range(0.0, 1.0, hi_open=True)),
+        "schedule": _k(per("step", "constant"), "Learning-rate schedule: step (halve every "
+                       "decay_every steps), plateau (halve after plateau_patience evaluations "
+                       "without improvement), constant or cosine.",
+                       choices=("step", "plateau", "constant", "cosine")),
+        "decay_every": _k(40_000, "step: steps between decays (original: 40 epochs).",
+                          range=POSITIVE),
+        "decay_factor": _k(0.5, "step and plateau: learning-rate factor per decay.",
+                           range=Range(0.0, 1.0, lo_open=True)),
+        "plateau_patience": _k(10, "plateau: evaluations without improvement before a decay.",
+                               range=POSITIVE),
+        "grad_clip": _k(0.0, "Global-norm gradient clip (0 = off).", range=NON_NEGATIVE),
+        "nonfinite": _k("stop", "A step whose loss or gradient is NaN/Inf: stop, or skip it.",
+                        choices=("stop", "skip")),
+        "early_stop_patience": _k(per(50, 10), "Evaluations without improvement of the "
+                                  "monitored value before stopping (0 = never).",
+                                  range=NON_NEGATIVE),
+        "monitor": _k("val_loss", "What the best checkpoint and early stopping follow: val_loss, "
+                      "or when fine-tuning the task metric (auc for classify; dice or iou for "
+                      "segment). Losses are minimised, metrics maximised.",
+                      choices=("val_loss", "auc", "dice", "iou")),
+    },
+    "task": {
+        "kind": _k("classify", "classify (encoder + MLP head) or segment (encoder-decoder).",
+                   choices=("classify", "segment"), families=_F),
+        "n_class": _k(1, "1 = binary (sigmoid); more = softmax over classes.", range=POSITIVE,
+                      families=_F),
+        "loss": _k("dice", "segment: dice or dice+ce (classify always uses BCE or CE).",
+                   choices=("dice", "dice+ce"), families=_F),
+        "feature_level": _k(-1, "classify: the encoder level whose global average pool feeds "
+                            "the head (-1 = the deepest, 0 = the finest ... depth).",
+                            range=Range(-1), families=_F),
+    },
+    "finetune": {
+        "init": _k("", "Initial weights: empty = scratch; a pre-training workdir, a converted "
+                   "dir, or a released .pt/.h5 file.", families=_F),
+        "which": _k("best", "Checkpoint of a pre-training workdir: best or latest.",
+                    choices=("best", "latest"), families=_F),
+        "step": _k(-1, "A given checkpoint step instead (-1 = use `which`).", range=Range(-1),
+                   families=_F),
+        "freeze_encoder": _k(False, "Train the head (and decoder) only.", families=_F),
+        "pretrained_lr_mult": _k(1.0, "Learning-rate multiplier of the loaded sub-trees.",
+                                 range=NON_NEGATIVE, families=_F),
+        "keep_head": _k(False, "segment: keep the pre-trained 1x1 output conv if shapes match.",
+                        families=_F),
+        "dont_load": _k((), "fnmatch patterns of parameter paths to keep fresh, e.g. "
+                        "'params/decoder/*'.", tuple, item=str, families=_F),
+        "adapt_input_channels": _k(False, "Replicate a 1-channel first conv to C channels / C.",
+                                   families=_F),
+    },
+    "eval": {
+        "overlap": _k(0.5, "Sliding-window overlap for whole-volume segmentation.",
+                      range=Range(0.0, 1.0, hi_open=True), families=_F),
+        "tta_flip": _k(False, "Average predictions over flips (test-time augmentation).",
+                       families=_F),
+        "hd95": _k(False, "Also compute the 95th-percentile Hausdorff distance.", families=_F),
+        "write_predictions": _k(False,
+                                "Write NIfTI test predictions to <workdir>/test_predictions/.",
+                                families=_F),
+    },
+    "predict": {
+        "input": _k("", "mode=predict: a scan (file or DICOM folder), a folder of scans, or a "
+                    "glob.", families=_F),
+        "output": _k("", "Folder for the outputs (default <workdir>/predict).", families=_F),
+        "candidates": _k("", "classify: CSV seriesuid,coordX,coordY,coordZ[,class] (LPS mm).",
+                         families=_F),
+        "which": _k("best", "Checkpoint of the run: best or latest.", choices=("best", "latest"),
+                    families=_F),
+        "threshold": _k(0.5, "segment, one class: mask = probability >= threshold.",
+                        range=PROBABILITY, families=_F),
+        "probabilities": _k(False, "segment: write float32 probabilities instead of labels.",
+                            families=_F),
+        "batch_size": _k(4, "Windows (or candidate cubes) per forward pass.", range=POSITIVE,
+                         families=_F),
+        "overwrite": _k(False, "Replace outputs already there (default: keep them, go on).",
+                        families=_F),
+        "on_error": _k("raise", "An unreadable scan: raise, or skip (listed in the json).",
+                       choices=("raise", "skip"), families=_F),
+    },
+    "experiment": {
+        "tasks": _k({"finetune_ncc": task("configs/finetune_ncc.py"),
+                     "finetune_ncs": task("configs/finetune_ncs.py")},
+                    "Target tasks: name -> {config: a fine-tuning config file (path.py[:variant]), "
+                    "overrides: {...}}; results go to <workdir>/<name>/.", dict, families=_E),
+        "arms": _k({"scratch": arm(""), "genesis": arm("@pretrain")},
+                   "Arms: name -> {init: '' (scratch), '@pretrain' (this experiment's "
+                   "pre-training) or a path, overrides: {...}}; an arm's overrides apply after "
+                   "the experiment-wide and the task's.", dict, families=_E),
+        "pretrain_config": _k("configs/pretrain_phantom.py", "The pre-training config file an "
+                              "'@pretrain' arm uses (run in <workdir>/pretrain).", families=_E),
+        "pretrain_overrides": _k({}, "Overrides of the pre-training config, keyed like the "
+                                 "config: {'num_steps': 1200}.", dict, families=_E),
+        "overrides": _k({}, "Overrides of every task config: {'num_steps': 200}.", dict,
+                        families=_E),
+        "trials": _k(5, "Trials per arm and task; trial t uses seed experiment.seed + t.",
+                     range=POSITIVE, families=_E),
+        "seed": _k(0, "Seed of trial 0.", range=NON_NEGATIVE, families=_E),
+        "report": _k("results", "Report name: <workdir>/<report>.{md,json,png}.", families=_E),
+        "compare": _k((), "Tests to run: pairs (arm, baseline arm); empty = every arm against "
+                      "scratch (or the first arm).", tuple, item=tuple, families=_E),
+    },
+}
+
+# Keys whose value was a string in a small language of its own, with an example of the dict or
+# tuple they take now.
+LEGACY = {
+    "experiment.arms": "{'scratch': {'init': ''}, 'genesis': {'init': '@pretrain', "
+                       "'overrides': {'train': {'monitor': 'auc'}}}}",
+    "experiment.tasks": "{'finetune_ncc': {'config': 'configs/finetune_ncc.py', "
+                        "'overrides': {'num_steps': 100}}}",
+    "experiment.overrides": "{'num_steps': 200}",
+    "experiment.pretrain_overrides": "{'num_steps': 1200}",
+    "experiment.compare": "(('genesis', 'scratch'),)",
+}
+
+
+def keys(family: str | None = None):
+  """(dotted path, Key) of every key, or of one family's keys, in declaration order."""
+  for section, entries in SECTIONS.items():
+    for name, key in entries.items():
+      if family is None or family in key.families:
+        yield (f"{section}.{name}" if section else name), key
+
+
+def lookup(path: str) -> Key | None:
+  """The Key declared at a dotted path, or None."""
+  section, _, name = path.rpartition(".")
+  return SECTIONS.get(section, {}).get(name)
+
+
+def default(path: str, family: str = PRE) -> Any:
+  """The default value of a key in a family (e.g. `default("corruption.flip_rate")`)."""
+  key = lookup(path)
+  if key is None:
+    raise KeyError(path)
+  return key.default_for(family)
+
+
+def build(family: str) -> ml_collections.ConfigDict:
+  """A ConfigDict with the keys of one family at their defaults."""
+  c = ml_collections.ConfigDict()
+  for path, key in keys(family):
+    section, _, name = path.rpartition(".")
+    node = c
+    if section:
+      if section not in c:
+        c[section] = ml_collections.ConfigDict()
+      node = c[section]
+    node[name] = key.default_for(family)
+  return c
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
-  """Every config key, with the values of the original PyTorch pre-training recipe."""
-  c = ml_collections.ConfigDict()
-  c.mode = "pretrain"  # pretrain | finetune | evaluate | predict | prepare | experiment
-  c.seed = 0
-  c.num_steps = 200_000  # Upper bound; early stopping usually ends the run first.
-
-  c.model = ml_collections.ConfigDict()
-  c.model.variant = "pytorch"  # "pytorch" (transposed-conv UNet3D) | "keras" (nearest upsampling)
-  c.model.width = 32  # Channels of the first conv; the original doubles per level (32, 64, ...).
-  c.model.depth = 3  # Number of poolings; spatial sizes must be divisible by 2**depth.
-  c.model.spatial_dims = 3  # 3 for cubes (x, y, z), 2 for slices (x, y).
-  c.model.bn = "standard"  # "standard" (running averages at eval) | "original" (batch stats always)
-  c.model.dtype = "float32"  # Compute dtype: "float32" | "bfloat16" (params stay float32).
-  # 3D convs: "auto" (= "unfold" on CPU/GPU, "native" on TPU) | "native" (XLA/cuDNN 3D conv) |
-  # "unfold" (2D convs + Winograd along x: the same conv, 1.4x faster on an H200, several times
-  # on CPU) | "unfold:4" (F(4, 3) also in TF32/bf16: faster; TF32 gradient error 1.6x) |
-  # "unfold:2" | "unfold:0" (no Winograd).
-  c.model.conv_impl = "auto"
-
-  c.corruption = ml_collections.ConfigDict()
-  c.corruption.transforms = "all"  # "all"/"V", "I&II", "III&IV", or a "+"-joined subset of
-  #   nonlinear, local, outpaint, inpaint (e.g. "nonlinear+local").
-  c.corruption.flip_rate = 0.4
-  c.corruption.local_rate = 0.5
-  c.corruption.nonlinear_rate = 0.9
-  c.corruption.paint_rate = 0.9
-  c.corruption.outpaint_rate = 0.8  # In-painting gets 1 - outpaint_rate of painted cubes.
-  c.corruption.local_blocks = 10_000
-  c.corruption.flip_compat = False  # True reproduces the original's flip axis bug.
-
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "phantom"  # phantom | folder (scans) | prepared (a prepared dir) | npy (released cubes)
-  c.data.path = ""  # Folder of scans, a prepared dataset dir, or a glob of released .npy cubes.
-  c.data.prepared_dir = ""  # Where `prepare` writes; default <workdir>/data.
-  c.data.crop = (64, 64, 32)  # Cube size (x, y, z); two entries = 2D slices (x, y).
-  c.data.cubes_per_scan = 32
-  c.data.scales = (1.0,)  # In-plane zoom-out factors; cube k of a scan uses scales[k % len].
-  c.data.val_fraction = 0.2  # Split by scan, never by cube.
-  c.data.modality = "ct"  # ct | mri
-  c.data.hu_window = (-1000.0, 1000.0)  # CT: clip, then map linearly to [0, 1].
-  c.data.mri_norm = "percentile"  # MRI: "percentile" | "zscore" | "minmax"
-  c.data.mri_percentiles = (0.5, 99.5)
-  c.data.spacing = ()  # Target voxel spacing in mm (x, y, z); empty = no resampling.
-  c.data.body_crop = False  # Crop each scan to the body bounding box first.
-  c.data.lung_filter = False  # Original chest-CT filter: keep cubes with < 15% voxels >= -150 HU.
-  c.data.on_error = "skip"  # Bulk prepare: "skip" (and report) or "raise" on a bad scan.
-  c.data.num_workers = 0  # grain worker processes (0 = in-process).
-  c.data.phantom_subjects = 24  # Built-in data: number of phantom subjects.
-  c.data.phantom_seed = 0  # Built-in data: which subjects (target tasks use other seeds).
-  c.data.phantom_shape = (128, 128, 96)
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 6  # Per device; global batch = batch_size * device count.
-  c.train.optimizer = "sgd"  # sgd | adam
-  c.train.learning_rate = 1.0
-  c.train.lr_scaling = "none"  # "none" | "linear" (lr *= global_batch / base_batch)
-  c.train.base_batch_size = 6
-  c.train.momentum = 0.9
-  c.train.schedule = "step"  # step | plateau | constant | cosine
-  c.train.decay_every = 40 * 1000  # Steps between halvings for "step" (original: 40 epochs).
-  c.train.decay_factor = 0.5
-  c.train.plateau_patience = 10  # Evaluations without improvement before halving ("plateau").
-  c.train.grad_clip = 0.0  # Global-norm clip; 0 disables.
-  c.train.nonfinite = "stop"  # "stop" | "skip" a step whose loss or gradient is NaN/Inf.
-  c.train.early_stop_patience = 50  # Evaluations without val improvement; 0 disables.
-  # What "best" and early stopping follow: val_loss (all modes), or the task metric when
-  # fine-tuning: auc (classify), dice or iou (segment). Losses are minimised, metrics maximised.
-  c.train.monitor = "val_loss"
-
-  c.log_every = 50
-  c.eval_every = 1000
-  c.eval_batches = 20
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.samples_every_eval = True  # PNG grids in <workdir>/samples/ at each evaluation.
-
-
-  return c
+  """Pre-training (modes pretrain and prepare), with the original PyTorch recipe's values."""
+  return build(PRE)
 
 
 def finetune_config() -> ml_collections.ConfigDict:
-  """Target-task fine-tuning: the original's recipe (Adam 1e-3, early stopping on val loss)."""
-  c = pretrain_config()
-  c.mode = "finetune"
-  c.num_steps = 2000
+  """Target-task fine-tuning (modes finetune, evaluate, predict): the original's recipe (Adam
+  1e-3, early stopping on validation loss)."""
+  return build(FT)
 
-  c.task = ml_collections.ConfigDict()
-  c.task.kind = "classify"  # classify (encoder + MLP head) | segment (encoder-decoder)
-  c.task.n_class = 1  # 1 = binary (sigmoid); >1 = softmax over classes.
-  c.task.loss = "dice"  # segment: "dice" | "dice+ce". classify: BCE (n_class 1) or CE.
-  # classify: the encoder level whose global average pool feeds the head: -1 = the deepest (the
-  # original), 0 = the finest (full resolution) ... depth - 1; for probing what each level holds.
-  c.task.feature_level = -1
 
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.init = ""  # "" = scratch; a pre-training workdir, converted dir, or .pt/.h5 file.
-  c.finetune.which = "best"  # best | latest checkpoint of a pre-training workdir.
-  c.finetune.step = -1  # A given checkpoint step instead (-1 = use `which`).
-  c.finetune.freeze_encoder = False
-  c.finetune.pretrained_lr_mult = 1.0  # Learning-rate multiplier for the loaded sub-trees.
-  c.finetune.keep_head = False  # segment: keep the pre-trained 1x1 output conv if shapes match.
-  c.finetune.dont_load = ()  # fnmatch patterns of param paths to keep fresh, e.g. "params/decoder/*".
-  c.finetune.adapt_input_channels = False  # Replicate a 1-channel first conv to C channels / C.
+def experiment_config() -> ml_collections.ConfigDict:
+  """Scratch-vs-Genesis experiment: N fine-tuning trials per arm and task, then a results table.
 
-  # Target-task data (config.data.source "phantom" or "folder"). For "folder": segment reads the
-  # MSD / nnU-Net layout at data.path (imagesTr/, labelsTr/); classify reads scans at data.path
-  # and the LUNA16-style CSV at data.candidates.
-  c.data.candidates = ""
-  c.data.train_cases = 8  # Labelled budget: number of training subjects (cases).
-  c.data.train_subset = 0  # Train on the first k training cases only (0 = all); val/test unchanged.
-  c.data.val_cases = 4
-  c.data.test_cases = 8
-  c.data.cubes_per_case = 16  # segment: training cubes per case.
-  c.data.fg_fraction = 0.75  # segment: share of cubes centred on foreground.
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.overlap = 0.5  # Sliding-window overlap for whole-volume segmentation.
-  c.eval.tta_flip = False
-  c.eval.hd95 = False
-  c.eval.write_predictions = False  # NIfTI predictions in <workdir>/predictions/.
-
-  # mode=predict: the workdir's fine-tuned model on new scans (see genesis_jax/predict.py).
-  c.predict = ml_collections.ConfigDict()
-  c.predict.input = ""  # A scan (file or DICOM folder), a folder of scans, or a glob.
-  c.predict.output = ""  # Folder for the outputs; default <workdir>/predict.
-  c.predict.candidates = ""  # classify: CSV seriesuid,coordX,coordY,coordZ[,class] (LPS mm).
-  c.predict.which = "best"  # best | latest checkpoint of the run.
-  c.predict.threshold = 0.5  # segment, one class: mask = probability >= threshold.
-  c.predict.probabilities = False  # segment: write float32 probabilities instead of labels.
-  c.predict.batch_size = 4  # Windows (or candidate cubes) per forward pass.
-  c.predict.overwrite = False  # Replace outputs already there (default: keep them, go on).
-  c.predict.on_error = "raise"  # An unreadable scan: "raise", or "skip" (listed in the json).
-
-  c.train.optimizer = "adam"
-  c.train.learning_rate = 1e-3
-  c.train.schedule = "constant"
-  c.train.batch_size = 16
-  c.train.early_stop_patience = 10
-  c.eval_every = 100
-  c.eval_batches = 0  # 0 = the whole validation split.
-  c.checkpoint_every = 100
-  c.log_every = 20
-  c.samples_every_eval = False
-  return c
+  Only `mode` and the `experiment` section: the trials' settings come from the task config
+  files and the experiment's overrides."""
+  return build(EXP)
 
 
 def phantom_task_config(kind: str) -> ml_collections.ConfigDict:
@@ -179,25 +476,3 @@ def phantom_task_config(kind: str) -> ml_collections.ConfigDict:
   c.train.early_stop_patience = 4
   return c
 
-
-def experiment_config() -> ml_collections.ConfigDict:
-  """Scratch-vs-Genesis experiment: N fine-tuning trials per arm and task, then a results table."""
-  c = finetune_config()
-  c.mode = "experiment"
-  c.experiment = ml_collections.ConfigDict()
-  # Target-task config files, comma-separated (each a fine-tuning config with get_config()),
-  # each optionally with its own overrides: "configs/finetune_ncs.py[num_steps=100|eval_every=25]".
-  c.experiment.tasks = "configs/finetune_ncc.py,configs/finetune_ncs.py"
-  # Arms "name=init" comma-separated; init "" = scratch, "@pretrain" = the pre-training this
-  # experiment runs first in <workdir>/pretrain with experiment.pretrain_config, or a path.
-  # Per-arm overrides follow in brackets: "probe=@pretrain[finetune.freeze_encoder=True]".
-  c.experiment.arms = "scratch=,genesis=@pretrain"
-  c.experiment.pretrain_config = "configs/pretrain_phantom.py"
-  c.experiment.pretrain_overrides = ""  # "key=value,key=value" applied to the pre-training config.
-  c.experiment.overrides = ""  # "key=value,..." applied to every task config (e.g. num_steps=200).
-  c.experiment.trials = 5
-  c.experiment.seed = 0  # Trial t of every arm uses seed experiment.seed + t.
-  c.experiment.report = "results"  # <workdir>/<report>.{md,json,png}
-  # Tests to run, "arm:other,arm:other"; "" = every arm against scratch (or the first arm).
-  c.experiment.compare = ""
-  return c

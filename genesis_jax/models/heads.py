@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genesis_jax.config.validate import check_feature_level
 from genesis_jax.models import unet
 
 
@@ -58,15 +59,6 @@ class Classifier(nn.Module):
     bottom, skips = self.encoder(x, train)
     level = self.feature_level % (self.depth + 1)
     return self.classifier(bottom if level == self.depth else skips[level])
-
-
-def check_feature_level(level: int, depth: int, where: str = "") -> None:
-  """Raises unless `level` names an encoder level of a `depth`-pooling U-Net (-1: the deepest).
-
-  `where` prefixes the field names in the message ("config." for the config check)."""
-  if not -1 <= level <= depth:
-    raise ValueError(f"{where}task.feature_level={level} must be in [-1, {where}model.depth="
-                     f"{depth}] (0 = finest encoder level, -1 or {depth} = the deepest).")
 
 
 TASKS = ("restore", "segment", "classify")

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from genesis_jax import run as experiment
+from genesis_jax.config import loading, validate
 from genesis_jax.experiments import trials
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -19,46 +19,47 @@ CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))
 def test_config_loads_and_validates(name, variant, monkeypatch):
   monkeypatch.chdir(REPO)  # experiment configs name task configs relative to the repository
   path = f"configs/{name}" + (f":{variant}" if variant else "")
-  config = trials.load_config_file(path)
-  if config.data.source in ("folder", "prepared", "npy"):
-    config.unlock()
+  config = loading.load_config_file(path)
+  if "data" in config and config.data.source in ("folder", "prepared", "npy"):
     config.data.path = str(REPO)  # a path that exists; the configs leave it to the user
-  experiment.validate(config)
+  validate.validate(config)
   if config.mode != "experiment":
     return
   # What trials.run checks before pre-training: every arm's and task's overrides apply.
   trials.check_trial_configs(config)
   exp = config.experiment
-  arms = set(trials.parse_arms(exp.arms))
-  for pair in filter(None, exp.compare.split(",")):
-    assert set(pair.split(":")) <= arms, pair
+  arms = {name for name, _, _ in trials.arms_of(exp)}
+  for pair in exp.compare:
+    assert set(pair) <= arms, pair
 
 
 @pytest.mark.parametrize("name", sorted({n for n, _ in CASES}))
 def test_unknown_variant_is_an_error(name, monkeypatch):
   monkeypatch.chdir(REPO)
   with pytest.raises(ValueError, match="nosuch"):
-    trials.load_config_file(f"configs/{name}:nosuch")
+    loading.load_config_file(f"configs/{name}:nosuch")
 
 
 def test_bad_arm_value_fails_before_pretraining(monkeypatch):
   monkeypatch.chdir(REPO)
-  config = trials.load_config_file("configs/experiment_phantom.py")
-  config.unlock()
-  config.experiment.arms = "scratch=,genesis=@pretrain[task.feature_level=9]"
+  config = loading.load_config_file("configs/experiment_phantom.py")
+  config.experiment.arms.genesis.overrides = {"task": {"feature_level": 9}}
   with pytest.raises(ValueError, match="feature_level=9"):
     trials.check_trial_configs(config)
-  config.experiment.arms = "scratch=,genesis=@pretrain[train.optimizer=sgdd]"
-  with pytest.raises(ValueError, match="sgdd"):
+  config.experiment.arms.genesis.overrides = {"train": {"optimizer": "sgdd"}}
+  with pytest.raises(ValueError, match="arm 'genesis'.*sgdd"):
     trials.run(config, "/nonexistent/never/written")  # fails before anything is written
+  # A key of another mode in a fine-tuning override names the mode it belongs to.
+  config.experiment.arms.genesis.overrides = {"corruption": {"local_rate": 0.1}}
+  with pytest.raises(ValueError, match="corruption.local_rate is a pre-training key"):
+    trials.check_trial_configs(config)
 
 
 def test_conv_impl_values(monkeypatch):
   monkeypatch.chdir(REPO)
-  config = trials.load_config_file("configs/pretrain_phantom.py")
-  config.unlock()
+  config = loading.load_config_file("configs/pretrain_phantom.py")
   config.model.conv_impl = "unfold:4"  # F(4, 3) whatever the precision: a valid choice
-  experiment.validate(config)
+  validate.validate(config)
   config.model.conv_impl = "unfold:3"
   with pytest.raises(ValueError, match=r"conv_impl='unfold:3' is not one of .*'unfold:4'"):
-    experiment.validate(config)
+    validate.validate(config)

@@ -1,0 +1,250 @@
+"""Checks a config against the schema, in one place, before anything runs or is written.
+
+`validate(config)` checks every key of the config's mode: no unknown keys and no keys of another
+mode, types, allowed values, ranges, and the rules that tie keys together (crop against the
+model's depth, the monitored value against the task, data.path against data.source, ...).
+Every problem raises `errors.ConfigError` (or `MissingPathError`) with one line that names the
+key and the way out.
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+from typing import Any, Mapping
+
+from genesis_jax import errors
+from genesis_jax.config import schema
+from genesis_jax.config.schema import EXP, FT, PRE
+
+
+def is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _did_you_mean(value, candidates) -> str:
+  near = difflib.get_close_matches(str(value), [str(c) for c in candidates], n=1, cutoff=0.6)
+  return f" Did you mean {near[0]!r}?" if near else ""
+
+
+def check_value(path: str, value: Any, key: schema.Key | None = None) -> None:
+  """Raises ConfigError unless `value` fits the key declared at `path` (type, choices, range)."""
+  key = key or schema.lookup(path)
+  if key is None:
+    raise errors.ConfigError(unknown_key_message(path))
+  name = f"config.{path}"
+  legacy = isinstance(value, str) or (key.item is tuple and isinstance(value, (tuple, list))
+                                      and any(isinstance(v, str) for v in value))
+  if legacy and key.type is not str and path in schema.LEGACY:
+    raise errors.ConfigError(f"{name}={value!r}: the old string form is gone; write "
+                             f"{name} = {schema.LEGACY[path]} (see docs/config.md).")
+  if not _has_type(value, key.type):
+    raise errors.ConfigError(f"{name}={value!r} must be {_type_name(key.type)}.")
+  if key.choices is not None and value not in key.choices:
+    raise errors.ConfigError(f"{name}={value!r} is not one of {tuple(key.choices)}."
+                             + _did_you_mean(value, key.choices))
+  if key.type is tuple:
+    value = tuple(value)
+    if key.length is not None and len(value) not in key.length:
+      raise errors.ConfigError(f"{name}={value!r} must have {' or '.join(map(str, key.length))} "
+                               f"entries.")
+    for v in value:
+      if key.item is not None and not _has_type(v, key.item):
+        raise errors.ConfigError(f"{name}={value!r}: every entry must be {_type_name(key.item)}.")
+      if key.range is not None and v not in key.range:
+        raise errors.ConfigError(f"{name}={value!r}: every entry must be {_range_text(key.range)}.")
+  elif key.range is not None and value not in key.range:
+    raise errors.ConfigError(f"{name}={value!r} must be {_range_text(key.range)}.")
+
+
+def _has_type(value, type_) -> bool:
+  if type_ is float:
+    return is_number(value)
+  if type_ is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if type_ is tuple:
+    return isinstance(value, (tuple, list))
+  if type_ is dict:
+    return isinstance(value, Mapping) or hasattr(value, "items")
+  return isinstance(value, type_)
+
+
+def _type_name(type_) -> str:
+  return {int: "an integer", float: "a number", str: "a string", bool: "True or False",
+          tuple: "a tuple", dict: "a dict"}.get(type_, type_.__name__)
+
+
+def _range_text(r: schema.Range) -> str:
+  text = str(r)
+  return text if text[0] in "<>" else f"in {text}"
+
+
+def unknown_key_message(path: str, family: str | None = None) -> str:
+  """One line for a key this config does not have: the family it belongs to, or the closest."""
+  name = f"config.{path}"
+  declared = [(p, k) for p, k in schema.keys() if p == path or p.startswith(path + ".")]
+  if declared and family is not None:
+    owners = sorted({f for _, k in declared for f in k.families}, key=list(schema.FAMILIES).index)
+    owner = " or ".join(schema.FAMILY_NAMES[f] for f in owners)
+    modes = ", ".join(m for f in owners for m in schema.FAMILIES[f])
+    msg = (f"{name} is a {owner} key (modes {modes}); this {schema.FAMILY_NAMES[family]} config "
+           f"(modes {', '.join(schema.FAMILIES[family])}) does not use it.")
+    if family == EXP:
+      msg += (" Set it for the trials in config.experiment.overrides (or a task's or an arm's "
+              "overrides).")
+    return msg
+  known = [p for p, _ in schema.keys(family)]
+  known += sorted({p.rpartition(".")[0] for p in known if "." in p})
+  near = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+  if not near:  # A misspelt section: match the leaf name among the keys.
+    leaf = path.rpartition(".")[2]
+    near = [p for p in known if p.rpartition(".")[2] in
+            difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in known], n=1)][:1]
+  hint = f" Did you mean config.{near[0]}?" if near else " See docs/config.md for the keys."
+  return f"{name} is not a config key.{hint}"
+
+
+def config_family(config) -> str:
+  """The family a config was built for, from its sections (experiment, task or corruption)."""
+  if "experiment" in config:
+    return EXP
+  if "task" in config:
+    return FT
+  return PRE
+
+
+def items(config, family: str):
+  """(dotted path, value) of every leaf of the config; dict-typed keys are leaves."""
+  for name in config.keys():
+    value = config[name]
+    if name in schema.SECTIONS and name and hasattr(value, "keys"):
+      for leaf in value.keys():
+        yield f"{name}.{leaf}", value[leaf]
+    else:
+      yield name, value
+
+
+def validate(config) -> None:
+  """Checks the whole config for its mode; raises ConfigError naming the first problem."""
+  mode = config.get("mode")
+  if mode not in schema.MODES:
+    raise errors.ConfigError(f"config.mode={mode!r} is not one of {schema.MODES}."
+                             + _did_you_mean(mode, schema.MODES))
+  family = schema.family_of(mode)
+  built = config_family(config)
+  if built != family:
+    raise errors.ConfigError(
+        f"config.mode={mode!r} needs a {schema.FAMILY_NAMES[family]} config (built with "
+        f"schema.{schema.BUILDERS[family]}); this config is a {schema.FAMILY_NAMES[built]} "
+        f"config (modes {', '.join(schema.FAMILIES[built])}).")
+  present = dict(items(config, family))
+  wanted = dict(schema.keys(family))
+  for path, value in present.items():
+    if path not in wanted:
+      raise errors.ConfigError(unknown_key_message(path, family))
+    check_value(path, value, wanted[path])
+  missing = [p for p in wanted if p not in present]
+  if missing:
+    raise errors.ConfigError(f"config.{missing[0]} is missing: build the config with "
+                             f"schema.{schema.BUILDERS[family]} and change what differs.")
+  if family == EXP:
+    _check_experiment(config.experiment)
+  else:
+    _check_model_and_data(config, family)
+    _check_monitor(config, family)
+  if family == FT:
+    _check_task(config)
+
+
+def _check_model_and_data(config, family: str) -> None:
+  m, d = config.model, config.data
+  crop, depth = tuple(d.crop), int(m.depth)
+  if len(crop) != int(m.spatial_dims):
+    raise errors.ConfigError(f"config.data.crop={crop} has {len(crop)} entries but "
+                             f"config.model.spatial_dims={m.spatial_dims}; give one size per "
+                             f"spatial axis.")
+  if any(s % 2 ** depth for s in crop):
+    raise errors.ConfigError(f"config.data.crop={crop}: every size must be divisible by "
+                             f"{2 ** depth} (2**config.model.depth, depth={depth}).")
+  for path, (lo, hi) in (("data.hu_window", d.hu_window), ("data.mri_percentiles",
+                                                           d.mri_percentiles)):
+    if not lo < hi:
+      raise errors.ConfigError(f"config.{path}={(lo, hi)} must be (lo, hi) with lo < hi.")
+  if family == PRE:
+    if not d.scales:
+      raise errors.ConfigError("config.data.scales is empty; give at least one factor, e.g. "
+                               "(1.0,).")
+    schema.transform_set(config.corruption.transforms)
+  if family == FT:
+    if d.source not in ("phantom", "folder"):
+      raise errors.ConfigError(f"config.data.source={d.source!r}: fine-tuning reads 'phantom' "
+                               f"or 'folder' (prepared cubes and .npy cubes are for pre-training).")
+    if d.train_subset > d.train_cases:
+      raise errors.ConfigError(f"config.data.train_subset={d.train_subset} must be in [0, "
+                               f"train_cases={d.train_cases}] (0 = all training cases).")
+  if config.mode == "predict":
+    return  # The data this run reads is the fine-tuning run's own (its config.json).
+  if d.source in ("folder", "prepared", "npy") and not d.path:
+    raise errors.ConfigError(f"config.data.source={d.source!r} needs config.data.path.")
+  if d.path and d.source != "phantom" and not glob.glob(d.path):
+    raise errors.MissingPathError(f"config.data.path={d.path!r} does not exist.")
+
+
+def _check_monitor(config, family: str) -> None:
+  allowed = schema.MONITORS[PRE if family == PRE else config.task.kind]
+  monitor = config.train.monitor
+  if monitor not in allowed:
+    raise errors.ConfigError(f"config.train.monitor={monitor!r} is not one of {allowed}.")
+
+
+def check_feature_level(level: int, depth: int, where: str = "") -> None:
+  """Raises unless `level` names an encoder level of a `depth`-pooling U-Net (-1: the deepest).
+
+  `where` prefixes the field names in the message ("config." for the config check)."""
+  if not -1 <= level <= depth:
+    raise errors.ConfigError(
+        f"{where}task.feature_level={level} must be in [-1, {where}model.depth={depth}] "
+        f"(0 = finest encoder level, -1 or {depth} = the deepest).")
+
+
+def _check_task(config) -> None:
+  task = config.task
+  if task.feature_level != -1:
+    if task.kind != "classify":
+      raise errors.ConfigError(
+          f"config.task.feature_level={task.feature_level} applies to classification only "
+          f"(task.kind={task.kind!r}); leave it at -1.")
+    check_feature_level(task.feature_level, int(config.model.depth), "config.")
+  if config.mode == "predict" and not config.predict.input:
+    raise errors.ConfigError("mode=predict needs config.predict.input: a scan, a folder of "
+                             "scans or a glob.")
+
+
+def _check_experiment(exp) -> None:
+  for what, fields, required in (("tasks", {"config", "overrides"}, "config"),
+                                 ("arms", {"init", "overrides"}, "init")):
+    entries = exp[what]
+    if not list(entries.keys()):
+      raise errors.ConfigError(f"config.experiment.{what} is empty; see docs/config.md.")
+    for name in entries.keys():
+      entry = entries[name]
+      where = f"config.experiment.{what}.{name}"
+      if not hasattr(entry, "keys"):
+        raise errors.ConfigError(f"{where}={entry!r} must be a dict with keys {sorted(fields)}, "
+                                 f"as in config.experiment.{what} = "
+                                 f"{schema.LEGACY['experiment.' + what]}.")
+      extra = set(entry.keys()) - fields
+      if extra or required not in entry:
+        raise errors.ConfigError(f"{where} has keys {sorted(entry.keys())}; expected "
+                                 f"{required!r} and optionally 'overrides'.")
+      if not isinstance(entry[required], str) or (what == "tasks" and not entry[required]):
+        raise errors.ConfigError(f"{where}.{required}={entry[required]!r} must be a "
+                                 f"{'config file path' if what == 'tasks' else 'string'}.")
+      if "overrides" in entry and not hasattr(entry["overrides"], "keys"):
+        raise errors.ConfigError(f"{where}.overrides must be a dict keyed like the config.")
+  arms = set(exp.arms.keys())
+  for pair in exp.compare:
+    if len(pair) != 2 or not set(pair) <= arms:
+      raise errors.ConfigError(f"config.experiment.compare entry {tuple(pair)!r} must be a pair "
+                               f"(arm, baseline arm) of config.experiment.arms {sorted(arms)}.")
+  if not exp.report:
+    raise errors.ConfigError("config.experiment.report is empty; name the report, e.g. 'results'.")
