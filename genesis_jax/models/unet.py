@@ -5,7 +5,7 @@ divisible by 2**depth (one halving per pooling). At the defaults (width 32, dept
 variant "pytorch") this is the authors' PyTorch UNet3D, 19,073,665 trainable parameters; variant
 "keras" is their Keras network (nearest upsampling, BN momentum 0.99 / eps 1e-3).
 
-Parameter tree (names used by the weight import, `pretrained_io.py`):
+Parameter tree (names used by the weight import, `weights/release.py`):
   encoder/down_{i}/conv_{j}/{conv,bn}   i = 0..depth (depth = the bottom), j = 0, 1
   decoder/up_{l}/up_conv                l = depth-1..0 (pytorch variant only)
   decoder/up_{l}/conv_{j}/{conv,bn}

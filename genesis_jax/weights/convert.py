@@ -1,7 +1,9 @@
 """Converts released Models Genesis weights into an Orbax checkpoint that fine-tuning loads.
 
-  python -m genesis_jax.weights.convert Genesis_Chest_CT.pt runs/genesis_pt      # PyTorch (either format)
-  python -m genesis_jax.weights.convert Genesis_Chest_CT.h5 runs/genesis_keras   # Keras
+  python -m genesis_jax.weights.convert Genesis_Chest_CT.pt runs/genesis_pt     # PyTorch
+  python -m genesis_jax.weights.convert Genesis_Chest_CT.h5 runs/genesis_keras  # Keras
+
+Both PyTorch serializations (zip and legacy) are read.
 
 DST becomes a standalone Orbax checkpoint of {'params', 'batch_stats'} (the tree of `unet.UNet`)
 plus DST/genesis_model.json: the model fields (variant, width, depth, spatial_dims, in/out
@@ -16,30 +18,24 @@ import sys
 
 import numpy as np
 
-from genesis_jax.weights import pretrained_io
+from genesis_jax import errors
+from genesis_jax.weights import release
 
 MODEL_JSON = "genesis_model.json"
 
 
-def import_any(src: str) -> dict:
-  """{'params', 'batch_stats'} from a .pt/.pth/.tar (PyTorch) or .h5/.hdf5 (Keras) file."""
-  ext = os.path.splitext(src)[1].lower()
-  if ext in (".h5", ".hdf5", ".keras"):
-    return pretrained_io.import_keras(src)
-  if ext in (".pt", ".pth", ".tar", ".ckpt", ".bin"):
-    return pretrained_io.import_pytorch(src)
-  raise ValueError(f"{src}: unknown weight file extension {ext!r}; expected .pt/.pth (PyTorch) "
-                   "or .h5 (Keras).")
+class DestinationExistsError(errors.ConfigError, FileExistsError):
+  """The output directory of a conversion exists and --force was not given."""
 
 
 def convert(src: str, dst: str, *, force: bool = False) -> dict:
   """Writes DST (Orbax checkpoint + genesis_model.json); returns the model config dict."""
   import orbax.checkpoint as ocp
-  variables = import_any(src)
-  cfg = pretrained_io.model_config_of(variables)
+  variables = release.import_release(src)
+  cfg = release.model_config_of(variables)
   dst = os.path.abspath(dst)
   if os.path.exists(dst) and not force:
-    raise FileExistsError(f"{dst} exists; pass --force to overwrite.")
+    raise DestinationExistsError(f"{dst} exists; pass --force to overwrite.")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(dst, variables, force=force)
     ckptr.wait_until_finished()
@@ -54,7 +50,7 @@ def load_converted(dst: str) -> tuple[dict, dict]:
   dst = os.path.abspath(dst)
   json_path = os.path.join(dst, MODEL_JSON)
   if not os.path.isfile(json_path):
-    raise ValueError(f"{dst}: no {MODEL_JSON}; not a directory written by "
+    raise release.WeightImportError(f"{dst}: no {MODEL_JSON}; not a directory written by "
                      "`python -m genesis_jax.weights.convert`.")
   with open(json_path) as f:
     cfg = json.load(f)
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   try:
     cfg = convert(args.src, args.dst, force=args.force)
-  except (ValueError, FileExistsError) as e:
+  except errors.GenesisError as e:
     sys.exit(f"error: {e}")
   print(f"Wrote {args.dst}: {cfg}")
 

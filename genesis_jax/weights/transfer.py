@@ -18,9 +18,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from genesis_jax import errors
 
-class TransferError(ValueError):
-  pass
+
+class TransferError(errors.ConfigError):
+  """Pre-trained weights do not fit the model; the message names the paths and the config key."""
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -46,7 +48,8 @@ class TransferReport:
         g = "/".join(p.split("/")[:3])
         out[g] = out.get(g, 0) + 1
       return ", ".join(f"{g} ({n})" for g, n in sorted(out.items())) or "-"
-    return (f"transfer from {self.source}:\n  loaded  {len(self.loaded)} arrays: {groups(self.loaded)}\n"
+    return (f"transfer from {self.source}:\n"
+            f"  loaded  {len(self.loaded)} arrays: {groups(self.loaded)}\n"
             f"  fresh   {len(self.fresh)} arrays: {groups(self.fresh)}\n"
             f"  ignored {len(self.ignored)} arrays: {groups(self.ignored)}"
             + (f"\n  adapted {self.adapted}" if self.adapted else ""))
@@ -66,20 +69,25 @@ def _adapt_first_conv(src: np.ndarray, dst_shape: tuple[int, ...]) -> np.ndarray
   return np.repeat(src, n, axis=-2) / n
 
 
+def _params_first(item: tuple[str, Any]) -> tuple[bool, str]:
+  """Sort key: parameters first, so the first paths an error names are the ones users know."""
+  return not item[0].startswith("params/"), item[0]
+
+
 def merge_params(init_vars: dict, loaded_vars: dict, *, source: str, dont_load=(),
                  adapt_input_channels: bool = False) -> tuple[dict, TransferReport]:
   """Copies `loaded_vars` leaves into `init_vars` where the paths match.
 
-  Paths are "collection/module/.../leaf" (e.g. "params/encoder/down1_conv1/kernel"); `dont_load`
-  holds fnmatch patterns of target paths to keep fresh (e.g. "params/out/*" for a new head).
+  Paths are "collection/module/.../leaf" (e.g. "params/encoder/down_0/conv_0/conv/kernel");
+  `dont_load` holds fnmatch patterns of target paths to keep fresh (e.g. "params/out/*" for a new
+  head).
   """
   report = TransferReport(source=source)
   target = _flat({c: init_vars.get(c, {}) for c in init_vars})
   src = _flat({c: loaded_vars.get(c, {}) for c in loaded_vars})
   mismatched = []
   out = {}
-  # Parameters first, so the first paths an error names are the ones users recognise.
-  for path, init_leaf in sorted(target.items(), key=lambda kv: (not kv[0].startswith("params/"), kv[0])):
+  for path, init_leaf in sorted(target.items(), key=_params_first):
     if any(fnmatch.fnmatch(path, pat) for pat in dont_load) or path not in src:
       out[path] = init_leaf
       report.fresh.append(path)
@@ -96,7 +104,8 @@ def merge_params(init_vars: dict, loaded_vars: dict, *, source: str, dont_load=(
     report.loaded.append(path)
   if mismatched:
     hint = ("" if adapt_input_channels else
-            " For more input channels than the checkpoint has, set config.finetune.adapt_input_channels=True.")
+            " For more input channels than the checkpoint has, set "
+            "config.finetune.adapt_input_channels=True.")
     raise TransferError(f"shape mismatch between {source} and the model for {len(mismatched)} "
                         f"array(s): " + "; ".join(mismatched[:10]) +
                         (" ..." if len(mismatched) > 10 else "") +
@@ -109,7 +118,8 @@ def merge_params(init_vars: dict, loaded_vars: dict, *, source: str, dont_load=(
   return _unflat(out), report
 
 
-def load_pretrained(init: str, *, which: str = "best", step: int | None = None) -> tuple[dict, dict | None]:
+def load_pretrained(init: str, *, which: str = "best",
+                    step: int | None = None) -> tuple[dict, dict | None]:
   """Reads pre-trained variables {"params", "batch_stats"} and, when known, their model config.
 
   `init`: a pre-training workdir (or its checkpoints/ dir), a converted checkpoint dir, or a
@@ -118,17 +128,16 @@ def load_pretrained(init: str, *, which: str = "best", step: int | None = None) 
   """
   path = pathlib.Path(init).expanduser().absolute()  # Orbax (OCDBT) needs absolute paths.
   if not path.exists():
-    raise FileNotFoundError(f"pre-trained init {init!r} does not exist.")
+    raise errors.MissingPathError(
+        f"pre-trained init {init!r} does not exist; give a pre-training workdir, a converted "
+        "checkpoint or a released .pt/.h5 file (config.finetune.init when fine-tuning).")
   suffix = path.suffix.lower()
   if path.is_file():
-    from genesis_jax.weights import pretrained_io
-    if suffix in (".h5", ".hdf5"):
-      variables = pretrained_io.import_keras(path)
-    elif suffix in (".pt", ".pth", ".tar", ".bin", ".ckpt"):
-      variables = pretrained_io.import_pytorch(path)
-    else:
+    from genesis_jax.weights import release
+    if suffix not in release.RELEASE_SUFFIXES:
       raise TransferError(f"{path}: not a known weights file (expected .pt/.pth/.tar or .h5).")
-    return variables, pretrained_io.model_config_of(variables)
+    variables = release.import_release(path)
+    return variables, release.model_config_of(variables)
   if (path / "genesis_model.json").exists():
     from genesis_jax.weights import convert
     variables, model_cfg = convert.load_converted(path)
@@ -161,7 +170,8 @@ def _restore_run_checkpoint(ckdir: pathlib.Path, workdir: pathlib.Path, which: s
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
   ckptr = ocp.PyTreeCheckpointer()
   restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+      item=abstract,
+      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
       partial_restore=True))
   model_cfg = None
   cfg_file = workdir / "config.json"

@@ -1,4 +1,5 @@
-"""Tests of the released-weight import/export (genesis_jax/weights/pretrained_io.py, convert.py).
+"""Tests of the released-weight import/export (genesis_jax/weights/: release, torch_pickle,
+keras_h5, convert).
 
 Fixtures (tests/fixtures/, made by make_fixtures.py with real torch 2.13 and h5py) are width-2
 Genesis U-Nets whose key names and layouts are those of the released files.
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 
 from genesis_jax.models import unet
-from genesis_jax.weights import convert, pretrained_io as pio
+from genesis_jax.weights import convert, keras_h5, release, torch_pickle
 
 FIX = pathlib.Path(__file__).parents[1] / "fixtures"
-ZIP, LEGACY, KERAS = FIX / "genesis_tiny_zip.pt", FIX / "genesis_tiny_legacy.pt", FIX / "genesis_tiny_keras.h5"
+ZIP, LEGACY = FIX / "genesis_tiny_zip.pt", FIX / "genesis_tiny_legacy.pt"
+KERAS = FIX / "genesis_tiny_keras.h5"
 
 
 # ---- an independent numpy forward pass in the original layouts (N, C, x, y, z) ----------------
@@ -32,7 +34,8 @@ def _np_conv(x, w_at, k, bias):
   for i in range(k):
     for j in range(k):
       for l in range(k):
-        out = out + np.einsum("ncxyz,oc->noxyz", xp[:, :, i:i + sx, j:j + sy, l:l + sz], w_at(i, j, l))
+        window = xp[:, :, i:i + sx, j:j + sy, l:l + sz]
+        out = out + np.einsum("ncxyz,oc->noxyz", window, w_at(i, j, l))
   return out + bias[None, :, None, None, None]
 
 
@@ -114,7 +117,7 @@ def _apply(model, variables, x):
 
 @pytest.fixture(scope="module")
 def torch_vars():
-  return pio.import_pytorch(ZIP)
+  return release.import_pytorch(ZIP)
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +128,12 @@ def expected():
 # ---- PyTorch import ------------------------------------------------------------------------
 
 def test_zip_and_legacy_serializations_import_identically(torch_vars):
-  legacy = pio.import_pytorch(LEGACY)
+  legacy = release.import_pytorch(LEGACY)
   same = jax.tree.map(np.array_equal, torch_vars, legacy)
   assert jax.tree.all(same)
-  assert pio.model_config_of(torch_vars) == dict(
+  assert release.model_config_of(torch_vars) == dict(
       variant="pytorch", width=2, depth=3, spatial_dims=3, in_channels=1, out_channels=1)
-  raw = pio.load_torch_file(LEGACY)
+  raw = torch_pickle.load(LEGACY)
   assert len(raw["state_dict"]) == 106 and raw["epoch"] == 3
   assert all(k.startswith("module.") for k in raw["state_dict"])
 
@@ -138,7 +141,7 @@ def test_zip_and_legacy_serializations_import_identically(torch_vars):
 @pytest.mark.parametrize("bn", ["standard", "original"])
 def test_imported_pytorch_forward_matches_torch_and_numpy(torch_vars, expected, bn):
   x = expected["x"]  # (N, C, x, y, z) as torch sees it
-  sd = {k[len("module."):]: v for k, v in pio.load_torch_file(ZIP)["state_dict"].items()}
+  sd = {k[len("module."):]: v for k, v in torch_pickle.load(ZIP)["state_dict"].items()}
   ref = _np_torch_unet(sd, x.astype(np.float64), batch_stats=bn == "original")
   torch_out = expected["eval_standard" if bn == "standard" else "eval_original"]
   np.testing.assert_allclose(ref, torch_out, atol=1e-4)  # the numpy reference is right
@@ -157,9 +160,9 @@ def test_imported_pytorch_forward_unfold_impl(torch_vars, expected):
 # ---- Keras import --------------------------------------------------------------------------
 
 def test_imported_keras_forward_matches_numpy(expected):
-  variables = pio.import_keras(KERAS)
-  assert pio.model_config_of(variables)["variant"] == "keras"
-  layers = pio._read_keras_layers(str(KERAS))
+  variables = release.import_keras(KERAS)
+  assert release.model_config_of(variables)["variant"] == "keras"
+  layers = keras_h5.read_layers(KERAS)
   x = expected["x"]
   ref = _np_keras_unet(layers, x.astype(np.float64), final="conv3d_15")
   ours = _apply(unet.UNet(width=2, variant="keras"), variables, jnp.asarray(_channels_last(x)))
@@ -174,14 +177,15 @@ def test_keras_missing_and_extra_layers_are_named(tmp_path):
     g = f["model_weights/depth_3_bn"]
     g.attrs["weight_names"] = [n for n in g.attrs["weight_names"] if b"gamma" not in n]
   with pytest.raises(ValueError, match="depth_3_bn/gamma"):
-    pio.import_keras(bad)
+    release.import_keras(bad)
   with h5py.File(bad, "a") as f:
-    f["model_weights"].attrs["layer_names"] = list(f["model_weights"].attrs["layer_names"]) + [b"dense_9"]
+    names = list(f["model_weights"].attrs["layer_names"])
+    f["model_weights"].attrs["layer_names"] = names + [b"dense_9"]
     g = f["model_weights"].create_group("dense_9")
     g.attrs["weight_names"] = [b"dense_9/kernel:0"]
     g.create_dataset("dense_9/kernel:0", data=np.zeros((4, 4), np.float32))
   with pytest.raises(ValueError, match="dense_9/kernel"):
-    pio.import_keras(bad)
+    release.import_keras(bad)
 
 
 # ---- export and errors ---------------------------------------------------------------------
@@ -200,41 +204,42 @@ def _random_tree(seed: int) -> dict:
 def test_export_import_round_trip_is_identical(tmp_path, legacy):
   tree = _random_tree(0)
   path = tmp_path / "ours.pt"
-  pio.export_pytorch(tree, path, legacy=legacy)
+  release.export_pytorch(tree, path, legacy=legacy)
   assert (path.read_bytes()[:2] == b"PK") != legacy
-  back = pio.import_pytorch(path)
+  back = release.import_pytorch(path)
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   assert jax.tree.all(jax.tree.map(np.array_equal, tree, back))
-  sd = pio.load_torch_file(path)["state_dict"]
+  sd = torch_pickle.load(path)["state_dict"]
   assert len(sd) == 106
   # The transposed conv really is stored in PyTorch's (in, out, x, y, z) layout, unflipped.
   ours = tree["params"]["decoder"]["up_2"]["up_conv"]["kernel"]  # flipped (x, y, z, in, out)
   np.testing.assert_array_equal(sd["module.up_tr256.up_conv.weight"][:, :, 0, 1, 1],
                                 ours[1, 0, 0])
+  kernel = tree["params"]["encoder"]["down_0"]["conv_1"]["conv"]["kernel"]
   np.testing.assert_array_equal(sd["module.down_tr64.ops.1.conv1.weight"][:, :, 0, 1, 2],
-                                tree["params"]["encoder"]["down_0"]["conv_1"]["conv"]["kernel"][0, 1, 2].T)
+                                kernel[0, 1, 2].T)
 
 
 def test_mismatched_pytorch_keys_are_named(tmp_path):
-  sd = pio.to_pytorch_state_dict(_random_tree(1))
+  sd = release.to_pytorch_state_dict(_random_tree(1))
   missing = dict(sd)
   del missing["up_tr128.ops.1.bn1.running_var"]
-  pio.write_torch_checkpoint({"state_dict": {"module." + k: v for k, v in missing.items()}},
-                             tmp_path / "missing.pt")
+  torch_pickle.save({"state_dict": {"module." + k: v for k, v in missing.items()}},
+                    tmp_path / "missing.pt")
   with pytest.raises(ValueError, match=r"Missing: \['up_tr128.ops.1.bn1.running_var'\]"):
-    pio.import_pytorch(tmp_path / "missing.pt")
+    release.import_pytorch(tmp_path / "missing.pt")
   extra = dict(sd, **{"aux.weight": np.zeros(3, np.float32)})
-  pio.write_torch_checkpoint({"state_dict": extra}, tmp_path / "extra.pt", legacy=True)
+  torch_pickle.save({"state_dict": extra}, tmp_path / "extra.pt", legacy=True)
   with pytest.raises(ValueError, match=r"Unexpected: \['aux.weight'\]"):
-    pio.import_pytorch(tmp_path / "extra.pt")
+    release.import_pytorch(tmp_path / "extra.pt")
   shaped = dict(sd)
   shaped["down_tr256.ops.0.conv1.bias"] = np.zeros(5, np.float32)
-  pio.write_torch_checkpoint({"state_dict": shaped}, tmp_path / "shape.pt")
+  torch_pickle.save({"state_dict": shaped}, tmp_path / "shape.pt")
   with pytest.raises(ValueError, match="down_tr256.ops.0.conv1.bias"):
-    pio.import_pytorch(tmp_path / "shape.pt")
+    release.import_pytorch(tmp_path / "shape.pt")
   (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
   with pytest.raises(ValueError, match="junk.pt"):
-    pio.import_pytorch(tmp_path / "junk.pt")
+    release.import_pytorch(tmp_path / "junk.pt")
 
 
 def test_untrusted_objects_are_not_executed(tmp_path):
@@ -247,7 +252,7 @@ def test_untrusted_objects_are_not_executed(tmp_path):
 
   (tmp_path / "evil.pt").write_bytes(pickle.dumps({"state_dict": {}, "x": Evil()}, protocol=2))
   with pytest.raises(ValueError):
-    pio.import_pytorch(tmp_path / "evil.pt")
+    release.import_pytorch(tmp_path / "evil.pt")
   assert not (tmp_path / "pwned").exists()
 
 
@@ -260,3 +265,17 @@ def test_convert_cli_writes_loadable_orbax_checkpoint(tmp_path, torch_vars):
   assert jax.tree.all(jax.tree.map(np.array_equal, variables, torch_vars))
   with pytest.raises(SystemExit, match="exists"):
     convert.main([str(KERAS), str(dst)])
+
+
+def test_errors_are_genesis_errors_and_nothing_is_half_written(tmp_path):
+  from genesis_jax import errors
+  with pytest.raises(errors.DataError, match="no such file"):
+    release.import_keras(tmp_path / "absent.h5")
+  with pytest.raises(release.WeightImportError, match="unknown weight file extension"):
+    release.import_release(tmp_path / "weights.txt")
+  path = tmp_path / "complex.pt"
+  with pytest.raises(torch_pickle.TorchFileError, match="No torch storage"):
+    torch_pickle.save({"x": np.zeros(2, np.complex64)}, path)
+  assert not list(tmp_path.iterdir())
+  with pytest.raises(SystemExit, match="unknown weight file extension"):
+    convert.main([str(tmp_path / "weights.txt"), str(tmp_path / "out")])
