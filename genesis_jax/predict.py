@@ -90,7 +90,7 @@ def _apply_fn(run_cfg, workdir: pathlib.Path, which: str) -> Callable:
   model = heads.build_model(run_cfg.model, task=str(run_cfg.task.kind), n_class=n_class,
                             feature_level=int(run_cfg.task.get("feature_level", -1)))
   variables, _ = transfer.load_pretrained(str(workdir), which=which)
-  # Variables as an argument, not a closure constant (see finetune._segment_volumes).
+  # The variables are an argument, not a closure constant, which jit would bake into the program.
   apply_jit = jax.jit(lambda v, x: finetune.probabilities(model.apply(v, x, train=False), n_class))
   return functools.partial(apply_jit, {"params": variables["params"],
                                        "batch_stats": variables.get("batch_stats", {})})
@@ -154,7 +154,7 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
           overlap=float(config.eval.overlap), tta_flip=bool(config.eval.tta_flip),
           batch_size=int(p.batch_size))
     except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewrapped
-      from genesis_jax.train.loop import is_out_of_memory
+      from genesis_jax.train.step import is_out_of_memory
       if not is_out_of_memory(e):
         raise
       raise PredictError(

@@ -16,9 +16,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-  pass
+from genesis_jax import errors
 
 
 def check_writable(workdir: pathlib.Path) -> None:
@@ -32,7 +30,7 @@ def check_writable(workdir: pathlib.Path) -> None:
       os.fsync(f.fileno())
     probe.unlink()
   except OSError as e:
-    raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
+    raise errors.CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
 
 
 def _manager(directory: pathlib.Path, *, max_to_keep: int, best: bool,
@@ -79,7 +77,7 @@ class RunCheckpoints:
         self.best.save(step, args=self._args(state, data_iter, meta),
                        metrics={"objective": float(objective)}, force=True)
     except OSError as e:
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f"saving checkpoint at step {step} under {self.root} failed: {e}. "
           f"Previous checkpoints are untouched: {self.describe_latest()}") from e
 
@@ -105,7 +103,7 @@ class RunCheckpoints:
       if "in checkpoint does not match" not in str(e):
         raise
       what = str(e).splitlines()[0].split(" in checkpoint")[0]
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f"cannot resume {self.root / which / str(step)}: its input pipeline state was saved for "
           f"a different data order ({what.lower()} differs: the data, seed, batch size, process "
           f"count or the genesis_jax version that wrote it changed). The weights are intact: "

@@ -26,14 +26,17 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from genesis_jax import errors
+
 # Google's PCI vendor id, and the device ids of TPU chips (v3 .. TPU7x). Other Google PCI
 # devices exist on every GCE VM (the gVNIC network card), so the vendor alone is not enough.
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
 
 
-class DistributedConfigError(ValueError):
-  """The multi-process settings are incomplete or contradict each other."""
+class DistributedConfigError(errors.EnvironmentSetupError, ValueError):
+  """The multi-process settings are incomplete or contradict each other (still a ValueError, as
+  it was before the errors module)."""
 
 
 def count_tpu_chips(sysfs: str = "/sys/bus/pci/devices") -> int:

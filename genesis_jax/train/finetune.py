@@ -5,6 +5,9 @@ frozen encoder or lower learning rate for loaded sub-trees; early stopping on va
 the best checkpoint kept; at the end the best checkpoint is evaluated on the test split and written
 to `<workdir>/eval.json` (classification: AUC; segmentation: Dice/IoU per case on whole volumes by
 sliding-window inference).
+
+Validation runs on the device as in pre-training: the eval step returns loss sums (and the Dice
+statistics) and the probabilities the task metrics need. The run itself is loop.py's.
 """
 from __future__ import annotations
 
@@ -18,22 +21,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genesis_jax.eval import metrics as metrics_lib
-from genesis_jax.train import checkpoints as ckpt_lib
+from genesis_jax import errors
 from genesis_jax.data import tasks as task_data
+from genesis_jax.eval import metrics as metrics_lib
 from genesis_jax.train import loop, optim, sharding
-from genesis_jax.weights import transfer
+from genesis_jax.train import step as step_lib
 from genesis_jax.train.state import TrainState
+from genesis_jax.weights import transfer
 
 KINDS = ("classify", "segment")
 
 
 # ----------------------------------------------------------------------------------- losses
-def dice_loss(logits: jax.Array, labels: jax.Array, n_class: int) -> jax.Array:
-  """The original's soft Dice, 1 - (2 sum(y p) + 1) / (sum y + sum p + 1), over the whole batch.
+def dice_statistics(logits: jax.Array, labels: jax.Array, n_class: int,
+                    weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sums of y*p, y and p per foreground class over the batch: the soft Dice's statistics.
 
-  Binary: sigmoid of the single output channel. Multi-class: softmax, mean over foreground classes.
-  labels: (N, *spatial, 1) integer class ids.
+  Binary: sigmoid of the single output channel. Multi-class: softmax, classes 1..K-1.
+  labels: (N, *spatial, 1) integer class ids; `weight` (N,) of 0/1 leaves out padded rows.
+  Sums over several batches give the Dice of their union (a whole validation split).
   """
   logits = logits.astype(jnp.float32)
   if n_class == 1:
@@ -41,17 +47,39 @@ def dice_loss(logits: jax.Array, labels: jax.Array, n_class: int) -> jax.Array:
   else:
     p = jax.nn.softmax(logits, axis=-1)[..., 1:]
     y = jax.nn.one_hot(labels[..., 0], n_class)[..., 1:]
+  if weight is None:
+    yw, pw = y, p
+  else:
+    w = weight.reshape((-1,) + (1,) * (p.ndim - 1))
+    yw, pw = y * w, p * w
   axes = tuple(range(p.ndim - 1))
-  d = (2 * jnp.sum(y * p, axis=axes) + 1) / (jnp.sum(y, axis=axes) + jnp.sum(p, axis=axes) + 1)
-  return 1.0 - jnp.mean(d)
+  return jnp.sum(yw * p, axis=axes), jnp.sum(yw, axis=axes), jnp.sum(pw, axis=axes)
+
+
+def soft_dice_loss(yp, y, p):
+  """The original's soft Dice loss, 1 - (2 sum(y p) + 1) / (sum y + sum p + 1), mean over classes,
+  from `dice_statistics` (jax or numpy arrays)."""
+  return 1.0 - ((2 * yp + 1) / (y + p + 1)).mean()
+
+
+def dice_loss(logits: jax.Array, labels: jax.Array, n_class: int) -> jax.Array:
+  """The soft Dice loss over the whole batch (docs/method.md)."""
+  return soft_dice_loss(*dice_statistics(logits, labels, n_class))
+
+
+def cross_entropy_terms(logits: jax.Array, labels: jax.Array, n_class: int) -> jax.Array:
+  """Per-element BCE (n_class 1, shaped like logits) or softmax CE (one per row or voxel)."""
+  logits = logits.astype(jnp.float32)
+  if n_class == 1:
+    return optax.sigmoid_binary_cross_entropy(
+        logits, labels.astype(jnp.float32).reshape(logits.shape))
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels.reshape(logits.shape[:-1]).astype(jnp.int32))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, n_class: int) -> jax.Array:
   """Per-element mean BCE (n_class 1) or softmax CE; labels are integer class ids."""
-  logits = logits.astype(jnp.float32)
-  if n_class == 1:
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32).reshape(logits.shape)))
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(logits.shape[:-1]).astype(jnp.int32)))
+  return jnp.mean(cross_entropy_terms(logits, labels, n_class))
 
 
 def task_loss(kind: str, loss_name: str, n_class: int) -> Callable:
@@ -60,8 +88,9 @@ def task_loss(kind: str, loss_name: str, n_class: int) -> Callable:
   if loss_name == "dice":
     return lambda logits, labels: dice_loss(logits, labels, n_class)
   if loss_name == "dice+ce":
-    return lambda logits, labels: dice_loss(logits, labels, n_class) + cross_entropy(logits, labels, n_class)
-  raise ValueError(f"config.task.loss={loss_name!r}: expected 'dice' or 'dice+ce'.")
+    return lambda logits, labels: (dice_loss(logits, labels, n_class)
+                                   + cross_entropy(logits, labels, n_class))
+  raise errors.ConfigError(f"config.task.loss={loss_name!r}: expected 'dice' or 'dice+ce'.")
 
 
 def probabilities(logits: jax.Array, n_class: int) -> jax.Array:
@@ -78,48 +107,75 @@ def make_train_step(loss_fn: Callable) -> Callable:
       return loss_fn(logits, batch["label"]), updates.get("batch_stats", {})
 
     (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    return loop.guarded_update(state, grads, batch_stats, loss)
+    return step_lib.guarded_update(state, grads, batch_stats, loss)
 
   return train_step
 
 
-def make_eval_step(n_class: int) -> Callable:
+# Outputs of the eval step that add up over batches.
+SUM_KEYS = ("ce_sum", "ce_count", "dice_yp", "dice_y", "dice_p")
 
-  def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
-    return probabilities(state.apply_fn(state.variables, images, train=False), n_class)
+
+def make_eval_step(apply_fn: Callable, kind: str, n_class: int) -> Callable:
+  """`eval_step(variables, batch) -> dict`: the loss sums of the batch (cross-entropy and, for
+  segmentation, the Dice statistics; padded rows weigh 0), and its rows' probabilities and labels
+  for the task metrics."""
+
+  def eval_step(variables, batch: dict) -> dict:
+    logits = apply_fn(variables, batch["image"], train=False)
+    w = batch["weight"]
+    ce = cross_entropy_terms(logits, batch["label"], n_class)
+    ce = ce.reshape(ce.shape[0], -1)
+    out = {"ce_sum": jnp.sum(ce * w[:, None]), "ce_count": jnp.sum(w) * ce.shape[1],
+           "probs": probabilities(logits, n_class), "label": batch["label"], "weight": w}
+    if kind == "segment":
+      out["dice_yp"], out["dice_y"], out["dice_p"] = dice_statistics(
+          logits, batch["label"], n_class, w)
+    return out
 
   return eval_step
 
 
-def predict(state, eval_step, images: np.ndarray, mesh, per_process: int) -> np.ndarray:
-  """Probabilities for every row of `images` (this process's view: all rows, single process)."""
-  outs = []
-  for idx, w in loop.padded_batches(len(images), per_process):
-    out = eval_step(state, sharding.to_global({"image": images[idx]}, mesh)["image"])
-    outs.append(loop.local_rows(out)[w > 0])
-  return np.concatenate(outs)
+def jit_eval_step(apply_fn: Callable, config, mesh) -> Callable:
+  """The eval step jitted with replicated outputs: every process sees all rows of a batch."""
+  return jax.jit(make_eval_step(apply_fn, config.task.kind, int(config.task.n_class)),
+                 out_shardings=sharding.replicated(mesh))
 
 
-def split_metrics(kind: str, n_class: int, loss_fn, probs: np.ndarray, labels: np.ndarray) -> dict:
-  """Validation loss and the task metric from host-side probabilities."""
-  p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+def evaluate_split(variables, eval_step, images: np.ndarray, labels: np.ndarray, config, mesh,
+                   per_process: int) -> dict:
+  """`val_loss` and the task metrics (auc; dice, iou) of one split, in fixed-size batches."""
+  sums: dict = {}
+  probs, ys = [], []
+  rows = lambda idx: {"image": images[idx], "label": labels[idx]}
+  for batch in step_lib.global_eval_batches(len(images), per_process, mesh, rows):
+    out = jax.device_get(eval_step(variables, batch))
+    keep = out["weight"] > 0
+    probs.append(out["probs"][keep])
+    ys.append(out["label"][keep])
+    for k in SUM_KEYS:
+      if k in out:
+        sums[k] = sums.get(k, 0.0) + np.asarray(out[k], np.float64)
+  return split_metrics(config, sums, np.concatenate(probs), np.concatenate(ys))
+
+
+def split_metrics(config, sums: dict, probs: np.ndarray, labels: np.ndarray) -> dict:
+  """The loss of the split from the eval step's sums; the task metric from its probabilities."""
+  kind, n_class = config.task.kind, int(config.task.n_class)
+  ce = float(sums["ce_sum"] / max(float(sums["ce_count"]), 1.0))
   if kind == "classify":
+    out = {"val_loss": ce}
     y = labels.reshape(-1)
-    if n_class == 1:
-      s = p.reshape(-1)
-      loss = float(-np.mean(y * np.log(s) + (1 - y) * np.log(1 - s)))
-    else:
-      loss = float(-np.mean(np.log(p[np.arange(len(y)), y.astype(int)])))
-      s = p[:, 1] if n_class == 2 else p
-    out = {"val_loss": loss}
-    if len(np.unique(y)) > 1 and (n_class <= 2):
-      out["auc"] = metrics_lib.auc(y, s)
+    if len(np.unique(y)) > 1 and n_class <= 2:
+      out["auc"] = metrics_lib.auc(y, probs.reshape(-1) if n_class == 1 else probs[:, 1])
     return out
-  pred = metrics_lib.foreground(p)
+  loss = float(soft_dice_loss(sums["dice_yp"], sums["dice_y"], sums["dice_p"]))
+  if config.task.loss == "dice+ce":
+    loss += ce
+  pred = metrics_lib.foreground(probs)
   target = labels[..., 0] > 0
-  logits = np.log(p / (1 - p)) if n_class == 1 else np.log(p)
-  loss = float(loss_fn(jnp.asarray(logits), jnp.asarray(labels)))
-  return {"val_loss": loss, "dice": metrics_lib.dice(pred, target), "iou": metrics_lib.iou(pred, target)}
+  return {"val_loss": loss, "dice": metrics_lib.dice(pred, target),
+          "iou": metrics_lib.iou(pred, target)}
 
 
 # -------------------------------------------------------------------------------- the run
@@ -157,9 +213,7 @@ def _optimizer(config, report: transfer.TransferReport | None, global_batch: int
 
 
 def _initial_variables(config, model, sample_shape, workdir):
-  key = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # Same key as loop.create_state.
-  dummy = jnp.zeros((1, *sample_shape), jnp.float32)
-  init_vars = jax.device_get(jax.jit(lambda k: model.init(k, dummy, train=False))(key))
+  init_vars = step_lib.init_variables(model, sample_shape, config.seed)
   ft = config.finetune
   if not ft.init:
     return init_vars, None
@@ -181,7 +235,7 @@ def _setup(config, workdir: pathlib.Path):
   from genesis_jax.models import heads
   kind = config.task.kind
   if kind not in KINDS:
-    raise ValueError(f"config.task.kind={kind!r}: expected one of {KINDS}.")
+    raise errors.ConfigError(f"config.task.kind={kind!r}: expected one of {KINDS}.")
   data = task_data.load(config, workdir)
   sample_shape = data["train"][0].shape[1:]
   loop.check_sample_rank(sample_shape, config.model.spatial_dims, config.model.depth)
@@ -191,80 +245,69 @@ def _setup(config, workdir: pathlib.Path):
 
 
 def train(config, workdir) -> dict:
+  """Runs (or resumes) fine-tuning in `workdir`, then tests its best checkpoint. Returns the
+  summary (also summary.json), its test metrics under "test" (also eval.json)."""
   from genesis_jax.data import pipeline
-  workdir = pathlib.Path(workdir)
-  ckpt_lib.check_writable(workdir)
-  mesh = sharding.make_mesh()
-  loop.log(f"fine-tuning ({config.task.kind}) | {sharding.describe(mesh)}")
-  loop.save_config(config, workdir)
-  data, sample_shape, model = _setup(config, workdir)
-  n_class, kind = int(config.task.n_class), config.task.kind
-  variables, report = _initial_variables(config, model, sample_shape, workdir)
-  per_process = sharding.per_process_batch(config.train.batch_size)
-  global_batch = sharding.global_batch_size(config.train.batch_size)
-  tx = _optimizer(config, report, global_batch)
-  state = loop.create_state(model, tx, sample_shape, config.seed, mesh, variables=variables)
+  kind, n_class = config.task.kind, int(config.task.n_class)
+  run = loop.start_run(config, workdir, f"fine-tuning ({kind})")
+  data, sample_shape, model = _setup(config, run.workdir)
+  variables, report = _initial_variables(config, model, sample_shape, run.workdir)
+  tx = _optimizer(config, report, run.global_batch)
+  loss_fn = task_loss(kind, config.task.loss, n_class)
+  state, train_step = loop.build_state(run, model, tx, variables, make_train_step(loss_fn))
   x_train, y_train = data["train"]
   loop.log(f"{kind}: {len(x_train)} training samples of {sample_shape}, "
            f"{len(data['val'][0])} val, init={config.finetune.init or 'scratch'}")
-  loader = pipeline.task_loader(x_train, y_train, batch_size=per_process, seed=config.seed,
+  loader = pipeline.task_loader(x_train, y_train, batch_size=run.per_process, seed=config.seed,
                                 shard_index=jax.process_index(), shard_count=jax.process_count(),
                                 worker_count=config.data.num_workers)
-  data_iter = iter(loader)
-  loss_fn = task_loss(kind, config.task.loss, n_class)
-  train_step = loop.jit_train_step(make_train_step(loss_fn), state, mesh)
-  eval_step = jax.jit(make_eval_step(n_class))
+  eval_step = jit_eval_step(model.apply, config, run.mesh)
 
   def evaluate(state):
-    x_val, y_val = data["val"]
-    probs = predict(state, eval_step, x_val, mesh, per_process)
-    return split_metrics(kind, n_class, loss_fn, probs, y_val)
+    return evaluate_split(state.variables, eval_step, *data["val"], config, run.mesh,
+                          run.per_process)
 
-  summary = loop.run_training(config, workdir, state=state, data_iter=data_iter,
-                              train_step=train_step, mesh=mesh, evaluate=evaluate,
-                              cubes_per_step=global_batch)
-  summary["test"] = _test(config, workdir, state, model, data, mesh, eval_step, per_process)
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-  return summary
+  summary = loop.run_training(run, state=state, data_iter=iter(loader), train_step=train_step,
+                              evaluate=evaluate)
+  summary["test"] = _test(config, run.workdir, model, data, run.mesh, eval_step, run.per_process)
+  return loop.finish(run, summary)
 
 
-def _restore_best(workdir: pathlib.Path, state: TrainState) -> TrainState:
+def _best_variables(workdir: pathlib.Path) -> dict:
   loaded, _ = transfer.load_pretrained(str(workdir), which="best")
-  return state.replace(params=jax.tree.map(jnp.asarray, loaded["params"]),
-                       batch_stats=jax.tree.map(jnp.asarray, loaded["batch_stats"]))
+  return {"params": jax.tree.map(jnp.asarray, loaded["params"]),
+          "batch_stats": jax.tree.map(jnp.asarray, loaded["batch_stats"])}
 
 
-def _test(config, workdir, state, model, data, mesh, eval_step, per_process) -> dict:
+def _test(config, workdir, model, data, mesh, eval_step, per_process) -> dict:
   """Evaluates the best checkpoint on the test split; writes <workdir>/eval.json."""
-  state = _restore_best(workdir, state)
-  kind, n_class = config.task.kind, int(config.task.n_class)
+  variables = _best_variables(workdir)
+  kind = config.task.kind
   result: dict = {"kind": kind, "init": config.finetune.init or "scratch"}
   if kind == "classify":
     x, y = data["test"]
-    probs = predict(state, eval_step, x, mesh, per_process)
-    result.update(split_metrics(kind, n_class, None, probs, y))
+    result.update(evaluate_split(variables, eval_step, x, y, config, mesh, per_process))
     result["n"] = int(len(y))
   else:
-    result.update(_segment_volumes(config, workdir, state, data["test_volumes"]))
+    result.update(_segment_volumes(config, workdir, model, variables, data["test_volumes"]))
   if jax.process_index() == 0:
     (workdir / "eval.json").write_text(json.dumps(result, indent=2, default=float))
   loop.log("test: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
   return result
 
 
-def _segment_volumes(config, workdir, state, volumes) -> dict:
+def _segment_volumes(config, workdir, model, variables, volumes) -> dict:
   """Whole-volume sliding-window segmentation of the test cases (a 2D model slice by slice);
   per-case Dice/IoU (and HD95)."""
   from genesis_jax.eval import inference
   from genesis_jax.data import readers
   n_class = int(config.task.n_class)
   window = tuple(config.data.crop)
-  # The variables are an argument, not a closure constant: baking 19M weights into the program
-  # bloats compilation (measured: 128 MB of HLO for a 64 MB closure).
+  # The variables are an argument, not a closure constant: baking the weights into the program
+  # as constants bloats its compilation.
   apply_jit = jax.jit(lambda variables, x: probabilities(
-      state.apply_fn(variables, x, train=False), n_class))
-  apply = functools.partial(apply_jit, state.variables)
+      model.apply(variables, x, train=False), n_class))
+  apply = functools.partial(apply_jit, variables)
   preds, targets, spacings = [], [], []
   out_dir = workdir / "test_predictions"
   for vol, label in volumes:
@@ -284,9 +327,6 @@ def evaluate(config, workdir) -> dict:
   """`mode=evaluate`: test metrics of the best checkpoint in `workdir` (written to eval.json)."""
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh()
-  data, sample_shape, model = _setup(config, workdir)
-  per_process = sharding.per_process_batch(config.train.batch_size)
-  tx = optim.make_optimizer(config.train, global_batch=1, num_steps=1)
-  state = loop.create_state(model, tx, sample_shape, config.seed, mesh)
-  return _test(config, workdir, state, model, data, mesh, jax.jit(make_eval_step(int(config.task.n_class))),
-               per_process)
+  data, _, model = _setup(config, workdir)
+  return _test(config, workdir, model, data, mesh, jit_eval_step(model.apply, config, mesh),
+               sharding.per_process_batch(config.train.batch_size))

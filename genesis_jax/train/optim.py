@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import optax
 
+from genesis_jax import errors
+
 SCHEDULES = ("step", "plateau", "constant", "cosine")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -17,7 +19,7 @@ def base_learning_rate(train_cfg, global_batch: int) -> float:
   if train_cfg.lr_scaling == "linear":
     lr *= global_batch / float(train_cfg.base_batch_size)
   elif train_cfg.lr_scaling != "none":
-    raise ValueError(f"config.train.lr_scaling={train_cfg.lr_scaling!r}: expected 'none' or 'linear'.")
+    raise errors.ConfigError(f"config.train.lr_scaling={train_cfg.lr_scaling!r}: expected 'none' or 'linear'.")
   return lr
 
 
@@ -30,7 +32,7 @@ def make_schedule(train_cfg, base_lr: float, num_steps: int):
     return optax.cosine_decay_schedule(base_lr, decay_steps=max(1, int(num_steps)))
   if kind in ("constant", "plateau"):
     return base_lr  # "plateau" is changed by the host, see scale_learning_rate.
-  raise ValueError(f"config.train.schedule={kind!r}: expected one of {SCHEDULES}.")
+  raise errors.ConfigError(f"config.train.schedule={kind!r}: expected one of {SCHEDULES}.")
 
 
 def _base_optimizer(train_cfg, learning_rate) -> optax.GradientTransformation:
@@ -38,7 +40,7 @@ def _base_optimizer(train_cfg, learning_rate) -> optax.GradientTransformation:
     return optax.sgd(learning_rate, momentum=float(train_cfg.momentum) or None)
   if train_cfg.optimizer == "adam":
     return optax.adam(learning_rate)
-  raise ValueError(f"config.train.optimizer={train_cfg.optimizer!r}: expected one of {OPTIMIZERS}.")
+  raise errors.ConfigError(f"config.train.optimizer={train_cfg.optimizer!r}: expected one of {OPTIMIZERS}.")
 
 
 def make_optimizer(train_cfg, *, global_batch: int, num_steps: int,

@@ -1,5 +1,8 @@
 """Genesis pre-training: corrupt on device, restore, MSE(sigmoid(model(corrupt(x))), x).
 
+This module holds what is particular to pre-training: its train and eval steps, the validation
+loss over the prepared cubes and the restoration-sample PNGs; the run itself is loop.py's.
+
 The train step is a pure function (state, batch) -> (state, metrics), jitted once with the state
 replicated and donated and the batch sharded over the `data` mesh axis. Its randomness comes only
 from `fold_in(state.rng, state.step)`, split per sample inside `corrupt_batch`, so a run gives the
@@ -15,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from genesis_jax import corruptions
-from genesis_jax.train import checkpoints as ckpt_lib
-from genesis_jax.train import loop, optim, sharding
+from genesis_jax.train import loop, optim
+from genesis_jax.train import step as step_lib
 from genesis_jax.train.state import TrainState
 
 
@@ -40,7 +43,7 @@ def make_train_step(corruption: corruptions.CorruptionParams) -> Callable:
       return jnp.mean(restoration_loss(logits, targets)), updates.get("batch_stats", {})
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return loop.guarded_update(state, grads, batch_stats, loss)
+    return step_lib.guarded_update(state, grads, batch_stats, loss)
 
   return train_step
 
@@ -58,49 +61,68 @@ def make_eval_step(corruption: corruptions.CorruptionParams) -> Callable:
   return eval_step
 
 
+def evaluate_source(state, source, eval_step, mesh, per_process: int, *, max_batches: int | None,
+                    seed: int, keep_first: bool = False) -> dict:
+  """Mean loss over a random-access source; the corruption keys are fixed, so evals compare."""
+  key = jax.random.PRNGKey(seed + 1_000_003)
+  total, count, first = 0.0, 0.0, None
+  rows = lambda idx: {"image": np.stack([np.asarray(source[int(i)]) for i in idx])}
+  batches = step_lib.global_eval_batches(len(source), per_process, mesh, rows,
+                                         max_batches=max_batches)
+  for b, batch in enumerate(batches):
+    out = eval_step(state, batch, jax.random.fold_in(key, b))
+    total += float(out["loss_sum"])
+    count += float(out["count"])
+    if keep_first and first is None:
+      first = {k: step_lib.local_rows(out[k]) for k in ("inputs", "targets", "restored")}
+  return {"val_loss": total / max(count, 1.0), "first": first}
+
+
+def write_restoration_samples(first: dict, path: pathlib.Path, max_rows: int = 4) -> None:
+  """PNG grid, one row per cube: clean target | corrupted input | restored (mid slices)."""
+  if jax.process_index() != 0:
+    return
+  from genesis_jax.eval import visualize
+  rows = []
+  for i in range(min(max_rows, len(first["targets"]))):
+    rows.append([visualize.mid_slice(first[k][i]) for k in ("targets", "inputs", "restored")])
+  path.parent.mkdir(parents=True, exist_ok=True)
+  visualize.save_image_grid(path, rows, row_labels=[f"cube {i}" for i in range(len(rows))],
+                            col_labels=["original", "corrupted", "restored"])
+
+
 def train(config, workdir: str | pathlib.Path) -> dict:
   """Runs (or resumes) pre-training in `workdir`. Returns a summary dict (also summary.json)."""
   from genesis_jax.data import pipeline, prepare  # Data stays out of jitted code paths.
   from genesis_jax.models import heads
 
-  workdir = pathlib.Path(workdir)
-  ckpt_lib.check_writable(workdir)
-  mesh = sharding.make_mesh()
-  loop.log(f"pre-training | {sharding.describe(mesh)}")
-  loop.save_config(config, workdir)
-
-  dataset_dir = prepare.ensure_dataset(config.data, workdir, seed=config.seed)
+  run = loop.start_run(config, workdir, "pre-training")
+  dataset_dir = prepare.ensure_dataset(config.data, run.workdir, seed=config.seed)
   train_src = pipeline.CubeSource(dataset_dir, "train")
   val_src = pipeline.CubeSource(dataset_dir, "val")
   sample = np.asarray(train_src[0])
   loop.check_sample_rank(sample.shape, config.model.spatial_dims, config.model.depth)
-
-  per_process = sharding.per_process_batch(config.train.batch_size)
-  global_batch = sharding.global_batch_size(config.train.batch_size)
   loader = pipeline.pretrain_loader(
-      train_src, batch_size=per_process, seed=config.seed, shard_index=jax.process_index(),
+      train_src, batch_size=run.per_process, seed=config.seed, shard_index=jax.process_index(),
       shard_count=jax.process_count(), worker_count=config.data.num_workers)
-  data_iter = iter(loader)
 
   model = heads.build_model(config.model, task="restore", n_class=sample.shape[-1])
-  tx = optim.make_optimizer(config.train, global_batch=global_batch, num_steps=config.num_steps)
-  state = loop.create_state(model, tx, sample.shape, config.seed, mesh)
-  loop.log(f"model: {loop.count_params(state.params):,} parameters | global batch {global_batch} "
-           f"({config.train.batch_size} per device) | lr {optim.base_learning_rate(config.train, global_batch):g}")
-
+  tx = optim.make_optimizer(config.train, global_batch=run.global_batch,
+                            num_steps=config.num_steps)
+  variables = step_lib.init_variables(model, sample.shape, config.seed)
   corruption = corruptions.CorruptionParams.from_config(config.corruption)
-  train_step = loop.jit_train_step(make_train_step(corruption), state, mesh)
+  state, train_step = loop.build_state(run, model, tx, variables, make_train_step(corruption))
   eval_step = jax.jit(make_eval_step(corruption))
 
   def evaluate(state):
-    return loop.evaluate_source(
-        state, val_src, eval_step, mesh, per_process, max_batches=config.eval_batches or None,
-        seed=config.seed, keep_first=True)
+    return evaluate_source(
+        state, val_src, eval_step, run.mesh, run.per_process,
+        max_batches=config.eval_batches or None, seed=config.seed, keep_first=True)
 
   def on_eval(state, result, step):
     if config.samples_every_eval and result.get("first") is not None:
-      loop.write_restoration_samples(result["first"], workdir / "samples" / f"step_{step:07d}.png")
+      write_restoration_samples(result["first"], run.workdir / "samples" / f"step_{step:07d}.png")
 
-  return loop.run_training(
-      config, workdir, state=state, data_iter=data_iter, train_step=train_step, mesh=mesh,
-      evaluate=evaluate, on_eval=on_eval, cubes_per_step=global_batch)
+  return loop.finish(run, loop.run_training(
+      run, state=state, data_iter=iter(loader), train_step=train_step, evaluate=evaluate,
+      on_eval=on_eval))

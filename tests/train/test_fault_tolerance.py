@@ -121,7 +121,8 @@ def _tiny_config(dataset, steps, nonfinite):
 def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
   import jax
   from genesis_jax.data import pipeline
-  from genesis_jax.train import loop, pretrain
+  from genesis_jax import errors
+  from genesis_jax.train import pretrain
   from genesis_jax.weights import transfer
   real = pipeline.pretrain_loader
   monkeypatch.setattr(pipeline, "pretrain_loader",
@@ -129,7 +130,7 @@ def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
   config = _tiny_config(tiny_dataset, 8, nonfinite)
   workdir = tmp_path / nonfinite
   if nonfinite == "stop":
-    with pytest.raises(loop.NonFiniteError) as e:
+    with pytest.raises(errors.NonFiniteError) as e:
       pretrain.train(config, workdir)
     msg = str(e.value)
     assert "step 5" in msg and str(workdir / "checkpoints" / "latest" / "4") in msg
@@ -145,8 +146,10 @@ def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
 
 def test_out_of_device_memory_names_the_settings_and_keeps_checkpoints(tmp_path, tiny_dataset,
                                                                        monkeypatch):
-  from genesis_jax.train import loop, pretrain
-  real_jit = loop.jit_train_step
+  from genesis_jax import errors
+  from genesis_jax.train import pretrain
+  from genesis_jax.train import step as step_lib
+  real_jit = step_lib.jit_train_step
 
   def jit_then_oom_at_step_5(step_fn, state, mesh):
     step = real_jit(step_fn, state, mesh)
@@ -159,9 +162,9 @@ def test_out_of_device_memory_names_the_settings_and_keeps_checkpoints(tmp_path,
       return step(state, batch)
     return maybe_oom
 
-  monkeypatch.setattr(loop, "jit_train_step", jit_then_oom_at_step_5)
+  monkeypatch.setattr(step_lib, "jit_train_step", jit_then_oom_at_step_5)
   config = _tiny_config(tiny_dataset, 8, "stop")
-  with pytest.raises(loop.DeviceMemoryError) as e:
+  with pytest.raises(errors.DeviceMemoryError) as e:
     pretrain.train(config, tmp_path / "run")
   msg = str(e.value)
   assert "train step ran out of device memory (RESOURCE_EXHAUSTED: Out of memory" in msg
@@ -172,7 +175,7 @@ def test_out_of_device_memory_names_the_settings_and_keeps_checkpoints(tmp_path,
                  if p.name.isdigit())
   assert steps == [2, 4]
   # Any other error passes through unchanged.
-  assert loop.out_of_memory_hint(ValueError("shapes differ"), config) is None
+  assert step_lib.out_of_memory_hint(ValueError("shapes differ"), config) is None
 
 
 def test_workdir_that_is_a_file_fails_before_training(tmp_path):
@@ -187,6 +190,7 @@ def test_workdir_that_is_a_file_fails_before_training(tmp_path):
 def test_resume_with_a_different_data_order_names_the_checkpoint(tmp_path):
   import jax.numpy as jnp
   from genesis_jax.data import pipeline
+  from genesis_jax import errors
   from genesis_jax.train import checkpoints as ckpt_lib
   images = np.zeros((10, 4, 4, 1), np.float32)
   labels = np.zeros((10,), np.int32)
@@ -199,7 +203,7 @@ def test_resume_with_a_different_data_order_names_the_checkpoint(tmp_path):
   # Same data, another sampler seed: the iterator state cannot apply.
   other = iter(pipeline.task_loader(images, labels, batch_size=2, seed=1))
   ckpts = ckpt_lib.RunCheckpoints(tmp_path, async_save=False)
-  with pytest.raises(ckpt_lib.CheckpointError) as e:
+  with pytest.raises(errors.CheckpointError) as e:
     ckpts.restore(state, other)
   ckpts.close()
   msg = str(e.value)

@@ -140,14 +140,12 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
   c.data.path = ""  # Built-in phantoms: written once into <workdir>/phantom_data, shared.
   monkeypatch.setattr(trials, "load_config_file", lambda path: _locked(c))
   exp = defaults.experiment_config()
-  exp.experiment.tasks = {"tiny_ncc": defaults.task("tiny_ncc.py",
-                                                   {"eval_every": 2, "checkpoint_every": 2})}
+  exp.experiment.tasks = "tiny_ncc.py[eval_every=2|checkpoint_every=2]"
   # A per-arm override: a linear probe on random features, best checkpoint by validation AUC.
-  exp.experiment.arms = {
-      "scratch": defaults.arm(""), "genesis": defaults.arm(str(pretrained_workdir)),
-      "probe": defaults.arm("", {"finetune.freeze_encoder": True, "train.monitor": "auc"})}
+  exp.experiment.arms = (f"scratch=,genesis={pretrained_workdir},"
+                         f"probe=[finetune.freeze_encoder=True|train.monitor=auc]")
   exp.experiment.trials = 2
-  exp.experiment.overrides = {"num_steps": 4}
+  exp.experiment.overrides = "num_steps=4"
   summary = trials.run(exp, tmp_path)
   task = summary["tasks"]["tiny_ncc"]
   assert set(task["arms"]) == {"scratch", "genesis", "probe"}
@@ -196,13 +194,12 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
   old_style = tmp_path / "tiny_ncc/scratch/trial_0/config.json"
   saved = json.loads(old_style.read_text())
   saved["data"]["path"] = ""
-  saved["eval_batches"] = 0  # A key older fine-tuning configs had: no longer one, ignored.
   old_style.write_text(json.dumps(saved))
   monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trial was rerun"))
   again = trials.run(exp, tmp_path)
   assert again["tasks"]["tiny_ncc"]["arms"]["probe"] == task["arms"]["probe"]
   # ... but not with a different config: the error names the trial and the key.
-  exp.experiment.overrides = {"num_steps": 5}
+  exp.experiment.overrides = "num_steps=5"
   with pytest.raises(ValueError, match=r"scratch/trial_0 ran with a different config \(num_steps"):
     trials.run(exp, tmp_path)
 
@@ -239,3 +236,59 @@ def test_feature_level_is_checked_up_front():
   c.task.kind, c.task.feature_level = "segment", 0
   with pytest.raises(ValueError, match="classification only"):
     experiment.validate(c)
+
+
+def _old_host_val_loss(kind, loss_name, n_class, probs, labels):
+  """The validation loss as fine-tuning computed it before evaluation moved on the device:
+  probabilities to the host, clipped, BCE recomputed in float64 (classify) or the task loss
+  re-run on log(p/(1-p)) logits (segment)."""
+  import jax.numpy as jnp
+  from genesis_jax.train import finetune
+  p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+  if kind == "classify":
+    y = labels.reshape(-1)
+    if n_class == 1:
+      s = p.reshape(-1)
+      return float(-np.mean(y * np.log(s) + (1 - y) * np.log(1 - s)))
+    return float(-np.mean(np.log(p[np.arange(len(y)), y.astype(int)])))
+  logits = np.log(p / (1 - p)) if n_class == 1 else np.log(p)
+  loss_fn = finetune.task_loss(kind, loss_name, n_class)
+  return float(loss_fn(jnp.asarray(logits), jnp.asarray(labels)))
+
+
+@pytest.mark.parametrize("kind,loss_name,n_class", [
+    ("classify", "dice", 1), ("classify", "dice", 2), ("segment", "dice+ce", 1),
+    ("segment", "dice", 3)])
+def test_on_device_val_loss_matches_the_old_host_formula(kind, loss_name, n_class):
+  from genesis_jax.eval import metrics as metrics_lib
+  from genesis_jax.train import finetune, sharding
+  from genesis_jax.train import step as step_lib
+  c = defaults.finetune_config()
+  c.task.kind, c.task.loss, c.task.n_class = kind, loss_name, n_class
+  c.model.width = 4
+  model = heads.build_model(c.model, task=kind, n_class=n_class)
+  shape = (16, 16, 8, 1)
+  variables = step_lib.init_variables(model, shape, seed=3)
+  rng = np.random.default_rng(0)
+  n = 11  # Not a multiple of the batch: the last batch is padded with weight-0 rows.
+  images = rng.uniform(size=(n, *shape)).astype(np.float32)
+  if kind == "classify":
+    labels = (np.arange(n) % 2).astype(np.int32)
+  else:
+    labels = rng.integers(0, max(n_class, 2), size=(n, *shape[:-1], 1)).astype(np.uint8)
+  mesh = sharding.make_mesh()
+  eval_step = finetune.jit_eval_step(model.apply, c, mesh)
+  new = finetune.evaluate_split(variables, eval_step, images, labels, c, mesh, per_process=4)
+  probs = np.asarray(finetune.probabilities(model.apply(variables, images, train=False), n_class))
+  old = _old_host_val_loss(kind, loss_name, n_class, probs, labels)
+  # The new loss sums float32 terms on the device per batch (float64 across batches); the old
+  # one clipped probabilities to [1e-7, 1 - 1e-7] and (segment) went back to logits through
+  # log(p / (1 - p)). Away from saturated outputs they agree to float32 rounding: rtol 1e-5.
+  np.testing.assert_allclose(new["val_loss"], old, rtol=1e-5)
+  if kind == "classify":
+    scores = probs.reshape(-1) if n_class == 1 else probs[:, 1]
+    assert new["auc"] == metrics_lib.auc(labels, scores)
+  else:
+    pred, target = metrics_lib.foreground(probs), labels[..., 0] > 0
+    assert new["dice"] == metrics_lib.dice(pred, target)
+    assert new["iou"] == metrics_lib.iou(pred, target)
