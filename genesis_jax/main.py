@@ -22,7 +22,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py or path.py:variant).")
+from genesis_jax.config import loading
+
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Config file (path.py or path.py:variant).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -81,10 +84,9 @@ def help_text() -> str:
 def _config_arg(argv: list[str]) -> str | None:
   """The value of --config in argv, if any (--config X or --config=X)."""
   for i, arg in enumerate(argv):
-    if arg in ("--config", "-config") and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith(("--config=", "-config=")):
-      return arg.split("=", 1)[1]
+    name, eq, value = arg.partition("=")
+    if name in ("--config", "-config"):
+      return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
   return None
 
 
@@ -93,7 +95,8 @@ def _check_config_file(spec: str) -> None:
   path = pathlib.Path(spec.split(":", 1)[0])
   if path.is_file():
     return
-  known = ", ".join(p.name for p in sorted(CONFIGS_DIR.glob("*.py"))) if CONFIGS_DIR.is_dir() else ""
+  configs = sorted(CONFIGS_DIR.glob("*.py")) if CONFIGS_DIR.is_dir() else []
+  known = ", ".join(p.name for p in configs)
   sys.exit(f"error: --config {spec}: no such config file {str(path)!r}"
            + (f"; the configs in {CONFIGS_DIR.name}/ are {known}" if known else "")
            + " (see --help).")
@@ -122,13 +125,13 @@ def unknown_key_message(error: BaseException, argv: list[str]) -> str:
 def flag_error_message(error: BaseException) -> str:
   """One line for a flag error; a config file that failed to load gives its last error line."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if len(lines) > 1 and any(line.startswith("Traceback") or line.startswith("File ")
-                            for line in lines):
-    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+  if len(lines) > 1 and any(line.startswith(("Traceback", "File ")) for line in lines):
+    where = lines[0].rstrip(":").replace(": Error whilst parsing config file", "")
+    return f"{where}: {lines[-1]}"
   return " ".join(lines)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
     print(help_text())
     sys.exit(0)
@@ -138,9 +141,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f"error: {flag_error_message(e)}\nusage: {USAGE} (--help lists the configs)")
+    # A bad override (an old string form, a key of another mode) is explained by the schema.
+    explained = loading.explain_overrides(argv[1:])
+    sys.exit(f"error: {explained or flag_error_message(e)} (usage: --help)")
   except (KeyError, AttributeError) as e:  # ml_collections: unknown key, with "Did you mean".
-    sys.exit(f"error: {unknown_key_message(e, argv)}")
+    sys.exit(f"error: {loading.explain_overrides(argv[1:]) or unknown_key_message(e, argv)}")
 
 
 def quiet_library_logs() -> None:
@@ -194,7 +199,7 @@ def _enable_compilation_cache() -> None:
 def run() -> None:
   if "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = CPU_XLA_FLAGS
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_help_lists_every_config_with_its_purpose_and_points_to_the_reference(capsys):
   with pytest.raises(SystemExit) as e:
-    main._parse_flags(["genesis_jax.main", "--help"])
+    main.parse_flags(["genesis_jax.main", "--help"])
   assert e.value.code == 0
   out = capsys.readouterr().out
   for path in sorted((REPO / "configs").glob("*.py")):
@@ -44,16 +44,17 @@ def test_unknown_nested_key_is_one_clean_line_with_the_suggestion():
 
 def test_missing_config_file_and_bad_variant_are_one_line(tmp_path):
   with pytest.raises(SystemExit) as e:
-    main._parse_flags(["genesis_jax.main", "--config", "configs/nope.py", "--workdir", "x"])
+    main.parse_flags(["genesis_jax.main", "--config", "configs/nope.py", "--workdir", "x"])
   assert "configs/nope.py" in str(e.value.code) and "demo.py" in str(e.value.code)
   assert "\n" not in str(e.value.code)
   error = flags.IllegalFlagValueError(
-      "flag --config=configs/demo.py:nope: Error whilst parsing config file:\n\nTraceback (most "
-      "recent call last):\n  File \"configs/demo.py\", line 31, in get_config\n    raise ValueError("
-      "...)\nValueError: Unknown variant 'nope' for demo.py.")
+      "flag --config=configs/demo.py:nope: Error whilst parsing config file:\n\n"
+      "Traceback (most recent call last):\n"
+      "  File \"configs/demo.py\", line 31, in get_config\n"
+      "    raise ValueError(...)\n"
+      "ValueError: Unknown variant 'nope' for demo.py.")
   assert main.flag_error_message(error) == (
-      "flag --config=configs/demo.py:nope: Error whilst parsing config file: ValueError: Unknown "
-      "variant 'nope' for demo.py.")
+      "flag --config=configs/demo.py:nope: ValueError: Unknown variant 'nope' for demo.py.")
 
 
 def test_library_info_logs_are_off_unless_verbosity_is_given(monkeypatch):

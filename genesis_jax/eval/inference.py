@@ -37,7 +37,7 @@ class InferenceInputError(errors.DataError):
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
-  """Start indices of windows along one axis of length `size` (>= window), first at 0, last at the end.
+  """Window start indices along an axis of length `size` (>= window): first 0, last at the end.
 
   The stride is window * (1 - overlap) at most; the windows are spread evenly so the last one
   ends exactly at `size`. With overlap 0 and size a multiple of window this is an exact tiling.

@@ -4,8 +4,8 @@ Arrays are channels-last like everywhere in genesis_jax; `mid_slice` takes the m
 slice of a cube (x, y, z[, C]) and shows it with x down the rows and y across the columns.
 
   python -m genesis_jax.eval.visualize --out corruptions.png                 # a phantom cube
-  python -m genesis_jax.eval.visualize --input cubes.npy --index 3 --out c.png  # (N,x,y,z) or (x,y,z)
-  python -m genesis_jax.eval.visualize --input scan.nii.gz --out c.png       # CT, HU window [-1000, 1000]
+  python -m genesis_jax.eval.visualize --input cubes.npy --index 3 --out c.png  # (N,x,y,z)/(x,y,z)
+  python -m genesis_jax.eval.visualize --input scan.nii.gz --out c.png  # CT, HU [-1000, 1000]
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def font(size: int) -> ImageFont.ImageFont:
 
 
 def auto_scale(height: int, width: int, min_panel: int = MIN_PANEL_PX) -> int:
-  """The smallest integer upscale that makes a (height, width) panel `min_panel` px on its long side."""
+  """The least integer upscale giving a (height, width) panel `min_panel` px on its long side."""
   return max(1, math.ceil(min_panel / max(height, width, 1)))
 
 
@@ -68,7 +68,8 @@ def save_image_grid(path, rows: Sequence[Sequence[np.ndarray]], row_labels: Sequ
   if not rows or not all(len(r) == len(rows[0]) for r in rows) or not rows[0]:
     raise ImageGridError(f"save_image_grid({path}): rows must be a non-empty rectangle of images.")
   if row_labels and len(row_labels) != len(rows):
-    raise ImageGridError(f"save_image_grid({path}): {len(row_labels)} row labels, {len(rows)} rows.")
+    raise ImageGridError(
+        f"save_image_grid({path}): {len(row_labels)} row labels, {len(rows)} rows.")
   if col_labels and len(col_labels) != len(rows[0]):
     raise ImageGridError(
         f"save_image_grid({path}): {len(col_labels)} column labels, {len(rows[0])} columns.")
@@ -88,8 +89,8 @@ def save_image_grid(path, rows: Sequence[Sequence[np.ndarray]], row_labels: Sequ
           if row_labels else 0)
   left = int(math.ceil(left))
   top = LABEL_PX + 3 * pad if col_labels else 0
-  canvas = Image.new("L", (left + len(imgs[0]) * (w + pad) + pad, top + len(imgs) * (h + pad) + pad),
-                     color=32)
+  size = (left + len(imgs[0]) * (w + pad) + pad, top + len(imgs) * (h + pad) + pad)
+  canvas = Image.new("L", size, color=32)
   draw = ImageDraw.Draw(canvas)
   for j, label in enumerate(col_labels):
     draw.text((left + pad + j * (w + pad) + w // 2, top // 2), str(label), fill=255,

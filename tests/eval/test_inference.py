@@ -1,4 +1,5 @@
-"""Sliding-window inference: exact tilings reproduce the forward pass, odd sizes are fully covered."""
+"""Sliding-window inference: exact tilings reproduce the forward pass, odd sizes are fully covered;
+the one segmentation writer keeps the scan's grid and affine."""
 from __future__ import annotations
 
 import functools
