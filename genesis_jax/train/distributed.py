@@ -1,4 +1,4 @@
-"""Multi-process start-up: decide whether this run spans processes, then `jax.distributed.initialize`.
+"""Multi-process start-up: decide whether a run spans processes, then `jax.distributed.initialize`.
 
 One code path for every launcher in launch/. The decision is read, in this order, from
   1. explicit arguments (coordinator, process count, process id);
@@ -60,7 +60,8 @@ def _int_env(environ: Mapping[str, str], key: str) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise DistributedConfigError(f"Environment variable {key}={value!r} is not an integer.") from None
+    raise DistributedConfigError(
+        f"Environment variable {key}={value!r} is not an integer.") from None
 
 
 def _device_ids(value: Any) -> list[int] | None:
@@ -73,7 +74,8 @@ def _device_ids(value: Any) -> list[int] | None:
       return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
       raise DistributedConfigError(
-          f"GENESIS_LOCAL_DEVICE_IDS={value!r}: expected comma-separated integers like '0,1'.") from None
+          f"GENESIS_LOCAL_DEVICE_IDS={value!r}: expected comma-separated integers like '0,1'."
+      ) from None
   return [int(v) for v in value]
 
 
@@ -95,7 +97,8 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
                                   cluster_detection_method=None)
   switch = env.get("GENESIS_DISTRIBUTED", "").strip().lower()
   if switch not in ("", "off", "auto"):
-    raise DistributedConfigError(f"GENESIS_DISTRIBUTED={switch!r}: expected 'off', 'auto' or unset.")
+    raise DistributedConfigError(
+        f"GENESIS_DISTRIBUTED={switch!r}: expected 'off', 'auto' or unset.")
 
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
@@ -121,8 +124,10 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
                if v is None]
     if missing:
       where = "arguments" if source == "explicit" else (
-          "GENESIS_COORDINATOR / GENESIS_NUM_PROCESSES / GENESIS_PROCESS_ID (or JOB_COMPLETION_INDEX)")
-      raise DistributedConfigError(f"Multi-process settings from {where} lack the {', '.join(missing)}.")
+          "GENESIS_COORDINATOR / GENESIS_NUM_PROCESSES / GENESIS_PROCESS_ID "
+          "(or JOB_COMPLETION_INDEX)")
+      raise DistributedConfigError(
+          f"Multi-process settings from {where} lack the {', '.join(missing)}.")
     if not 0 <= process_id < num_processes:
       raise DistributedConfigError(
           f"Process id {process_id} is outside [0, {num_processes}) ({source} settings).")
@@ -140,7 +145,8 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
     decision.update(multi_process=True, source="jax_auto", num_processes=None, process_id=None)
     return decision
   # Clusters JAX bootstraps by itself; counts, ids and the coordinator come from their env.
-  if (_int_env(env, "SLURM_NTASKS") or 1) > 1 and "SLURM_PROCID" in env and "SLURM_STEP_NODELIST" in env:
+  if ((_int_env(env, "SLURM_NTASKS") or 1) > 1 and "SLURM_PROCID" in env
+      and "SLURM_STEP_NODELIST" in env):
     decision.update(multi_process=True, source="slurm", cluster_detection_method="slurm",
                     num_processes=None, process_id=None)
     gpus = _int_env(env, "SLURM_GPUS_ON_NODE") or 0

@@ -91,8 +91,9 @@ def check_sample_rank(shape: tuple[int, ...], spatial_dims: int, depth: int) -> 
   """A sample is (*spatial, C); its rank must match the model and its size divide by 2**depth."""
   if len(shape) != spatial_dims + 1:
     raise errors.ConfigError(
-        f"data samples have shape {tuple(shape)} (spatial dims {len(shape) - 1}, channels last) but "
-        f"config.model.spatial_dims={spatial_dims}; use a {spatial_dims}D crop in config.data.crop.")
+        f"data samples have shape {tuple(shape)} (spatial dims {len(shape) - 1}, channels last) "
+        f"but config.model.spatial_dims={spatial_dims}; use a {spatial_dims}D crop in "
+        f"config.data.crop.")
   bad = [s for s in shape[:-1] if s % (2 ** depth)]
   if bad:
     raise errors.ConfigError(f"spatial size {tuple(shape[:-1])} must be divisible by 2**depth = "

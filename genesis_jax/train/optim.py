@@ -19,7 +19,8 @@ def base_learning_rate(train_cfg, global_batch: int) -> float:
   if train_cfg.lr_scaling == "linear":
     lr *= global_batch / float(train_cfg.base_batch_size)
   elif train_cfg.lr_scaling != "none":
-    raise errors.ConfigError(f"config.train.lr_scaling={train_cfg.lr_scaling!r}: expected 'none' or 'linear'.")
+    raise errors.ConfigError(
+        f"config.train.lr_scaling={train_cfg.lr_scaling!r}: expected 'none' or 'linear'.")
   return lr
 
 
@@ -40,7 +41,8 @@ def _base_optimizer(train_cfg, learning_rate) -> optax.GradientTransformation:
     return optax.sgd(learning_rate, momentum=float(train_cfg.momentum) or None)
   if train_cfg.optimizer == "adam":
     return optax.adam(learning_rate)
-  raise errors.ConfigError(f"config.train.optimizer={train_cfg.optimizer!r}: expected one of {OPTIMIZERS}.")
+  raise errors.ConfigError(
+      f"config.train.optimizer={train_cfg.optimizer!r}: expected one of {OPTIMIZERS}.")
 
 
 def make_optimizer(train_cfg, *, global_batch: int, num_steps: int,

@@ -25,8 +25,8 @@ def test_plain_run_is_single_process():
 
 
 def test_explicit_arguments_win_over_env():
-  d = _plan({"GENESIS_COORDINATOR": "other:1", "GENESIS_NUM_PROCESSES": "8", "GENESIS_PROCESS_ID": "5"},
-            "10.0.0.1:1234", 2, 1)
+  d = _plan({"GENESIS_COORDINATOR": "other:1", "GENESIS_NUM_PROCESSES": "8",
+             "GENESIS_PROCESS_ID": "5"}, "10.0.0.1:1234", 2, 1)
   assert d["source"] == "explicit"
   assert (d["coordinator_address"], d["num_processes"], d["process_id"]) == ("10.0.0.1:1234", 2, 1)
 
@@ -55,7 +55,8 @@ def test_kubernetes_indexed_job_takes_process_id_from_completion_index():
 @pytest.mark.parametrize("environ, message", [
     ({"GENESIS_COORDINATOR": "h:1", "GENESIS_PROCESS_ID": "0"}, "process count"),
     ({"GENESIS_NUM_PROCESSES": "2", "GENESIS_PROCESS_ID": "0"}, "coordinator address"),
-    ({"GENESIS_COORDINATOR": "h:1", "GENESIS_NUM_PROCESSES": "2", "GENESIS_PROCESS_ID": "2"}, "outside"),
+    ({"GENESIS_COORDINATOR": "h:1", "GENESIS_NUM_PROCESSES": "2", "GENESIS_PROCESS_ID": "2"},
+     "outside"),
     ({"GENESIS_COORDINATOR": "h", "GENESIS_NUM_PROCESSES": "2", "GENESIS_PROCESS_ID": "0"}, "port"),
     ({"GENESIS_NUM_PROCESSES": "two"}, "GENESIS_NUM_PROCESSES"),
     ({"GENESIS_DISTRIBUTED": "yes"}, "GENESIS_DISTRIBUTED"),
@@ -73,7 +74,8 @@ def test_slurm_multi_task_defers_to_jax_slurm_detection():
   assert d["num_processes"] is None and d["process_id"] is None  # JAX reads them from SLURM_*.
   assert _plan({**slurm, "SLURM_NTASKS": "1"})["multi_process"] is False
   assert d["local_device_ids"] is None  # One task per GPU: JAX picks GPU SLURM_LOCALID.
-  per_node = _plan({**slurm, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"})
+  per_node = _plan({**slurm, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+                    "SLURM_GPUS_ON_NODE": "8"})
   assert per_node["local_device_ids"] == list(range(8))  # One task per node drives all 8 GPUs.
 
 
@@ -89,7 +91,8 @@ def test_tpu_detection_and_switches():
 
 
 def test_count_tpu_chips_ignores_other_google_devices(tmp_path):
-  for name, vendor, device in [("a", "0x1ae0", "0x0063"), ("b", "0x1ae0", "0x0042"),  # TPU v5e, gVNIC
+  # a, d: TPU v5e chips; b: Google's gVNIC network card; c: an NVIDIA GPU.
+  for name, vendor, device in [("a", "0x1ae0", "0x0063"), ("b", "0x1ae0", "0x0042"),
                                ("c", "0x10de", "0x2330"), ("d", "0x1ae0", "0x0063")]:
     (tmp_path / name).mkdir()
     (tmp_path / name / "vendor").write_text(vendor + "\n")
@@ -119,9 +122,9 @@ _WORKER = textwrap.dedent("""
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")),
                                                local + 100 * jax.process_index())
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
-    print("RESULT", json.dumps(dict(source=decision["source"], collectives=decision["cpu_collectives"],
-                                    runtime=distributed.describe_runtime(), global_shape=list(x.shape),
-                                    total=float(total))))
+    print("RESULT", json.dumps(dict(
+        source=decision["source"], collectives=decision["cpu_collectives"],
+        runtime=distributed.describe_runtime(), global_shape=list(x.shape), total=float(total))))
 """)
 
 
@@ -151,7 +154,8 @@ def test_two_processes_on_localhost_sum_a_global_array():
   for pid, r in enumerate(results):
     assert r["source"] == "env" and r["collectives"] == "gloo"
     assert r["global_shape"] == [4, 3] and r["total"] == 630.0
-    assert r["runtime"].startswith(f"process {pid} of 2 | devices: 2 local, 4 global | platform cpu")
+    assert r["runtime"].startswith(
+        f"process {pid} of 2 | devices: 2 local, 4 global | platform cpu")
 
 
 _FAILING_WORKER = textwrap.dedent("""
