@@ -1,4 +1,4 @@
-"""Demo pre-training on the built-in phantom CT data: a narrow Genesis U-Net, about 5 minutes on 2 CPU cores.
+"""Demo pre-training on the built-in phantom CT data: a narrow Genesis U-Net, ~5 min on 2 CPU cores.
 
   python -m genesis_jax.main --config configs/demo.py --workdir runs/demo
 

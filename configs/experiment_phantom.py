@@ -38,7 +38,8 @@ best checkpoint and early stopping by validation Dice instead of validation loss
 Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
 (1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
-  python -m genesis_jax.main --config configs/experiment_phantom.py:long --workdir runs/experiment_long
+  python -m genesis_jax.main --config configs/experiment_phantom.py:long \\
+      --workdir runs/experiment_long
 """
 from genesis_jax.config import schema as defaults
 from genesis_jax.config.schema import arm, task

@@ -64,7 +64,8 @@ def test_bad_enum_value_is_an_error_naming_the_key(tmp_path):
 
 def test_missing_data_path_is_an_error(tmp_path):
   proc = run_cli(["--config", "configs/demo.py", "--workdir", str(tmp_path / "x"),
-                  "--config.data.source=folder", f"--config.data.path={tmp_path}/nope"], check=False)
+                  "--config.data.source=folder", f"--config.data.path={tmp_path}/nope"],
+                 check=False)
   assert proc.returncode != 0 and "nope" in proc.stderr and "does not exist" in proc.stderr
 
 

@@ -22,11 +22,11 @@ schema's builders; any key below can be overridden on the command line,
 of its family of modes only, and the run checks every key before it starts: a key of another
 family is an error that names the family it belongs to.
 
-| Family | Modes | Builder |
+| Family | Modes | Builder (in `genesis_jax.config.schema`) |
 |---|---|---|
-| pre-training | pretrain, prepare | `schema.pretrain_config()` |
-| fine-tuning | finetune, evaluate, predict | `schema.finetune_config()`, `schema.phantom_task_config(kind)` |
-| experiment | experiment | `schema.experiment_config()` |
+| pre-training | pretrain, prepare | `pretrain_config()` |
+| fine-tuning | finetune, evaluate, predict | `finetune_config()`, `phantom_task_config(kind)` |
+| experiment | experiment | `experiment_config()` |
 
 Experiment arms and tasks are dicts (built with `schema.arm` and `schema.task` in config files).
 Overrides are dicts keyed like the config; on the command line a dict is given whole, e.g.

@@ -167,9 +167,10 @@ _P, _F, _E = (PRE,), (FT,), (EXP,)
 
 SECTIONS: dict[str, dict[str, Key]] = {
     "": {
-        "mode": _k(PerFamily({PRE: "pretrain", FT: "finetune", EXP: "experiment"}), "The job to run; a "
-                   "config family serves several modes (pretrain, prepare | finetune, evaluate, "
-                   "predict | experiment).", str, choices=MODES, families=(PRE, FT, EXP)),
+        "mode": _k(PerFamily({PRE: "pretrain", FT: "finetune", EXP: "experiment"}),
+                   "The job to run; a config family serves several modes (pretrain, prepare | "
+                   "finetune, evaluate, predict | experiment).", str, choices=MODES,
+                   families=(PRE, FT, EXP)),
         "seed": _k(0, "Seed of initialisation, data order and corruptions.", range=NON_NEGATIVE),
         "num_steps": _k(per(200_000, 2000), "Training steps (an upper bound: early stopping "
                         "usually ends the run first).", range=POSITIVE),

@@ -3,8 +3,8 @@
   python -m genesis_jax.experiments.table runs/experiment
 
 Reads <workdir>/<task>/<arm>/trial_*/eval.json (AUC for classification, mean IoU for
-segmentation) and writes <workdir>/partial/results.{md,json,png} with genesis_jax.experiments.report; useful
-while an experiment is still running or was stopped early.
+segmentation) and writes <workdir>/partial/results.{md,json,png} with
+genesis_jax.experiments.report; useful while an experiment is still running or was stopped early.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 from genesis_jax.experiments import report
+from genesis_jax.experiments.trials import TASK_METRIC
 
 
 def main(workdir: str) -> None:
@@ -21,7 +22,7 @@ def main(workdir: str) -> None:
   for eval_file in sorted(root.glob("*/*/trial_*/eval.json")):
     task, arm = eval_file.parts[-4], eval_file.parts[-3]
     ev = json.loads(eval_file.read_text())
-    key, label = ("auc", "AUC") if ev["kind"] == "classify" else ("mean_iou", "IoU")
+    key, label = TASK_METRIC[ev["kind"]]
     results.setdefault(task, {}).setdefault(arm, []).append(float(ev[key]))
     names[task] = label
   if not results:

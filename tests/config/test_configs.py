@@ -1,4 +1,4 @@
-"""Every shipped config (and variant) loads, validates, and its experiment overrides name real keys."""
+"""Every shipped config (and variant) loads and validates; experiment overrides name real keys."""
 from __future__ import annotations
 
 import pathlib

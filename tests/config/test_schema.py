@@ -206,3 +206,24 @@ def test_corruption_defaults_come_from_the_schema():
   with pytest.raises(corruptions.CorruptionConfigError, match="local_blocks=-1 must be >= 0"):
     corruptions.CorruptionParams(local_blocks=-1)
   assert issubclass(corruptions.CorruptionConfigError, errors.ConfigError)
+
+
+def test_arms_and_tasks_are_overridable_from_the_command_line(monkeypatch):
+  from absl import flags
+  from ml_collections import config_flags
+  monkeypatch.chdir(REPO)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+  argv = ["prog", "--config", "configs/experiment_phantom.py",
+          "--config.experiment.arms.genesis.init=runs/pretrain",
+          "--config.experiment.tasks.finetune_ncs.overrides.num_steps=50",
+          "--config.experiment.overrides={'eval_every': 10}",
+          "--config.experiment.compare=(('genesis', 'scratch'),)"]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags reads the overrides from sys.argv
+  fv(argv)
+  exp = fv.config.experiment
+  assert exp.arms.genesis.init == "runs/pretrain" and exp.arms.scratch.init == ""
+  assert exp.tasks.finetune_ncs.overrides.num_steps == 50
+  assert exp.overrides.eval_every == 10
+  assert tuple(map(tuple, exp.compare)) == (("genesis", "scratch"),)
+  validate.validate(fv.config)
