@@ -6,6 +6,7 @@ Same method and corruptions as the full recipe (configs/pretrain_genesis.py), sm
 width 8 instead of 32, 32x32x16 cubes, 8 phantom subjects. Train on your own scans instead with
 --config.data.source=folder --config.data.path=/path/to/niftis.
 """
+from genesis_jax import errors
 from genesis_jax.config import schema as defaults
 
 
@@ -28,5 +29,6 @@ def get_config(variant: str = ""):
   c.eval_batches = 4
   c.checkpoint_every = 100
   if variant:
-    raise ValueError(f"Unknown variant {variant!r} for demo.py.")
+    raise errors.ConfigError(f"Unknown variant {variant!r} for demo.py: it has no "
+                             f"variants.")
   return c

@@ -4,6 +4,7 @@
 
 Arrays are (N, x, y, C). The 2D network has the same blocks with 3x3 convs and 2x2 pooling.
 """
+from genesis_jax import errors
 from genesis_jax.config import schema as defaults
 
 
@@ -26,5 +27,6 @@ def get_config(variant: str = ""):
   c.eval_batches = 4
   c.checkpoint_every = 100
   if variant:
-    raise ValueError(f"Unknown variant {variant!r} for demo_2d.py.")
+    raise errors.ConfigError(f"Unknown variant {variant!r} for demo_2d.py: it has no "
+                             f"variants.")
   return c

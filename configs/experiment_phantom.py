@@ -41,6 +41,7 @@ Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer p
   python -m genesis_jax.main --config configs/experiment_phantom.py:long \\
       --workdir runs/experiment_long
 """
+from genesis_jax import errors
 from genesis_jax.config import schema as defaults
 from genesis_jax.config.schema import arm, task
 
@@ -104,6 +105,6 @@ def get_config(variant: str = ""):
     c.experiment.pretrain_overrides = {"num_steps": 1200, "eval_every": 200,
                                        "checkpoint_every": 200}
   elif variant:
-    raise ValueError(f"Unknown variant {variant!r} for experiment_phantom.py "
-                     f"(known: diagnose, budget, levels, ncs_dice, long).")
+    raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
+                             f"(known: diagnose, budget, levels, ncs_dice, long).")
   return c

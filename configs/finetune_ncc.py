@@ -7,6 +7,7 @@
 Mirrors the paper's NCC on the built-in phantoms with a small labelled budget (6 training
 subjects). Encoder + GAP -> Dense 1024 -> ReLU -> Dense 1, sigmoid + BCE; Adam 1e-3, early stop.
 """
+from genesis_jax import errors
 from genesis_jax.config import schema as defaults
 
 
@@ -14,5 +15,6 @@ def get_config(variant: str = ""):
   c = defaults.phantom_task_config("classify")
   c.train.batch_size = 16
   if variant:
-    raise ValueError(f"Unknown variant {variant!r} for finetune_ncc.py.")
+    raise errors.ConfigError(f"Unknown variant {variant!r} for finetune_ncc.py: it has no "
+                             f"variants.")
   return c

@@ -8,6 +8,7 @@ Mirrors the paper's NCS on the built-in phantoms with a small labelled budget (6
 subjects). The whole encoder-decoder transfers; the 1x1 output conv is re-initialised (keep it
 with --config.finetune.keep_head=True). Dice loss; Adam 1e-3; early stop on validation loss.
 """
+from genesis_jax import errors
 from genesis_jax.config import schema as defaults
 
 
@@ -18,5 +19,6 @@ def get_config(variant: str = ""):
   c.data.fg_fraction = 0.75
   c.train.batch_size = 8
   if variant:
-    raise ValueError(f"Unknown variant {variant!r} for finetune_ncs.py.")
+    raise errors.ConfigError(f"Unknown variant {variant!r} for finetune_ncs.py: it has no "
+                             f"variants.")
   return c

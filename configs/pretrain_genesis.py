@@ -8,6 +8,7 @@
 early stop after 50 evaluations without validation improvement, best kept.
 Without --config.data.* it pre-trains on the built-in phantom CT data.
 """
+from genesis_jax import errors
 from genesis_jax.config import schema as defaults
 
 
@@ -16,5 +17,6 @@ def get_config(variant: str = ""):
   if variant == "plateau":
     c.train.schedule = "plateau"
   elif variant:
-    raise ValueError(f"Unknown variant {variant!r} for pretrain_genesis.py; known: 'plateau'.")
+    raise errors.ConfigError(f"Unknown variant {variant!r} for pretrain_genesis.py; known: "
+                             f"'plateau'.")
   return c

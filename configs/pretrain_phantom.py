@@ -6,6 +6,7 @@ The phantom subjects here (phantom_seed 0) are disjoint from the target tasks' (
 Width 8 and 32x32x16 cubes keep it within reach of a 2-core CPU; the recipe is the original's
 otherwise except Adam (SGD at lr 1.0 needs far more steps than a CPU run can afford).
 """
+from genesis_jax import errors
 from genesis_jax.config import schema as defaults
 
 
@@ -28,5 +29,6 @@ def get_config(variant: str = ""):
   c.eval_batches = 8
   c.checkpoint_every = 200
   if variant:
-    raise ValueError(f"Unknown variant {variant!r} for pretrain_phantom.py.")
+    raise errors.ConfigError(f"Unknown variant {variant!r} for pretrain_phantom.py: it has no "
+                             f"variants.")
   return c

@@ -23,7 +23,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec, _, variant = str(path).partition(":")
   if not pathlib.Path(spec).exists():
     raise errors.MissingPathError(f"config file {spec!r} does not exist.")
-  get_config = runpy.run_path(spec)["get_config"]
+  get_config = runpy.run_path(spec).get("get_config")
+  if get_config is None:
+    raise errors.ConfigError(f"config file {spec!r} defines no get_config(variant='').")
   config = get_config(variant) if variant else get_config()
   config.lock()
   return config

@@ -201,9 +201,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
                         "(XLA/cuDNN 3D conv), unfold (2D convs + Winograd along x; the same conv), "
                         "unfold:N (Winograd tile N along x fixed: 0 none, 2 F(2,3), 4 F(4,3), "
                         "also in TF32/bf16).", choices=CONV_IMPLS),
-        "winograd_min_macs": _k(1e8, "A 3D conv layer uses Winograd along x only when its "
-                                "multiply-adds per sample (as a direct conv) are at least this "
-                                "(0 = always, inf = never).", float, range=NON_NEGATIVE),
+        "winograd_min_macs": _k(1e8, "unfold convs: a 3x3x3 conv layer uses Winograd along x "
+                                "only when its multiply-adds (as a direct conv, over the batch "
+                                "one device runs) are at least this (0 = always, inf = never).",
+                                float, range=NON_NEGATIVE),
     },
     "corruption": {
         "transforms": _k("all", "Transforms applied: all/V, I&II, III&IV, none, or a +-joined "
