@@ -1,1 +1,3 @@
-"""The config schema (one section per mode), its validation and config-file loading."""
+"""The config: `schema` (every key, its type, range and meaning, and the builders per mode),
+`validate` (the one check before a run), `loading` (config files and overrides) and `reference`
+(docs/config.md, generated from the schema)."""
