@@ -102,13 +102,18 @@ def task_phantoms(tmp_path_factory):
   return phantoms.write_phantom_dataset(root, 7, seed=1, shape=(64, 64, 48))
 
 
-def test_finetune_classify_from_pretraining(tmp_path, pretrained_workdir, task_phantoms):
+def test_finetune_classify_from_pretraining(tmp_path, pretrained_workdir, task_phantoms, capsys):
   from genesis_jax.train import finetune
   config = tiny_task_config("classify", task_phantoms, pretrained_workdir)
   config.finetune.freeze_encoder = True
   summary = finetune.train(config, tmp_path)
   ev = json.loads((tmp_path / "eval.json").read_text())
   assert 0.0 <= ev["auc"] <= 1.0 and ev["n"] > 0 and summary["test"]["auc"] == ev["auc"]
+  # One summary.json, with the test results; one closing line on the console.
+  assert json.loads((tmp_path / "summary.json").read_text())["test"]["auc"] == ev["auc"]
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith(f"done: step 6, best val_loss {summary['best_value']:.6g} @ step ")
+  assert f"test auc {ev['auc']:.4g}" in last and last.endswith(f"outputs in {tmp_path}")
   report = json.loads((tmp_path / "transfer_report.json").read_text())
   assert report["loaded"] and all("encoder" in p for p in report["loaded"])
   # Frozen encoder: the best checkpoint's encoder equals the pre-trained one.
