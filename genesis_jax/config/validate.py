@@ -84,6 +84,9 @@ def unknown_key_message(path: str, family: str | None = None) -> str:
   declared = [(p, k) for p, k in schema.keys() if p == path or p.startswith(path + ".")]
   if declared and family is not None:
     owners = sorted({f for _, k in declared for f in k.families}, key=list(schema.FAMILIES).index)
+    if family in owners:
+      return (f"{name} is missing from this config: build it with "
+              f"schema.{schema.BUILDERS[family]} and change what differs.")
     owner = " or ".join(schema.FAMILY_NAMES[f] for f in owners)
     modes = ", ".join(m for f in owners for m in schema.FAMILIES[f])
     msg = (f"{name} is a {owner} key (modes {modes}); this {schema.FAMILY_NAMES[family]} config "
@@ -112,7 +115,7 @@ def config_family(config) -> str:
   return PRE
 
 
-def items(config, family: str):
+def items(config):
   """(dotted path, value) of every leaf of the config; dict-typed keys are leaves."""
   for name in config.keys():
     value = config[name]
@@ -136,7 +139,7 @@ def validate(config) -> None:
         f"config.mode={mode!r} needs a {schema.FAMILY_NAMES[family]} config (built with "
         f"schema.{schema.BUILDERS[family]}); this config is a {schema.FAMILY_NAMES[built]} "
         f"config (modes {', '.join(schema.FAMILIES[built])}).")
-  present = dict(items(config, family))
+  present = dict(items(config))
   wanted = dict(schema.keys(family))
   for path, value in present.items():
     if path not in wanted:
