@@ -7,6 +7,7 @@ with the message `validate.unknown_key_message` writes.
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import runpy
 from typing import Any, Mapping
@@ -76,8 +77,7 @@ def apply_overrides(config, overrides: Mapping | None):
 
 def ordered_names(mapping) -> list[str]:
   """The keys of an arms/tasks dict in the order written (ConfigDict.keys() sorts them)."""
-  if isinstance(mapping, ml_collections.ConfigDict):
-    import json  # to_json keeps the insertion order that keys() hides.
+  if isinstance(mapping, ml_collections.ConfigDict):  # to_json keeps the order keys() sorts.
     return list(json.loads(mapping.to_json_best_effort()))
   return list(mapping)
 
