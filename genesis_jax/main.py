@@ -167,10 +167,11 @@ def main(argv: list[str]) -> None:
   # jax.distributed must be initialised before any other JAX call.
   from genesis_jax import errors
   from genesis_jax.train import distributed
-  decision = distributed.initialize()
-  _enable_compilation_cache()
-  from genesis_jax import run as experiment
   try:
+    check_retired_environment()
+    decision = distributed.initialize()
+    _enable_compilation_cache()
+    from genesis_jax import run as experiment
     if distributed.is_primary():
       print(f"runtime: {distributed.describe_runtime()} | distributed: {decision.get('source')}",
             flush=True)
@@ -181,6 +182,23 @@ def main(argv: list[str]) -> None:
     if os.environ.get("GENESIS_TRACEBACK"):
       raise
     distributed.exit_with_error(f"error: {e}")
+
+
+# Environment variables that used to change the numerics; they are config keys now, recorded in
+# config.json. Setting one is an error naming its key rather than a silently ignored setting.
+RETIRED_ENVIRONMENT = {
+    "GENESIS_WINOGRAD_MIN_MACS": "--config.model.winograd_min_macs=<multiply-adds>",
+    "GENESIS_WINOGRAD_TILE": "--config.model.conv_impl=unfold:<0|2|4>",
+}
+
+
+def check_retired_environment(environ=None) -> None:
+  from genesis_jax import errors
+  environ = os.environ if environ is None else environ
+  for name, key in RETIRED_ENVIRONMENT.items():
+    if name in environ:
+      raise errors.ConfigError(f"the environment variable {name} is no longer read; unset it and "
+                               f"use {key} (a config key, recorded in config.json).")
 
 
 def _enable_compilation_cache() -> None:

@@ -128,3 +128,11 @@ def test_progress_line_is_concise():
   line = progress.line(20, {"loss": 0.0123456, "learning_rate": 1.0, "grad_norm": 3.0,
                             "nonfinite": 0.0}, rate=2.0)
   assert line == "step  20/200 | loss 0.012346 | lr 1 | 2 steps/s, 16 cubes/s | ETA 1m30s"
+
+
+@pytest.mark.parametrize("name, key", [("GENESIS_WINOGRAD_MIN_MACS", "model.winograd_min_macs"),
+                                       ("GENESIS_WINOGRAD_TILE", "model.conv_impl")])
+def test_retired_numerics_environment_variables_name_their_config_key(name, key):
+  main.check_retired_environment({})  # nothing set: fine
+  with pytest.raises(errors.ConfigError, match=f"{name} is no longer read.*{key}"):
+    main.check_retired_environment({name: "0"})
