@@ -145,12 +145,14 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
   c.data.path = ""  # Built-in phantoms: written once into <workdir>/phantom_data, shared.
   monkeypatch.setattr(trials, "load_config_file", lambda path: _locked(c))
   exp = defaults.experiment_config()
-  exp.experiment.tasks = "tiny_ncc.py[eval_every=2|checkpoint_every=2]"
+  exp.experiment.tasks = {"tiny_ncc": defaults.task("tiny_ncc.py",
+                                                   {"eval_every": 2, "checkpoint_every": 2})}
   # A per-arm override: a linear probe on random features, best checkpoint by validation AUC.
-  exp.experiment.arms = (f"scratch=,genesis={pretrained_workdir},"
-                         f"probe=[finetune.freeze_encoder=True|train.monitor=auc]")
+  exp.experiment.arms = {
+      "scratch": defaults.arm(""), "genesis": defaults.arm(str(pretrained_workdir)),
+      "probe": defaults.arm("", {"finetune.freeze_encoder": True, "train.monitor": "auc"})}
   exp.experiment.trials = 2
-  exp.experiment.overrides = "num_steps=4"
+  exp.experiment.overrides = {"num_steps": 4}
   summary = trials.run(exp, tmp_path)
   task = summary["tasks"]["tiny_ncc"]
   assert set(task["arms"]) == {"scratch", "genesis", "probe"}
@@ -199,12 +201,13 @@ def test_experiment_runner_table(tmp_path, pretrained_workdir, task_phantoms, mo
   old_style = tmp_path / "tiny_ncc/scratch/trial_0/config.json"
   saved = json.loads(old_style.read_text())
   saved["data"]["path"] = ""
+  saved["eval_batches"] = 0  # A key older fine-tuning configs had: no longer one, ignored.
   old_style.write_text(json.dumps(saved))
   monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trial was rerun"))
   again = trials.run(exp, tmp_path)
   assert again["tasks"]["tiny_ncc"]["arms"]["probe"] == task["arms"]["probe"]
   # ... but not with a different config: the error names the trial and the key.
-  exp.experiment.overrides = "num_steps=5"
+  exp.experiment.overrides = {"num_steps": 5}
   with pytest.raises(ValueError, match=r"scratch/trial_0 ran with a different config \(num_steps"):
     trials.run(exp, tmp_path)
 
