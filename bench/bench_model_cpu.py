@@ -32,7 +32,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from genesis_jax.main import CPU_XLA_FLAGS  # noqa: E402
-from genesis_jax.models import unet  # noqa: E402
+from genesis_jax.models import kernels, unet  # noqa: E402
 
 # As the CLI does, in every mode (read when the XLA backend starts, after these imports).
 os.environ.setdefault("XLA_FLAGS", CPU_XLA_FLAGS)
@@ -40,9 +40,11 @@ os.environ.setdefault("XLA_FLAGS", CPU_XLA_FLAGS)
 GFLOP_PER_STEP = 1465.0
 
 
-def make_jax_step(conv_impl: str, dtype, width: int = 32):
+def make_jax_step(conv_impl: str, dtype, width: int = 32,
+                  winograd_min_macs: float = kernels.DEFAULT_WINOGRAD_MIN_MACS):
   """(jitted train step, [params, batch_stats, opt_state]); also used by bench_model_gpu.py."""
-  model = unet.UNet(width=width, conv_impl=conv_impl, dtype=dtype)
+  model = unet.UNet(width=width, conv_impl=conv_impl, dtype=dtype,
+                    winograd_min_macs=winograd_min_macs)
   tx = optax.sgd(0.1, momentum=0.9)
 
   def loss_fn(params, batch_stats, x, y):

@@ -175,11 +175,12 @@ def jax_child(args) -> None:
 
   def run(dtype_name: str, batch: int, conv_impl: str) -> dict:
     # "unfold:4": the unfold convs with Winograd F(4, 3) forced, "unfold:2", "unfold:0" (none);
-    # plain "unfold" picks the tile by dtype and precision (layers.winograd_tile).
+    # plain "unfold" picks the tile by dtype and precision (kernels.winograd_tile).
     label = conv_impl.replace(":", "_f")
+    extra = {} if args.winograd_min_macs is None else {"winograd_min_macs": args.winograd_min_macs}
     jstep, state = make_jax_step(conv_impl,
                                  jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32,
-                                 args.width)
+                                 args.width, **extra)
     shape = (batch, *args.cube, 1)
     data = np.random.default_rng(batch)  # every configuration of a batch size: the same data
     x = jnp.asarray(data.uniform(size=shape).astype(np.float32))
@@ -313,6 +314,10 @@ def main():
                        "2D convs with Winograd along x (auto tile: F(2, 3) for TF32/bf16 = 2/3 "
                        "of the multiply-adds); unfold:4 forces F(4, 3) (1/2, ~2.8x TF32's "
                        "rounding error), unfold:0 no Winograd")
+  ap.add_argument("--winograd_min_macs", type=float, default=None,
+                  help="genesis_jax's config.model.winograd_min_macs: convs below this many "
+                       "multiply-adds skip Winograd (0 = wherever it applies, inf = never; "
+                       "default: the model's)")
   ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
   ap.add_argument("--budget_s", type=float, default=480.0, help="for both children together")
   ap.add_argument("--child_budget_s", type=float, default=240.0)
@@ -364,6 +369,8 @@ def main():
       cmd.append("--no_corruption")
     if args.profile and child == "jax":
       cmd += ["--profile", args.profile]
+    if args.winograd_min_macs is not None and child == "jax":
+      cmd += ["--winograd_min_macs", str(args.winograd_min_macs)]
     if args.out:
       cmd += ["--out", args.out]
     if args.no_command_buffers and child == "jax":

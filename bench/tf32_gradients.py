@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.winograd_error import round_tf32
-from genesis_jax.models import layers, unet
+from genesis_jax.models import kernels, unet
 
 jax.config.update("jax_enable_x64", True)
 
-NATIVE = layers._conv_native  # pylint: disable=protected-access
+NATIVE = kernels.conv_native
 
 
 @jax.custom_vjp
@@ -56,7 +56,8 @@ conv_tf32.defvjp(_conv_tf32_fwd, _conv_tf32_bwd)
 
 
 def gradient(params, batch_stats, x, y, conv_impl: str, dtype, width: int) -> np.ndarray:
-  model = unet.UNet(width=width, conv_impl=conv_impl, dtype=dtype)
+  # winograd_min_macs 0: every 3x3x3 conv takes the tile asked for.
+  model = unet.UNet(width=width, conv_impl=conv_impl, dtype=dtype, winograd_min_macs=0)
 
   def loss_fn(params):
     logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
@@ -74,7 +75,6 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--cube", type=int, nargs=3, default=[64, 64, 32])
   args = ap.parse_args()
-  layers.WINOGRAD_MIN_MACS = 0  # every 3x3x3 conv takes the tile asked for
   rng = np.random.default_rng(0)
   shape = (args.batch, *args.cube, 1)
   x = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
@@ -89,7 +89,7 @@ def main() -> None:
   rows = []
   for precision in ("float32", "tf32", "bfloat16"):
     dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
-    layers._conv_native = conv_tf32 if precision == "tf32" else NATIVE
+    kernels.conv_native = conv_tf32 if precision == "tf32" else NATIVE
     try:
       for impl in ("unfold:0", "unfold:2", "unfold:4"):
         g = gradient(params, stats, x, y, impl, dtype, args.width)
@@ -98,7 +98,7 @@ def main() -> None:
         rows.append((precision, impl, err, cos))
         print(f"  {precision} {impl}: rms {err:.2e}", flush=True)
     finally:
-      layers._conv_native = NATIVE
+      kernels.conv_native = NATIVE
   direct = {p: e for p, i, e, _ in rows if i == "unfold:0"}
   print(f"\nwidth {args.width}, batch {args.batch} of {'x'.join(map(str, args.cube))}")
   print("| precision | conv | gradient rms error (relative) | vs direct | cosine to float64 |")

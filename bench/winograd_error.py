@@ -5,7 +5,7 @@
 For float32, TF32 (emulated: every conv operand rounded to 10 mantissa bits, as tensor cores do
 with XLA's default precision on recent GPUs) and bfloat16: the max and rms error, relative to the
 float64-accurate output, of the direct 3x3x3 conv and of F(2, 3) and F(4, 3) along x. This is the
-measurement behind `layers.winograd_tile`'s choice (F(4, 3) only at full float32).
+measurement behind `kernels.winograd_tile`'s choice (F(4, 3) only at full float32).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from genesis_jax.models import layers
+from genesis_jax.models import kernels
 
 jax.config.update("jax_enable_x64", True)
 
@@ -27,7 +27,7 @@ def round_tf32(a: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-NATIVE = layers._conv_native
+NATIVE = kernels.conv_native
 
 
 def conv_tf32(x, k):
@@ -48,12 +48,12 @@ def main():
                                ("bfloat16", native, jnp.bfloat16)):
       xs, ks = x.astype(dtype), k.astype(dtype)
       outs = {"direct": native(xs, ks) if name != "tf32" else conv_tf32(xs, ks)}
-      layers._conv_native = inner
+      kernels.conv_native = inner  # conv_winograd_x's 2D convs look it up at call time
       try:
         for m in (2, 4):
-          outs[f"F({m},3)"] = layers._conv_winograd_x(xs, ks, m)
+          outs[f"F({m},3)"] = kernels.conv_winograd_x(xs, ks, m)
       finally:
-        layers._conv_native = native
+        kernels.conv_native = native
       for algo, y in outs.items():
         err = np.asarray(y, np.float64) - ref
         rows.append((f"{c}->{o}", name, algo, np.abs(err).max() / np.abs(ref).max(),

@@ -1,6 +1,6 @@
-"""Target-task models on the Genesis U-Net (SPEC.md): a classifier on the encoder, a segmenter on
-the whole encoder-decoder, and `build_model`, which makes either (or the restoration U-Net) from
-`config.model`.
+"""Target-task models on the Genesis U-Net (docs/method.md#target-task-heads-and-losses): a
+classifier on the encoder, a segmenter on the whole encoder-decoder, and `build_model`, which
+makes either (or the restoration U-Net) from `config.model`.
 
 Transfer copies subtrees by name: `encoder` is the same module in UNet and Classifier, so a
 pre-trained `params['encoder']` (and `batch_stats['encoder']`) drops into a Classifier unchanged,
@@ -14,8 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genesis_jax import errors
 from genesis_jax.config.validate import check_feature_level
-from genesis_jax.models import unet
+from genesis_jax.models import kernels, unet
 
 
 class ClassifierHead(nn.Module):
@@ -31,7 +32,7 @@ class ClassifierHead(nn.Module):
     return nn.Dense(self.n_class, dtype=self.dtype, name="dense_1")(h).astype(jnp.float32)
 
 
-class Classifier(nn.Module):
+class Classifier(unet.NetSettings):
   """Encoder + ClassifierHead on its deepest features. x (N, *spatial, C) -> logits (N, n_class).
 
   `feature_level` k in [0, depth) feeds the head from encoder level k instead (0 = the finest,
@@ -39,19 +40,10 @@ class Classifier(nn.Module):
   `depth` is the deepest (the original). Deeper levels are then unused.
   """
   n_class: int
-  width: int = 32
-  depth: int = 3
-  spatial_dims: int = 3
-  variant: str = "pytorch"
-  bn: str = "standard"
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
   feature_level: int = -1
 
   def setup(self):
-    self.encoder = unet.Encoder(
-        width=self.width, depth=self.depth, spatial_dims=self.spatial_dims, variant=self.variant,
-        bn=self.bn, dtype=self.dtype, conv_impl=self.conv_impl)
+    self.encoder = unet.Encoder(**unet.settings(self, unet.NetSettings))
     self.classifier = ClassifierHead(self.n_class, dtype=self.dtype)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -68,19 +60,27 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
                 in_channels: int | None = None, feature_level: int = -1) -> nn.Module:
   """Model for `task` from `config.model` (fields variant, width, depth, spatial_dims, bn, dtype,
-  conv_impl). restore: UNet with n_class (= input channels) outputs (logits; sigmoid + MSE in the loss). segment: UNet with
-  n_class outputs. classify: Classifier with n_class logits. in_channels is inferred at init.
+  conv_impl, winograd_min_macs; a missing field takes its default).
+
+  restore: UNet with n_class (= input channels) outputs (logits; sigmoid + MSE in the loss).
+  segment: UNet with n_class outputs. classify: Classifier with n_class logits. in_channels is
+  inferred at init.
   """
   del in_channels  # Flax infers input channels from the first batch.
   get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d: getattr(model_cfg, k, d)
   dtype_name = get("dtype", "float32")
   if dtype_name not in _DTYPES:
-    raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, got {dtype_name!r}.")
+    raise errors.ConfigError(
+        f"model.dtype must be one of {tuple(_DTYPES)}, got {dtype_name!r}.")
   kw = dict(width=int(get("width", 32)), depth=int(get("depth", 3)),
             spatial_dims=int(get("spatial_dims", 3)), variant=get("variant", "pytorch"),
             bn=get("bn", "standard"), dtype=_DTYPES[dtype_name],
-            conv_impl=get("conv_impl", "auto"))
-  unet._check_fields(kw["variant"], kw["bn"])  # Fail at build time, not at first call.
+            conv_impl=get("conv_impl", "auto"),
+            winograd_min_macs=kernels.check_winograd_min_macs(
+                get("winograd_min_macs", kernels.DEFAULT_WINOGRAD_MIN_MACS)))
+  # Fail at build time, not at first call.
+  unet.check_fields(kw["variant"], kw["bn"])
+  kernels.check_conv_impl(kw["conv_impl"])
   if task == "restore":  # One output per input channel: multi-sequence MRI restores every channel.
     return unet.UNet(out_channels=n_class, **kw)
   if task == "segment":
@@ -88,4 +88,4 @@ def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
   if task == "classify":
     check_feature_level(feature_level, kw["depth"])
     return Classifier(n_class=n_class, feature_level=feature_level, **kw)
-  raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+  raise errors.ConfigError(f"task must be one of {TASKS}, got {task!r}.")

@@ -1,4 +1,4 @@
-"""The Models Genesis U-Net (SPEC.md "The network"), 3D or 2D, any width and depth.
+"""The Models Genesis U-Net (docs/method.md#network), 3D or 2D, any width and depth.
 
 Arrays are channels-last: x (N, x, y, z, C) in 3D, (N, x, y, C) in 2D. Every spatial size must be
 divisible by 2**depth (one halving per pooling). At the defaults (width 32, depth 3, 3D,
@@ -12,49 +12,81 @@ Parameter tree (names used by the weight import, `weights/release.py`):
   out                                   1x1 conv to out_channels (logits)
 Level i of the encoder outputs width * 2**(i+1) channels; level l of the decoder the same as the
 skip it consumes. The model returns logits; pre-training applies sigmoid + MSE like the original.
+
+Every module takes the conv settings of `ConvSettings` (and the whole-net ones `NetSettings`) as
+keyword fields and hands them down unchanged (`settings`), so a config key reaches every layer.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genesis_jax.models import layers
+from genesis_jax import errors
+from genesis_jax.models import kernels, layers
 
 VARIANTS = ("pytorch", "keras")
 BN_MODES = ("standard", "original")
 
 
 def check_spatial_shape(shape: Sequence[int], depth: int) -> None:
-  """Raises ValueError unless every spatial size is divisible by 2**depth."""
+  """Raises ConfigError unless every spatial size is divisible by 2**depth."""
   bad = [s for s in shape if s % (2 ** depth) != 0 or s <= 0]
   if bad:
-    raise ValueError(
+    raise errors.ConfigError(
         f"Spatial shape {tuple(shape)} is invalid for a U-Net of depth {depth}: every spatial size "
         f"must be divisible by 2**depth = {2 ** depth} (one halving per pooling); "
-        f"offending sizes: {bad}.")
+        f"offending sizes: {bad}. Choose crop sizes divisible by {2 ** depth} or a smaller "
+        f"model.depth.")
 
 
-def _check_fields(variant: str, bn: str) -> None:
+def check_fields(variant: str, bn: str) -> None:
+  """Raises ConfigError unless `variant` and `bn` name a known network variant and BN mode."""
   if variant not in VARIANTS:
-    raise ValueError(f"model variant must be one of {VARIANTS}, got {variant!r}.")
+    raise errors.ConfigError(f"model.variant must be one of {VARIANTS}, got {variant!r}.")
   if bn not in BN_MODES:
-    raise ValueError(f"model bn must be one of {BN_MODES}, got {bn!r}.")
+    raise errors.ConfigError(f"model.bn must be one of {BN_MODES}, got {bn!r}.")
 
 
-class ConvUnit(nn.Module):
-  """Conv 3x3(x3) with bias -> BatchNorm -> ReLU (the original's LUConv / create_convolution_block)."""
-  features: int
+class ConvSettings(nn.Module, kw_only=True):
+  """The settings every module with convs takes (keyword only) and passes to its children.
+
+  variant: "pytorch" or "keras" (BN constants, upsampling); bn: "standard" or "original";
+  dtype: compute dtype (parameters stay float32); conv_impl: `kernels.CONV_IMPLS`;
+  winograd_min_macs: the size below which a conv does not use Winograd (`model.*` keys).
+  """
   variant: str = "pytorch"
   bn: str = "standard"
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  winograd_min_macs: float = kernels.DEFAULT_WINOGRAD_MIN_MACS
+
+
+class NetSettings(ConvSettings, kw_only=True):
+  """ConvSettings plus the shape of the whole network: width, depth (poolings), spatial_dims."""
+  width: int = 32
+  depth: int = 3
+  spatial_dims: int = 3
+
+
+def settings(module: nn.Module, kind: type[nn.Module] = ConvSettings) -> dict[str, Any]:
+  """The fields `kind` (ConvSettings or NetSettings) declares, as `module` holds them."""
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(kind)
+          if f.name not in ("parent", "name")}
+
+
+class ConvUnit(ConvSettings):
+  """Conv 3x3(x3) with bias -> BatchNorm -> ReLU (the original's LUConv, create_convolution_block).
+  """
+  features: int
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = layers.Conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x)
+    x = layers.Conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl,
+                    winograd_min_macs=self.winograd_min_macs, name="conv")(x)
     keras = self.variant == "keras"
     x = layers.BatchNorm(
         momentum=0.99 if keras else 0.9, epsilon=1e-3 if keras else 1e-5,
@@ -63,112 +95,82 @@ class ConvUnit(nn.Module):
     return nn.relu(x)
 
 
-class DoubleConv(nn.Module):
+class DoubleConv(ConvSettings):
   """Two conv units, `conv_0` then `conv_1` (one block of the original: ops.0, ops.1)."""
   features: tuple[int, int]
-  variant: str = "pytorch"
-  bn: str = "standard"
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    unit = dict(variant=self.variant, bn=self.bn, dtype=self.dtype, conv_impl=self.conv_impl)
-    x = ConvUnit(self.features[0], **unit, name="conv_0")(x, train)
-    return ConvUnit(self.features[1], **unit, name="conv_1")(x, train)
+    x = ConvUnit(self.features[0], **settings(self), name="conv_0")(x, train)
+    return ConvUnit(self.features[1], **settings(self), name="conv_1")(x, train)
 
 
-class Encoder(nn.Module):
-  """Contracting path. Returns (bottom, skips): bottom (N, *spatial / 2**depth, width * 2**(depth+1)),
-  skips[i] (N, *spatial / 2**i, width * 2**(i+1)) for i = 0..depth-1 (finest first)."""
-  width: int = 32
-  depth: int = 3
-  spatial_dims: int = 3
-  variant: str = "pytorch"
-  bn: str = "standard"
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
+class Encoder(NetSettings):
+  """Contracting path. Returns (bottom, skips).
+
+  bottom (N, *spatial / 2**depth, width * 2**(depth+1)); skips[i] (N, *spatial / 2**i,
+  width * 2**(i+1)) for i = 0..depth-1 (finest first).
+  """
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, list[jax.Array]]:
-    _check_fields(self.variant, self.bn)
+    check_fields(self.variant, self.bn)
     if x.ndim != self.spatial_dims + 2:
-      raise ValueError(
-          f"Expected input (N, <{self.spatial_dims} spatial axes>, C), got shape {x.shape}.")
+      raise errors.ConfigError(
+          f"Expected input (N, <{self.spatial_dims} spatial axes>, C), got shape {x.shape}; "
+          f"model.spatial_dims must match the data (3 for cubes, 2 for slices).")
     check_spatial_shape(x.shape[1:-1], self.depth)
-    unit = dict(variant=self.variant, bn=self.bn, dtype=self.dtype, conv_impl=self.conv_impl)
     skips = []
     for i in range(self.depth + 1):
       if i > 0:
-        x = layers.max_pool(x)
+        x = kernels.max_pool(x)
       w = self.width * 2 ** i
-      x = DoubleConv((w, 2 * w), **unit, name=f"down_{i}")(x, train)
+      x = DoubleConv((w, 2 * w), **settings(self), name=f"down_{i}")(x, train)
       if i < self.depth:
         skips.append(x)
     return x, skips
 
 
-class UpBlock(nn.Module):
+class UpBlock(ConvSettings):
   """2x upsampling (`up_conv` transposed conv, or nearest for keras), concat [up, skip] on
   channels, then conv units `conv_0`, `conv_1` to `features` channels."""
   features: int
-  variant: str = "pytorch"
-  bn: str = "standard"
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
     if self.variant == "pytorch":
       up = layers.UpConv(x.shape[-1], dtype=self.dtype, name="up_conv")(x)
     else:
-      up = layers.upsample_nearest(x)
+      up = kernels.upsample_nearest(x)
     x = jnp.concatenate([up.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
-    unit = dict(variant=self.variant, bn=self.bn, dtype=self.dtype, conv_impl=self.conv_impl)
-    x = ConvUnit(self.features, **unit, name="conv_0")(x, train)
-    return ConvUnit(self.features, **unit, name="conv_1")(x, train)
+    x = ConvUnit(self.features, **settings(self), name="conv_0")(x, train)
+    return ConvUnit(self.features, **settings(self), name="conv_1")(x, train)
 
 
-class Decoder(nn.Module):
+class Decoder(NetSettings):
   """Expanding path: per level, 2x upsampling, concat [up, skip] on channels, two conv units.
 
   Takes the Encoder's (bottom, skips) and returns (N, *spatial, 2 * width)."""
-  width: int = 32
-  depth: int = 3
-  spatial_dims: int = 3
-  variant: str = "pytorch"
-  bn: str = "standard"
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, bottom: jax.Array, skips: Sequence[jax.Array], train: bool) -> jax.Array:
-    _check_fields(self.variant, self.bn)
+    check_fields(self.variant, self.bn)
     if len(skips) != self.depth:
       raise ValueError(f"Decoder of depth {self.depth} needs {self.depth} skips, got {len(skips)}.")
-    unit = dict(variant=self.variant, bn=self.bn, dtype=self.dtype, conv_impl=self.conv_impl)
     x = bottom
     for level in reversed(range(self.depth)):
-      x = UpBlock(self.width * 2 ** (level + 1), **unit, name=f"up_{level}")(x, skips[level], train)
+      x = UpBlock(self.width * 2 ** (level + 1), **settings(self), name=f"up_{level}")(
+          x, skips[level], train)
     return x
 
 
-class UNet(nn.Module):
+class UNet(NetSettings):
   """Encoder -> Decoder -> 1x1 conv `out`; returns float32 logits (N, *spatial, out_channels)."""
   out_channels: int = 1
-  width: int = 32
-  depth: int = 3
-  spatial_dims: int = 3
-  variant: str = "pytorch"
-  bn: str = "standard"
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   def setup(self):
-    kw = dict(width=self.width, depth=self.depth, spatial_dims=self.spatial_dims,
-              variant=self.variant, bn=self.bn, dtype=self.dtype, conv_impl=self.conv_impl)
-    self.encoder = Encoder(**kw)
-    self.decoder = Decoder(**kw)
+    self.encoder = Encoder(**settings(self, NetSettings))
+    self.decoder = Decoder(**settings(self, NetSettings))
     self.out = layers.Conv(self.out_channels, 1, dtype=self.dtype)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

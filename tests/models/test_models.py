@@ -1,4 +1,4 @@
-"""Tests of the Genesis U-Net, its layers and heads (genesis_jax/models/{unet,layers,heads}.py)."""
+"""Tests of the Genesis U-Net, its layers, kernels and heads (genesis_jax/models/)."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from genesis_jax.models import heads, layers, unet
+from genesis_jax import errors
+from genesis_jax.config import schema
+from genesis_jax.models import heads, kernels, layers, unet
 
 
 def _count(tree) -> int:
@@ -21,7 +23,7 @@ def _shapes(model, x_shape, **kw):
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False, **kw), x)
 
 
-# ---- parameter counts (SPEC.md) -------------------------------------------------------------
+# ---- parameter counts (docs/method.md#parameter-counts) ------------------------------------
 
 def test_pytorch_variant_parameter_counts():
   v = _shapes(unet.UNet(), (1, 64, 64, 32, 1))
@@ -44,7 +46,8 @@ def test_keras_variant_parameter_count():
 def test_classifier_parameter_tree_shares_encoder():
   u = _shapes(unet.UNet(width=4), (1, 16, 16, 8, 1))
   c = _shapes(heads.Classifier(n_class=3, width=4), (1, 16, 16, 8, 1))
-  same = jax.tree.map(lambda a, b: a.shape == b.shape, u["params"]["encoder"], c["params"]["encoder"])
+  same = jax.tree.map(lambda a, b: a.shape == b.shape, u["params"]["encoder"],
+                      c["params"]["encoder"])
   assert jax.tree.all(same)
   cls = c["params"]["classifier"]
   assert cls["dense_0"]["kernel"].shape == (4 * 16, 1024)
@@ -124,23 +127,23 @@ def test_bad_fields_rejected():
   with pytest.raises(ValueError, match="variant"):
     heads.build_model(ml_collections.ConfigDict(dict(variant="caffe")))
   with pytest.raises(ValueError, match="conv_impl"):
-    layers.resolve_conv_impl("im2col")
+    kernels.resolve_conv_impl("im2col")
 
 
 # ---- layer formulations agree with the textbook ops -----------------------------------------
 
 @pytest.mark.parametrize("nd,features,sx", [(2, 5, 6), (3, 5, 8), (3, 5, 6), (3, 5, 5),
                                              (3, 2, 5)])
-def test_conv_impls_agree_with_lax(nd, features, sx, monkeypatch):
+def test_conv_impls_agree_with_lax(nd, features, sx):
   # 3D "unfold": x = 8 takes Winograd F(4, 3) along x, x = 6 F(2, 3); odd x the x-shift stack,
-  # 3 -> 5 on the input side, 3 -> 2 on the output side (layers._conv_unfold_3d).
-  monkeypatch.setattr(layers, "WINOGRAD_MIN_MACS", 0)  # these convs are far below it
-  assert layers.winograd_tile(sx, jnp.float32) == {8: 4, 6: 2, 5: 0}[sx]
+  # 3 -> 5 on the input side, 3 -> 2 on the output side (kernels.conv_unfold_3d). These convs
+  # are far below the default winograd_min_macs, so it is 0 here.
+  assert kernels.winograd_tile(sx, jnp.float32, min_macs=0) == {8: 4, 6: 2, 5: 0}[sx]
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2,) + (sx, 4, 4)[:nd] + (3,)), jnp.float32)
   outs, grads = {}, {}
   for impl in ("native", "unfold"):
-    conv = layers.Conv(features, 3, conv_impl=impl)
+    conv = layers.Conv(features, 3, conv_impl=impl, winograd_min_macs=0)
     v = conv.init(jax.random.key(0), x)
     outs[impl] = conv.apply(v, x)
     grads[impl] = jax.grad(lambda v, x: (conv.apply(v, x) ** 2).sum(), argnums=(0, 1))(v, x)
@@ -156,49 +159,99 @@ def test_conv_impls_agree_with_lax(nd, features, sx, monkeypatch):
 
 
 def test_winograd_tile_needs_float32_for_f43():
-  assert layers.winograd_tile(64, jnp.float32) == 4
-  assert layers.winograd_tile(64, jnp.bfloat16) == 2
-  assert layers.winograd_tile(6, jnp.float32) == 2
-  assert layers.winograd_tile(7, jnp.float32) == 0
-  assert layers.winograd_tile(64, jnp.float32, layers.WINOGRAD_MIN_MACS - 1) == 0
+  assert kernels.winograd_tile(64, jnp.float32) == 4
+  assert kernels.winograd_tile(64, jnp.bfloat16) == 2
+  assert kernels.winograd_tile(6, jnp.float32) == 2
+  assert kernels.winograd_tile(7, jnp.float32) == 0
+  assert kernels.winograd_tile(64, jnp.float32, kernels.DEFAULT_WINOGRAD_MIN_MACS - 1) == 0
   # Float32 convs on a GPU run as TF32 unless asked for full precision: F(2, 3) only.
-  assert layers.winograd_tile(64, jnp.float32, backend="gpu") == 2
+  assert kernels.winograd_tile(64, jnp.float32, backend="gpu") == 2
   with jax.default_matmul_precision("highest"):
-    assert layers.winograd_tile(64, jnp.float32, backend="gpu") == 4
-    assert layers.winograd_tile(64, jnp.bfloat16, backend="gpu") == 2
+    assert kernels.winograd_tile(64, jnp.float32, backend="gpu") == 4
+    assert kernels.winograd_tile(64, jnp.bfloat16, backend="gpu") == 2
 
 
-def test_winograd_tile_env_override(monkeypatch):
-  for value, want in (("4", {64: 4, 6: 2, 5: 0}), ("2", {64: 2, 6: 2, 5: 0}),
-                      ("0", {64: 0, 6: 0, 5: 0}), ("auto", {64: 4, 6: 2, 5: 0})):
-    monkeypatch.setenv("GENESIS_WINOGRAD_TILE", value)
-    assert {sx: layers.winograd_tile(sx, jnp.float32, backend="cpu") for sx in want} == want
+def test_winograd_tile_argument_and_min_macs():
+  # The tile (conv_impl "unfold:N") and the threshold (model.winograd_min_macs) are arguments.
+  for tile, want in ((4, {64: 4, 6: 2, 5: 0}), (2, {64: 2, 6: 2, 5: 0}),
+                     (0, {64: 0, 6: 0, 5: 0}), (None, {64: 4, 6: 2, 5: 0})):
+    assert {sx: kernels.winograd_tile(sx, jnp.float32, backend="cpu", tile=tile)
+            for sx in want} == want
+  assert kernels.winograd_tile(64, jnp.bfloat16, backend="gpu", tile=4) == 4
+  assert kernels.winograd_tile(64, jnp.float32, kernels.DEFAULT_WINOGRAD_MIN_MACS - 1,
+                               tile=4) == 0
+  assert kernels.winograd_tile(64, jnp.float32, 10.0, min_macs=10.0) == 4
+  assert kernels.winograd_tile(64, jnp.float32, 9.0, min_macs=10.0) == 0
+  assert kernels.winograd_tile(64, jnp.float32, 1e30, min_macs=float("inf")) == 0
+  assert kernels.winograd_tile(64, jnp.float32, 0.0, min_macs=0.0) == 4
+
+
+def test_winograd_settings_ignore_the_old_environment_variables(monkeypatch):
+  # GENESIS_WINOGRAD_TILE / GENESIS_WINOGRAD_MIN_MACS are no config channel any more (numerics
+  # come from config keys recorded in config.json).
   monkeypatch.setenv("GENESIS_WINOGRAD_TILE", "4")
-  assert layers.winograd_tile(64, jnp.bfloat16, backend="gpu") == 4
-  assert layers.winograd_tile(64, jnp.float32, layers.WINOGRAD_MIN_MACS - 1) == 0
-  monkeypatch.setenv("GENESIS_WINOGRAD_TILE", "3")
-  with pytest.raises(ValueError, match="GENESIS_WINOGRAD_TILE must be"):
-    layers.winograd_tile(64, jnp.float32)
+  monkeypatch.setenv("GENESIS_WINOGRAD_MIN_MACS", "0")
+  assert kernels.winograd_tile(64, jnp.bfloat16, backend="gpu") == 2
+  assert kernels.winograd_tile(64, jnp.float32, 1.0) == 0
 
 
-def test_conv_impl_auto_and_fixed_tiles(monkeypatch):
+def test_winograd_min_macs_config_key():
+  # Declared in the schema with the kernels' default, checked and threaded by build_model.
+  default = schema.pretrain_config().model.get("winograd_min_macs")
+  if default is None:
+    pytest.skip("model.winograd_min_macs is not in the config schema yet")
+  assert default == kernels.DEFAULT_WINOGRAD_MIN_MACS
+  cfg = ml_collections.ConfigDict(dict(width=2, depth=1))
+  assert heads.build_model(cfg).winograd_min_macs == kernels.DEFAULT_WINOGRAD_MIN_MACS
+  for value in (0, 0.0, float("inf"), "inf", 1e9):
+    cfg = ml_collections.ConfigDict(dict(width=2, depth=1, winograd_min_macs=value))
+    assert heads.build_model(cfg).winograd_min_macs == float(value)
+    assert heads.build_model(cfg, task="classify").winograd_min_macs == float(value)
+  for bad in (-1.0, float("nan"), "many", None):
+    cfg = ml_collections.ConfigDict(dict(width=2, winograd_min_macs=bad))
+    with pytest.raises(errors.ConfigError, match="model.winograd_min_macs"):
+      heads.build_model(cfg)
+
+
+def test_winograd_min_macs_reaches_every_conv():
+  # 0: every 3x3x3 conv takes Winograd; inf: none does. Same function, different rounding.
+  x = jnp.asarray(np.random.default_rng(9).uniform(size=(2, 4, 4, 4, 1)), jnp.float32)
+  outs = {}
+  for value in (0.0, float("inf")):
+    m = heads.build_model(ml_collections.ConfigDict(
+        dict(width=2, depth=1, conv_impl="unfold", winograd_min_macs=value)))
+    v = m.init(jax.random.key(0), x, train=False)
+    outs[value] = m.apply(v, x, train=True, mutable=["batch_stats"])[0]
+  np.testing.assert_allclose(outs[0.0], outs[float("inf")], atol=1e-5)
+  assert not np.array_equal(outs[0.0], outs[float("inf")])
+
+
+def test_conv_impl_choices_match_the_schema():
+  key = schema.lookup("model.conv_impl")
+  choices = getattr(key, "choices", None)
+  if not choices:
+    pytest.skip("the schema declares no choices for model.conv_impl")
+  assert tuple(choices) == kernels.CONV_IMPLS
+  with pytest.raises(errors.ConfigError, match="model.conv_impl"):
+    heads.build_model(ml_collections.ConfigDict(dict(conv_impl="im2col")))
+
+
+def test_conv_impl_auto_and_fixed_tiles():
   # "auto" takes the unfold convs where they were measured faster (CPU, H200), cuDNN-free TPU
-  # stays native; "unfold:N" fixes the Winograd tile whatever the dtype, backend or env.
-  assert {b: layers.resolve_conv_impl("auto", backend=b) for b in ("cpu", "gpu", "tpu")} == {
+  # stays native; "unfold:N" fixes the Winograd tile whatever the dtype or backend.
+  assert {b: kernels.resolve_conv_impl("auto", backend=b) for b in ("cpu", "gpu", "tpu")} == {
       "cpu": "unfold", "gpu": "unfold", "tpu": "native"}
-  assert layers.resolve_conv_impl("unfold:4", backend="tpu") == "unfold:4"
-  monkeypatch.setenv("GENESIS_WINOGRAD_TILE", "0")
-  assert layers.winograd_tile(64, jnp.bfloat16, backend="gpu", tile=4) == 4
-  assert layers.winograd_tile(6, jnp.float32, tile=4) == 2  # 4 does not divide x = 6
-  assert layers.winograd_tile(64, jnp.float32, tile=0) == 0
+  assert kernels.resolve_conv_impl("unfold:4", backend="tpu") == "unfold:4"
+  assert kernels.winograd_tile(64, jnp.bfloat16, backend="gpu", tile=4) == 4
+  assert kernels.winograd_tile(6, jnp.float32, tile=4) == 2  # 4 does not divide x = 6
+  assert kernels.winograd_tile(64, jnp.float32, tile=0) == 0
   with pytest.raises(ValueError, match="Winograd tile must be"):
-    layers.winograd_tile(64, jnp.float32, tile=3)
-  monkeypatch.setattr(layers, "WINOGRAD_MIN_MACS", 0)
+    kernels.winograd_tile(64, jnp.float32, tile=3)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 8, 4, 4, 3)), jnp.float32)
   outs = {}
   for impl in ("native", "unfold:0", "unfold:2", "unfold:4"):
-    conv = layers.Conv(5, 3, conv_impl=impl)
+    conv = layers.Conv(5, 3, conv_impl=impl, winograd_min_macs=0)
     v = conv.init(jax.random.key(0), x)
     outs[impl] = conv.apply(v, x)
   for impl in ("unfold:0", "unfold:2", "unfold:4"):
@@ -212,10 +265,10 @@ def test_winograd_transforms_and_their_hand_written_gradients(m):
   # Forward: t_i[p] = sum_j BT[i, j] x[mp - 1 + j] (zero outside), y[mp + r] = sum_i AT[r, i] ms_i;
   # backward: the custom VJPs must be the transposes, <T(x), g> == <x, T^T(g)>.
   rng = np.random.default_rng(5)
-  bt, at = np.array(layers._WINOGRAD[m]["BT"]), np.array(layers._WINOGRAD[m]["AT"])
+  bt, at = np.array(kernels.WINOGRAD[m]["BT"]), np.array(kernels.WINOGRAD[m]["AT"])
   x = rng.normal(size=(2, 3 * m, 3, 2)).astype(np.float32)
   pred = jnp.asarray(True)
-  ts, vjp_in = jax.vjp(lambda x: layers._winograd_in(x, pred, m), jnp.asarray(x))
+  ts, vjp_in = jax.vjp(lambda x: kernels.winograd_in(x, pred, m), jnp.asarray(x))
   xp = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))
   for p in range(3):
     d = xp[:, m * p:m * p + m + 2]
@@ -226,7 +279,7 @@ def test_winograd_transforms_and_their_hand_written_gradients(m):
   np.testing.assert_allclose(lhs, np.vdot(x, np.asarray(vjp_in(g)[0])), rtol=1e-4)
 
   ms = tuple(jnp.asarray(rng.normal(size=(2, 3, 3, 2)).astype(np.float32)) for _ in range(m + 2))
-  y, vjp_out = jax.vjp(lambda *ms: layers._winograd_out(pred, m, *ms), *ms)
+  y, vjp_out = jax.vjp(lambda *ms: kernels.winograd_out(pred, m, *ms), *ms)
   ref = np.einsum("ri,inpyc->npryc", at, np.stack(ms)).reshape(2, 3 * m, 3, 2)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   gy = rng.normal(size=y.shape).astype(np.float32)
@@ -237,21 +290,21 @@ def test_winograd_transforms_and_their_hand_written_gradients(m):
 
 
 def test_x_shift_pair_is_adjoint():
-  # _stack_x_shifts / _sum_x_shifts carry hand-written gradients (each other): they must be
+  # stack_x_shifts / sum_x_shifts carry hand-written gradients (each other): they must be
   # transposes, <stack(a, s), t> == <a, sum(t, -s)>; the conv tests check them end to end.
   rng = np.random.default_rng(3)
   a = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
   t = jnp.asarray(rng.normal(size=(2, 5, 3, 3, 4)), jnp.float32)
   pred = jnp.asarray(True)
   for sign in (1, -1):
-    s = layers._stack_x_shifts(a, pred, 3, sign)
+    s = kernels.stack_x_shifts(a, pred, 3, sign)
     # <stack(a), t> == <a, sum(t, -sign)>, and the gradients are those transposes.
-    np.testing.assert_allclose(jnp.vdot(s, t), jnp.vdot(a, layers._sum_x_shifts(t, pred, -sign)),
+    np.testing.assert_allclose(jnp.vdot(s, t), jnp.vdot(a, kernels.sum_x_shifts(t, pred, -sign)),
                                rtol=1e-5)
-    ga = jax.grad(lambda a: jnp.vdot(layers._stack_x_shifts(a, pred, 3, sign), t))(a)
-    np.testing.assert_allclose(ga, layers._sum_x_shifts(t, pred, -sign), rtol=1e-6)
-    gt = jax.grad(lambda t: jnp.vdot(layers._sum_x_shifts(t, pred, sign), a))(t)
-    np.testing.assert_allclose(gt, layers._stack_x_shifts(a, pred, 3, -sign), rtol=1e-6)
+    ga = jax.grad(lambda a: jnp.vdot(kernels.stack_x_shifts(a, pred, 3, sign), t))(a)
+    np.testing.assert_allclose(ga, kernels.sum_x_shifts(t, pred, -sign), rtol=1e-6)
+    gt = jax.grad(lambda t: jnp.vdot(kernels.sum_x_shifts(t, pred, sign), a))(t)
+    np.testing.assert_allclose(gt, kernels.stack_x_shifts(a, pred, 3, -sign), rtol=1e-6)
     ref = jnp.stack([jnp.roll(a, -sign * (i - 1), axis=1) for i in range(3)], axis=-2)
     edge = np.ones(s.shape, bool)
     edge[:, 0, :, 2 if sign == -1 else 0] = edge[:, -1, :, 0 if sign == -1 else 2] = False
@@ -277,17 +330,18 @@ def test_upconv_matches_conv_transpose_and_gradient(nd):
 
 def test_pooling_and_nearest_upsampling():
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 6, 2, 3)), jnp.float32)
-  np.testing.assert_array_equal(layers.max_pool(x), nn.max_pool(x, (2, 2, 2), (2, 2, 2)))
+  np.testing.assert_array_equal(kernels.max_pool(x), nn.max_pool(x, (2, 2, 2), (2, 2, 2)))
   ref = jnp.repeat(jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), 2, 3)
-  np.testing.assert_array_equal(layers.upsample_nearest(x), ref)
+  np.testing.assert_array_equal(kernels.upsample_nearest(x), ref)
 
 
 @pytest.mark.parametrize("winograd", [False, True])
-def test_unet_conv_impls_agree_forward_and_backward(winograd, monkeypatch):
-  if winograd:  # every 3x3x3 conv of this tiny net takes Winograd (x = 4: F(4, 3), x = 2: F(2, 3))
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_MACS", 0)
+def test_unet_conv_impls_agree_forward_and_backward(winograd):
+  # winograd: every 3x3x3 conv of this tiny net takes Winograd (x = 4: F(4, 3), x = 2: F(2, 3)).
+  min_macs = 0.0 if winograd else kernels.DEFAULT_WINOGRAD_MIN_MACS
   x = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 4, 4, 4, 1)), jnp.float32)
-  models = {impl: unet.UNet(width=2, depth=1, conv_impl=impl) for impl in ("native", "unfold")}
+  models = {impl: unet.UNet(width=2, depth=1, conv_impl=impl, winograd_min_macs=min_macs)
+            for impl in ("native", "unfold")}
   v = jax.jit(lambda k, x: models["native"].init(k, x, train=False))(jax.random.key(0), x)
 
   def loss(params, impl):
@@ -343,14 +397,16 @@ def test_batchnorm_custom_gradient_matches_autodiff(shape):
   bias = jnp.asarray(rng.normal(size=c), jnp.float32)
   # Weights on every output, including mean and var (their cotangents must flow too).
   wy = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  wm, wv = jnp.asarray(rng.normal(size=c), jnp.float32), jnp.asarray(rng.normal(size=c), jnp.float32)
+  wm = jnp.asarray(rng.normal(size=c), jnp.float32)
+  wv = jnp.asarray(rng.normal(size=c), jnp.float32)
 
   def loss(fn):
     def f(x, scale, bias):
       y, mean, var = fn(x, scale, bias, 1e-5)
       return jnp.sum(y * wy) + jnp.sum(mean * wm) + jnp.sum(var * wv)
     return f
-  ours = jax.jit(jax.value_and_grad(loss(layers.batch_norm_train), argnums=(0, 1, 2)))(x, scale, bias)
+  ours = jax.jit(jax.value_and_grad(loss(kernels.batch_norm_train), argnums=(0, 1, 2)))(
+      x, scale, bias)
   ref = jax.jit(jax.value_and_grad(loss(_bn_reference), argnums=(0, 1, 2)))(x, scale, bias)
   np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
   for a, b in zip(ours[1], ref[1]):
@@ -362,7 +418,7 @@ def test_bias_add_gradient():
   x = jnp.asarray(rng.normal(size=(2, 3, 4, 5, 6)), jnp.float32)
   b = jnp.asarray(rng.normal(size=6), jnp.float32)
   w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-  ours = jax.grad(lambda x, b: jnp.sum(layers.add_channel_bias(x, b) ** 2 * w), (0, 1))(x, b)
+  ours = jax.grad(lambda x, b: jnp.sum(kernels.add_channel_bias(x, b) ** 2 * w), (0, 1))(x, b)
   ref = jax.grad(lambda x, b: jnp.sum((x + b) ** 2 * w), (0, 1))(x, b)
   for a, r in zip(ours, ref):
     np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)

@@ -92,11 +92,15 @@ def test_two_processes_on_localhost_match_one_process(tmp_path, tiny_dataset):
 
 
 def test_eight_fake_devices_match_one_device_with_winograd_convs(tmp_path, tiny_dataset):
-  # The tiny nets of these tests are below layers.WINOGRAD_MIN_MACS; force the Winograd convs
-  # (F(4, 3) at x = 16, 8, 4; F(2, 3) at x = 2) and their lax.cond under data parallelism.
-  env = {"GENESIS_WINOGRAD_MIN_MACS": "0"}
-  run_cli(_args(tmp_path / "one", tiny_dataset, 2), env_extra=env)
-  proc = run_cli(_args(tmp_path / "eight", tiny_dataset, 2, "--config.train.batch_size=1"),
-                 env_extra={**env, **_EIGHT_DEVICES})
+  # The tiny nets of these tests are below the default model.winograd_min_macs; force the
+  # Winograd convs (F(4, 3) at x = 16, 8, 4; F(2, 3) at x = 2) and their lax.cond under data
+  # parallelism.
+  winograd = "--config.model.winograd_min_macs=0"
+  run_cli(_args(tmp_path / "one", tiny_dataset, 2, winograd))
+  proc = run_cli(_args(tmp_path / "eight", tiny_dataset, 2, "--config.train.batch_size=1",
+                       winograd), env_extra=_EIGHT_DEVICES)
   assert "mesh data=8" in proc.stdout
+  import json
+  recorded = json.loads((tmp_path / "one" / "config.json").read_text())
+  assert recorded["model"]["winograd_min_macs"] == 0  # the knob is recorded with the run
   _assert_close(_final_params(tmp_path / "one"), _final_params(tmp_path / "eight"), atol=1e-5)
