@@ -1,6 +1,7 @@
 """Cubes/s of the combined Genesis corruption: jitted+vmapped JAX against a plain numpy version.
 
-Both run the same recipe (SPEC.md, original default rates) on 64x64x32 cubes, batch 32, one CPU
+Both run the same recipe (docs/method.md#order-and-rates, the original's default rates) on 64x64x32
+cubes, batch 32, one CPU
 core each, interleaved so that load from other processes hits both alike:
 
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \

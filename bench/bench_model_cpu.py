@@ -5,7 +5,8 @@
   PYTHONPATH=. python bench/bench_model_cpu.py --in_process --no_torch # genesis_jax alone
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 2 cubes of
-64x64x32 (x, y, z), 1,465 GFLOP (SPEC.md). By default each framework runs in its own fresh
+64x64x32 (x, y, z), 1,465 GFLOP (docs/method.md#cost-of-the-original). By default each framework
+runs in its own fresh
 process (warm-up, then --reps steps), alternating jax, torch, jax, torch, ... for --rounds rounds
 so that slow drifts of the machine hit both alike; sharing one process slowed genesis_jax by ~2 s
 per step after each torch step. The PyTorch baseline is given its best settings found here:

@@ -7,7 +7,8 @@
   python bench/bench_model_gpu.py --width 4 --cube 16 16 8 --batches 2 --steps 2   # smoke (CPU)
 
 One step = forward + backward + SGD (momentum 0.9) of sigmoid + MSE on a batch of 64x64x32 cubes,
-732.5 GFLOP per cube (SPEC.md: 1,465 GFLOP per batch-2 step). Each framework runs in its own
+732.5 GFLOP per cube (docs/method.md#cost-of-the-original: 1,465 GFLOP per batch-2 step). Each
+framework runs in its own
 child process (JAX preallocates GPU memory), genesis_jax first, then PyTorch (--first torch swaps
 them), over the same list of (dtype, batch) configurations in priority order, variant by variant
 (--conv_impl, --torch_formats); a child skips what its share of --budget_s leaves no time for.

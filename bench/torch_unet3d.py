@@ -1,4 +1,4 @@
-"""Reference PyTorch UNet3D written from SPEC.md ("The network", "Released weights and their layout").
+"""Reference PyTorch UNet3D written from docs/method.md#pytorch-unet3d and #pytorch-checkpoint.
 
 For benchmarks and fixture generation only; torch is not a dependency of genesis_jax. Module and
 parameter names reproduce the released checkpoint's state_dict keys (down_tr64.ops.0.conv1.weight,

@@ -1,6 +1,7 @@
 """Corruption ops: contracts (shape, dtype, range, determinism) and the original's statistics.
 
-The statistical facts are the original's at 64x64x32 (SPEC.md); tolerances are several standard
+The statistical facts are the original's at 64x64x32 (docs/method.md#corruptions); tolerances are
+several standard
 errors of the number of draws used, so a wrong rate or size formula fails.
 """
 from __future__ import annotations
