@@ -31,16 +31,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from genesis_jax import errors
+from genesis_jax.config import schema
 
 # "unfold:N" is "unfold" with the Winograd tile along x fixed (0 = none, 2 = F(2, 3),
-# 4 = F(4, 3)) instead of chosen by `winograd_tile` from the dtype and backend.
-CONV_IMPLS = ("auto", "native", "unfold", "unfold:0", "unfold:2", "unfold:4")
+# 4 = F(4, 3)) instead of chosen by `winograd_tile` from the dtype and backend. The schema is the
+# one list of them.
+CONV_IMPLS = schema.CONV_IMPLS
 
 # `model.winograd_min_macs`: convs with fewer multiply-adds than this (as a direct 3x3x3 conv over
 # the whole batch) skip Winograd. Its extra ops cost XLA:CPU compile time and, on tiny layers, run
 # time, while mid-sized layers already gain; 1e8 is about a millisecond of conv on a 2-core CPU.
-# 0 uses Winograd wherever it applies, inf nowhere.
-DEFAULT_WINOGRAD_MIN_MACS = 1e8
+# 0 uses Winograd wherever it applies, inf nowhere. The default is the schema's.
+DEFAULT_WINOGRAD_MIN_MACS = schema.default("model.winograd_min_macs")
 
 
 def check_winograd_min_macs(value: Any) -> float:
