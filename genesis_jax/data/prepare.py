@@ -35,6 +35,11 @@ class PrepareError(errors.DataError):
   """A prepare run that cannot produce a usable dataset (no scans, all failed, zero cubes)."""
 
 
+# The way out of a bad scan under data.on_error='raise', appended to its error.
+SKIP_HINT = (" Fix or remove the file, or set config.data.on_error='skip' to skip bad scans "
+             "(they are listed in manifest.json).")
+
+
 def scan_key(rel_path: str) -> str:
   """A file-name-safe, unique id of a scan: its path relative to the source folder, sanitised,
   plus a short hash of the exact relative path (two names may sanitise alike)."""
@@ -168,7 +173,9 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
   for path in scans:
     rel = pathlib.Path(os.path.relpath(path, src_folder)).as_posix()
     key = scan_key(rel)
-    stat = path.stat()
+    # A dangling link has no target to stat: its own stat stands in, and reading it fails with
+    # an error naming it (skipped and reported, or raised, like any bad scan).
+    stat = path.stat() if path.exists() else path.lstat()
     job = _Job(path=path, rel=rel, key=key, npy=shard_dir / f"{key}.npy",
                sidecar=shard_dir / f"{key}.json",
                identity={"fingerprint": fingerprint, "seed": int(seed), "source": rel,
@@ -184,16 +191,16 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
             if records[job.key] is not None and "error" in records[job.key]}
   if errors and on_error == "raise":
     key, error = next(iter(errors.items()))
-    raise PrepareError(f"{next(j.path for j in jobs if j.key == key)}: {error}")
+    raise PrepareError(f"{next(j.path for j in jobs if j.key == key)}: {error}{SKIP_HINT}")
   for key in errors:
     records[key] = None
   for job, (record, error) in _run_jobs(todo, settings, data_cfg, seed, len(scans), progress,
                                         int(sampling.config_field(data_cfg, "num_workers", 0))):
     if error is not None:
       if on_error == "raise":
-        if str(job.path) in str(error) or job.path.name in str(error):
-          raise error
-        raise PrepareError(f"{job.path}: {type(error).__name__}: {error}") from error
+        named = str(job.path) in str(error) or job.path.name in str(error)
+        raise PrepareError(("" if named else f"{job.path}: {type(error).__name__}: ")
+                           + f"{error}{SKIP_HINT}") from error
       logging.warning("prepare: skipping %s: %s", job.path, error)
       errors[job.key] = f"{type(error).__name__}: {error}"
     records[job.key] = record

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import pathlib
 import zlib
 from typing import Sequence
@@ -37,6 +38,9 @@ SCAN_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 _MAX_VOXELS = 2**31
 # ITK's LPS+ world -> nibabel's RAS+ world: negate x and y.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# The way out for a 2D image: slices are cut from 3D scans, also for a 2D model.
+SLICES_HINT = ("2D models (config.model.spatial_dims=2) also read 3D scans and cut slices from "
+               "them, so stack the slices into one 3D file.")
 
 _log = logging.getLogger(__name__)
 
@@ -92,34 +96,63 @@ def is_dicom_dir(path: pathlib.Path) -> bool:
 
 
 def find_scans(folder: str | pathlib.Path) -> list[pathlib.Path]:
-  """All scans under `folder` (searched recursively), sorted by path.
+  """All scans under `folder` (searched recursively), sorted by path, each real file once.
 
   A scan is a file with a supported suffix (.nii, .nii.gz, .mhd, .mha, .nrrd, .nhdr) or a folder
   holding .dcm files or suffix-less DICOM files (one DICOM series). Hidden files (".*", e.g. the
   "._x.nii.gz" AppleDouble files shipped inside the Decathlon archives) are skipped. `.raw` files
   belong to their `.mhd`.
+
+  Symbolic links are followed, except into a folder that is already on the way down (by real
+  path), so a link loop (`d/self -> .`) lists nothing twice; two paths to one real file (links, or
+  a linked folder) give one scan, the first in path order. A dangling link with a scan suffix is
+  listed, so that reading it fails with an error naming it (a skipped, reported scan under
+  `data.on_error='skip'`).
   """
   root = pathlib.Path(folder)
   if not root.is_dir():
     raise VolumeReadError(f"{root}: scan folder does not exist or is not a folder.")
-  scans = []
-  dirs = [root]
+  found = []
+  # (folder, real paths of the folders above it): a folder whose real path is among them is a
+  # link back up the tree.
+  dirs: list[tuple[pathlib.Path, frozenset[str]]] = [(root, frozenset())]
   while dirs:
-    d = dirs.pop()
+    d, above = dirs.pop()
+    real = os.path.realpath(d)
+    if real in above:
+      _log.warning("%s links back to %s; not searched again.", d, real)
+      continue
+    above = above | {real}
     if is_dicom_dir(d):
-      scans.append(d)
+      found.append(d)
     for p in d.iterdir():
       if p.name.startswith("."):
         continue
       if p.is_dir():
-        dirs.append(p)
+        dirs.append((p, above))
       elif _suffix(p) in SCAN_SUFFIXES:
-        scans.append(p)
-  if not scans:
+        found.append(p)
+  if not found:
     raise VolumeReadError(
         f"{root}: no scans found (looked for {', '.join(SCAN_SUFFIXES)} files and folders of"
         " DICOM files).")
-  return sorted(scans, key=str)
+  scans, first_of = [], {}
+  for p in sorted(found, key=str):
+    real = os.path.realpath(p)
+    if real in first_of:
+      _log.warning("%s is the same file as %s (%s); listed once.", p, first_of[real], real)
+      continue
+    first_of[real] = p
+    scans.append(p)
+  return scans
+
+
+def broken_link_message(path: pathlib.Path) -> str | None:
+  """What is wrong when `path` is a symbolic link to nothing; None when it is not one."""
+  if not path.is_symlink() or path.exists():
+    return None
+  return (f"{path}: broken symbolic link to {os.readlink(path)!r} (no such file); fix or remove "
+          "the link.")
 
 
 def load_volume(path: str | pathlib.Path, *, channel: int | None = None) -> Volume:
@@ -133,7 +166,7 @@ def load_volume(path: str | pathlib.Path, *, channel: int | None = None) -> Volu
   """
   path = pathlib.Path(path)
   if not path.exists():
-    raise VolumeReadError(f"{path}: no such file or folder.")
+    raise VolumeReadError(broken_link_message(path) or f"{path}: no such file or folder.")
   suffix = _suffix(path)
   if path.is_dir():
     data, affine = _read_dicom_series(path)
@@ -185,10 +218,16 @@ def _to_3d(data: np.ndarray, channel: int | None, path: pathlib.Path) -> np.ndar
       raise VolumeReadError(
           f"{path}: channel {channel} requested but the image has {data.shape[3]} channels.")
     return data[..., channel]
+  if data.ndim == 4:
+    raise VolumeReadError(
+        f"{path}: expected a 3D volume (x, y, z), got a 4D image of shape {data.shape} "
+        f"({data.shape[3]} channels or time points); save the channel you want as a 3D file of "
+        "its own (nnU-Net: <case>_0000.nii.gz, <case>_0001.nii.gz, ...), or in Python pass "
+        "channel=<k> to load_volume.")
   if data.ndim != 3:
     raise VolumeReadError(
-        f"{path}: expected a 3D volume, got a {data.ndim}D image of shape {data.shape}"
-        + (" (pass channel= to pick one channel of a 4D image)" if data.ndim == 4 else "") + ".")
+        f"{path}: expected a 3D volume (x, y, z), got a {data.ndim}D image of shape "
+        f"{data.shape}; give one 3D scan per file.")
   return data
 
 
@@ -254,8 +293,12 @@ def _read_nifti(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     raise VolumeReadError(f"{path}: not a valid NIfTI header ({type(e).__name__}: {e}).") from e
   if dtype.kind not in "iuf" or dtype.fields is not None:
     raise VolumeReadError(f"{path}: unsupported voxel type {dtype} (need integers or floats).")
-  if any(s <= 0 for s in shape) or len(shape) < 3:
+  if any(s <= 0 for s in shape):
     raise VolumeReadError(f"{path}: bad image dimensions {shape} in the header.")
+  if len(shape) < 3:
+    raise VolumeReadError(
+        f"{path}: expected a 3D volume (x, y, z), got a {len(shape)}D image of shape {shape}; "
+        + SLICES_HINT)
   count = int(np.prod(shape, dtype=np.float64))
   if count > _MAX_VOXELS:
     raise VolumeReadError(f"{path}: header claims {count} voxels {shape}; corrupt header?")
@@ -313,7 +356,9 @@ def _sitk_to_array(image, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
         " image.")
   dim = image.GetDimension()
   if dim not in (3, 4):
-    raise VolumeReadError(f"{path}: expected a 3D volume, got a {dim}D image {image.GetSize()}.")
+    raise VolumeReadError(
+        f"{path}: expected a 3D volume (x, y, z), got a {dim}D image of size {image.GetSize()}; "
+        + SLICES_HINT)
   # GetArrayFromImage returns (z, y, x) (or (t, z, y, x)); reverse to (x, y, z[, t]).
   data = sitk.GetArrayViewFromImage(image)
   data = np.transpose(data, tuple(range(data.ndim))[::-1]).astype(np.float32)

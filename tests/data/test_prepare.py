@@ -209,6 +209,30 @@ def test_bad_scans_are_skipped_with_a_report_or_raise(scans, tmp_path, monkeypat
     prepare_lib.prepare(_config(), only_bad, tmp_path / "ds_bad", seed=0, progress=False)
 
 
+def test_a_symlink_loop_gives_one_scan_and_a_dangling_link_is_skipped_and_reported(scans, tmp_path):
+  loop = tmp_path / "d" / "loop"
+  loop.mkdir(parents=True)
+  (loop / "good.nii.gz").write_bytes((scans / "case_00.nii.gz").read_bytes())
+  os.symlink(".", loop / "self")
+  out = prepare_lib.prepare(_config(), loop, tmp_path / "ds", seed=0, progress=False)
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["source"]["scans"] == 1 and len(manifest["shards"]) == 1
+  assert manifest["counts"]["train"]["scans"] == 1 and manifest["counts"]["val"]["scans"] == 0
+
+  os.symlink(tmp_path / "moved_away.nii.gz", loop / "gone.nii.gz")
+  out = prepare_lib.prepare(_config(), loop, tmp_path / "ds2", seed=0, progress=False)
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert len(manifest["shards"]) == 1
+  (skipped,) = manifest["skipped"]
+  assert skipped["path"] == str(loop / "gone.nii.gz")
+  assert "broken symbolic link" in skipped["reason"]
+  with pytest.raises(prepare_lib.PrepareError) as e:
+    prepare_lib.prepare(_config(on_error="raise"), loop, tmp_path / "ds3", seed=0, progress=False)
+  msg = str(e.value)
+  assert "gone.nii.gz: broken symbolic link" in msg and "config.data.on_error='skip'" in msg
+  assert not (tmp_path / "ds3" / "manifest.json").exists()
+
+
 def test_lung_filter_keeps_mostly_air_crops_and_zero_cubes_is_an_error(scans, tmp_path):
   out = prepare_lib.prepare(_config(lung_filter=True), scans, tmp_path / "ds", seed=0,
                             progress=False)

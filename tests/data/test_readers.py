@@ -219,6 +219,43 @@ def test_find_scans_sorted_recursive_skips_hidden_and_raw(tmp_path):
   assert readers.scan_id(tmp_path / "subset0/z.nii.gz") == "z"
 
 
+def test_find_scans_does_not_follow_a_link_loop_and_lists_each_real_file_once(tmp_path):
+  loop = tmp_path / "d" / "loop"
+  loop.mkdir(parents=True)
+  (loop / "good.nii.gz").write_bytes(b"")
+  os.symlink(".", loop / "self")  # d/loop/self -> . : an endless tree when followed
+  assert find_scans(loop) == [loop / "good.nii.gz"]
+  # Two paths to one real file (a link, and a linked folder) are one scan, the first in path order.
+  os.symlink(loop / "good.nii.gz", loop / "same.nii.gz")
+  os.symlink(loop, tmp_path / "d" / "alias")
+  assert find_scans(tmp_path / "d") == [tmp_path / "d" / "alias" / "good.nii.gz"]
+
+
+def test_a_dangling_link_is_listed_and_reading_it_names_the_link(tmp_path):
+  (tmp_path / "good.nii.gz").write_bytes(b"")
+  os.symlink(tmp_path / "moved_away.nii.gz", tmp_path / "gone.nii.gz")
+  assert find_scans(tmp_path) == [tmp_path / "gone.nii.gz", tmp_path / "good.nii.gz"]
+  with pytest.raises(VolumeReadError,
+                     match=r"gone.nii.gz: broken symbolic link to .*moved_away.nii.gz.*fix or "
+                           r"remove the link"):
+    load_volume(tmp_path / "gone.nii.gz")
+
+
+def test_2d_and_4d_images_say_3d_was_expected_and_what_to_do(tmp_path):
+  (tmp_path / "slice.nii").write_bytes(_nifti_bytes(np.ones((6, 5), np.int16)))
+  with pytest.raises(VolumeReadError) as e:
+    load_volume(tmp_path / "slice.nii")
+  msg = str(e.value)
+  assert "slice.nii: expected a 3D volume (x, y, z), got a 2D image of shape (6, 5)" in msg
+  assert "stack the slices into one 3D file" in msg and "\n" not in msg
+  (tmp_path / "multi.nii").write_bytes(_nifti_bytes(np.ones((3, 3, 3, 2), np.int16)))
+  with pytest.raises(VolumeReadError) as e:
+    load_volume(tmp_path / "multi.nii")
+  msg = str(e.value)
+  assert "multi.nii: expected a 3D volume (x, y, z), got a 4D image of shape (3, 3, 3, 2)" in msg
+  assert "save the channel you want as a 3D file" in msg and "\n" not in msg
+
+
 def test_find_scans_missing_or_empty_folder(tmp_path):
   with pytest.raises(VolumeReadError, match="nope: scan folder does not exist"):
     find_scans(tmp_path / "nope")
@@ -243,7 +280,7 @@ def _nifti_bytes(raw=None, compress=False) -> bytes:
     ("text.nii", lambda: b"just some notes\n" * 40, "text.nii: not a valid NIfTI header"),
     ("tiny.nii", lambda: b"hello", "tiny.nii: 5 bytes, too short"),
     ("real4d.nii", lambda: _nifti_bytes(np.zeros((3, 3, 3, 2), np.int16)), "real4d.nii: .*4D"),
-    ("flat.nii", lambda: _nifti_bytes(np.zeros((3, 3), np.int16)), "flat.nii: bad image dim"),
+    ("flat.nii", lambda: _nifti_bytes(np.zeros((3, 3), np.int16)), "flat.nii: expected a 3D volume .* 2D image"),
     ("scan.mhd", lambda: b"DimSize = 3 3\x00\xff garbage", "scan.mhd: cannot read the image"),
     ("scan.nrrd", lambda: b"NRRD0004\ntype: foo\nsizes: 2 2 2\n\n", "scan.nrrd: cannot read"),
     ("scan.hdr", lambda: b"x", "scan.hdr: unsupported file type"),
