@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from genesis_jax import errors
+from genesis_jax.config import schema
 from genesis_jax.data import tasks as task_data
 from genesis_jax.eval import metrics as metrics_lib
 from genesis_jax.train import loop, optim, sharding
@@ -324,8 +325,21 @@ def _segment_volumes(config, workdir, model, variables, volumes) -> dict:
 
 
 def evaluate(config, workdir) -> dict:
-  """`mode=evaluate`: test metrics of the best checkpoint in `workdir` (written to eval.json)."""
+  """`mode=evaluate`: test metrics of the best checkpoint in `workdir` (written to eval.json).
+
+  A workdir without a fine-tuning checkpoint is refused before any data is read or written."""
   workdir = pathlib.Path(workdir)
+  _, steps = transfer.checkpoint_steps(workdir / "checkpoints", "best")
+  if not steps:
+    raise errors.MissingPathError(
+        f"--workdir {workdir} holds no checkpoint of a fine-tuning run (no checkpoints/best or "
+        "checkpoints/latest); mode=evaluate tests a finished run: fine-tune in this workdir "
+        "first (config.mode=finetune), or give the workdir of a finished fine-tuning run.")
+  saved = workdir / "config.json"
+  mode = json.loads(saved.read_text()).get("mode") if saved.is_file() else None
+  if mode is not None and mode not in schema.FAMILIES[schema.FT]:
+    raise errors.ConfigError(f"--workdir {workdir} is a {mode!r} run; mode=evaluate needs the "
+                             "workdir of a fine-tuning run (config.mode=finetune).")
   mesh = sharding.make_mesh()
   data, _, model = _setup(config, workdir)
   return _test(config, workdir, model, data, mesh, jit_eval_step(model.apply, config, mesh),

@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import json
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -74,17 +75,53 @@ def _params_first(item: tuple[str, Any]) -> tuple[bool, str]:
   return not item[0].startswith("params/"), item[0]
 
 
+FIRST_CONV = "params/encoder/down_0/conv_0/conv/kernel"
+_ENCODER_LEVEL = re.compile(r"params/encoder/down_(\d+)/")
+
+
+def architecture(flat: dict[str, Any]) -> dict[str, int]:
+  """What flat parameter shapes say about a U-Net: the config.model keys width (the first conv's
+  output channels), spatial_dims and depth (the deepest encoder level); the keys it cannot tell
+  are left out."""
+  out = {}
+  first = flat.get(FIRST_CONV)
+  if first is not None and len(np.shape(first)) >= 3:
+    out["width"] = int(np.shape(first)[-1])
+    out["spatial_dims"] = len(np.shape(first)) - 2
+  levels = [int(m.group(1)) for m in map(_ENCODER_LEVEL.match, flat) if m]
+  if levels:
+    out["depth"] = max(levels)
+  return out
+
+
+def check_architecture(target: dict[str, Any], src: dict[str, Any], source: str) -> None:
+  """Raises TransferError when the checkpoint is another network (width, depth or 2D/3D) than
+  the model: one line naming the checkpoint's values and the config keys, not every array."""
+  model, ckpt = architecture(target), architecture(src)
+  keys = [k for k in ("width", "depth", "spatial_dims") if k in model and k in ckpt
+          and model[k] != ckpt[k]]
+  if not keys:
+    return
+  have = ", ".join(f"{ckpt[k]}D" if k == "spatial_dims" else f"{k} {ckpt[k]}" for k in keys)
+  want = ", ".join(f"config.model.{k}={model[k]}" for k in keys)
+  fix = " ".join(f"--config.model.{k}={ckpt[k]}" for k in keys)
+  raise TransferError(f"{source}: the checkpoint is {have} ({want}); fine-tune with {fix} to use "
+                      f"it, or set config.finetune.init to a checkpoint of the model's size.")
+
+
 def merge_params(init_vars: dict, loaded_vars: dict, *, source: str, dont_load=(),
                  adapt_input_channels: bool = False) -> tuple[dict, TransferReport]:
   """Copies `loaded_vars` leaves into `init_vars` where the paths match.
 
   Paths are "collection/module/.../leaf" (e.g. "params/encoder/down_0/conv_0/conv/kernel");
   `dont_load` holds fnmatch patterns of target paths to keep fresh (e.g. "params/out/*" for a new
-  head).
+  head). A checkpoint of another width, depth or dimensionality is refused in one line naming
+  them (`check_architecture`).
   """
   report = TransferReport(source=source)
   target = _flat({c: init_vars.get(c, {}) for c in init_vars})
   src = _flat({c: loaded_vars.get(c, {}) for c in loaded_vars})
+  check_architecture(target, src, source)
   mismatched = []
   out = {}
   for path, init_leaf in sorted(target.items(), key=_params_first):
@@ -150,14 +187,23 @@ def load_pretrained(init: str, *, which: str = "best",
   return _restore_run_checkpoint(ckdir, path, which, step)
 
 
+def checkpoint_steps(ckdir: pathlib.Path, which: str = "best",
+                     step: int | None = None) -> tuple[pathlib.Path, list[int]]:
+  """(folder, its saved steps) of a run's checkpoints/ dir: best/ (latest/ while best/ is empty,
+  i.e. before the first evaluation) or latest/; no steps when there is no checkpoint."""
+  sub = ckdir / ("best" if which == "best" and step is None else "latest")
+  steps = sorted(int(p.name) for p in sub.iterdir() if p.name.isdigit()) if sub.is_dir() else []
+  if which == "best" and not steps:  # No evaluation yet: fall back to the latest.
+    sub = ckdir / "latest"
+    steps = (sorted(int(p.name) for p in sub.iterdir() if p.name.isdigit()) if sub.is_dir()
+             else [])
+  return sub, steps
+
+
 def _restore_run_checkpoint(ckdir: pathlib.Path, workdir: pathlib.Path, which: str,
                             step: int | None) -> tuple[dict, dict | None]:
   import orbax.checkpoint as ocp
-  sub = ckdir / ("best" if which == "best" and step is None else "latest")
-  steps = sorted(int(p.name) for p in sub.iterdir() if p.name.isdigit()) if sub.is_dir() else []
-  if which == "best" and not steps:  # No evaluation yet: fall back to the latest, say so.
-    sub = ckdir / "latest"
-    steps = sorted(int(p.name) for p in sub.iterdir() if p.name.isdigit())
+  sub, steps = checkpoint_steps(ckdir, which, step)
   if not steps:
     raise TransferError(f"{ckdir} holds no complete checkpoint.")
   if step is not None and step not in steps:

@@ -60,7 +60,7 @@ def test_width_mismatch_is_an_error_naming_paths():
   other = _init(heads.build_model(_model_cfg(8), task="classify", n_class=1))
   with pytest.raises(transfer.TransferError) as e:
     transfer.merge_params(other, pre, source="ckpt-w4")
-  assert "ckpt-w4" in str(e.value) and "params/encoder/" in str(e.value)
+  assert "ckpt-w4: the checkpoint is width 4 (config.model.width=8)" in str(e.value)
 
 
 def test_input_channel_adaptation_is_opt_in():
@@ -83,6 +83,23 @@ def test_not_a_checkpoint_is_an_error(tmp_path):
   (tmp_path / "w.txt").write_text("x")
   with pytest.raises(transfer.TransferError, match="not a known weights file"):
     transfer.load_pretrained(str(tmp_path / "w.txt"))
+
+
+def test_evaluate_without_a_fine_tuning_checkpoint_is_refused_before_writing_anything(tmp_path):
+  from genesis_jax import errors, run as run_lib
+  config = defaults.finetune_config()
+  config.mode = "evaluate"  # Phantom data by default: it would be generated into the workdir.
+  with pytest.raises(errors.MissingPathError) as e:
+    run_lib.run(config, tmp_path)
+  msg = str(e.value)
+  assert f"--workdir {tmp_path} holds no checkpoint of a fine-tuning run" in msg
+  assert "config.mode=finetune" in msg and "\n" not in msg
+  assert not list(tmp_path.iterdir())
+  (tmp_path / "checkpoints" / "latest" / "5").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(defaults.pretrain_config().to_json())
+  with pytest.raises(errors.ConfigError, match="is a 'pretrain' run; mode=evaluate needs"):
+    run_lib.run(config, tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.json"]
 
 
 # ---------------------------------------------------------------------- runs (slower)
@@ -121,6 +138,9 @@ def test_finetune_classify_from_pretraining(tmp_path, pretrained_workdir, task_p
   best, _ = transfer.load_pretrained(str(tmp_path), which="best")
   for k, v in _flat(pre["params"]["encoder"]).items():
     np.testing.assert_array_equal(_flat(best["params"]["encoder"])[k], v, err_msg=k)
+  # mode=evaluate on the finished run tests the same best checkpoint again.
+  config.mode = "evaluate"
+  assert finetune.evaluate(config, tmp_path)["auc"] == pytest.approx(ev["auc"], abs=1e-6)
 
 
 def test_finetune_segment_writes_eval_and_predictions(tmp_path, pretrained_workdir, task_phantoms):
