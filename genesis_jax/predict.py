@@ -15,7 +15,8 @@ dropped) with the scan's canonical (RAS+) affine: a uint8 mask
 (probability >= `predict.threshold`), a label map (argmax, several classes), or the float32
 probabilities (`predict.probabilities`). Classification: every candidate of `predict.candidates`
 (LUNA16 columns; `class` optional) gets a probability in `<output>/predictions.csv`.
-`<output>/predictions.json` lists what was written (and, for classification with labels, AUC).
+`<output>/predictions.json` lists what was written (and, for classification with labels, AUC),
+also when a run stops part-way (the reason under `stopped`).
 Files are written under a temporary name and renamed, so an output is complete or absent; outputs
 already there are kept (a rerun continues) unless `predict.overwrite`.
 """
@@ -58,10 +59,18 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   inputs = by_scan_id(find_inputs(str(p.input)))  # Before loading or writing anything.
   apply = _apply_fn(run_cfg, workdir, str(p.which))
   out_dir.mkdir(parents=True, exist_ok=True)
-  if kind == "segment":
-    result = _segment_all(config, run_cfg, apply, inputs, out_dir)
-  else:
-    result = _classify_all(config, run_cfg, apply, inputs, out_dir, n_class)
+  result: dict[str, Any] = {"written": [], "kept": [], "failed": []}
+  try:
+    if kind == "segment":
+      _segment_all(config, run_cfg, apply, inputs, out_dir, result)
+    else:
+      result = _classify_all(config, run_cfg, apply, inputs, out_dir, n_class)
+  except BaseException as e:
+    if result["written"]:  # Stopped part-way: predictions.json lists what this run wrote.
+      result.update(workdir=str(workdir), checkpoint=str(p.which), kind=kind,
+                    stopped=f"{type(e).__name__}: {e}")
+      store.write_bytes(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
+    raise
   result.update(workdir=str(workdir), checkpoint=str(p.which), kind=kind)
   store.write_bytes(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
   print(f"predict: wrote {out_dir / 'predictions.json'}", flush=True)
@@ -129,10 +138,11 @@ def by_scan_id(inputs: list[pathlib.Path]) -> dict[str, pathlib.Path]:
 
 # ---------------------------------------------------------------------------------- segment
 def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
-                 out_dir: pathlib.Path) -> dict:
+                 out_dir: pathlib.Path, result: dict) -> None:
+  """Segments every input into out_dir, recording each output in `result` as it is written."""
   p = config.predict
   n_class = int(run_cfg.task.n_class)
-  written, kept, failed = [], [], []
+  written, kept, failed = result["written"], result["kept"], result["failed"]
   for sid, path in inputs.items():
     out = out_dir / f"{sid}_pred.nii.gz"
     if out.exists() and not p.overwrite:
@@ -144,7 +154,10 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
       pre = preprocess_lib.preprocess(src, run_cfg.data)
     except (readers.VolumeReadError, ValueError) as e:
       if p.on_error == "raise":
-        raise
+        bad = type(e) if isinstance(e, readers.VolumeReadError) else errors.DataError
+        raise bad(("" if str(path) in str(e) else f"{path}: ") + f"{e} Set "
+                  "config.predict.on_error='skip' to skip such scans (they are listed under "
+                  "'failed' in predictions.json).") from e
       print(f"predict: skipped {path}: {e}", flush=True)
       failed.append({"scan": str(path), "error": str(e)})
       continue
@@ -170,7 +183,6 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
       entry["foreground_ml"] = {str(k): float(counts[k] * voxel_ml) for k in range(1, len(counts))}
     written.append(entry)
     print(f"predict: {path} -> {out}", flush=True)
-  return {"written": written, "kept": kept, "failed": failed}
 
 
 # --------------------------------------------------------------------------------- classify

@@ -90,10 +90,11 @@ def test_segment_matches_the_runs_own_test_predictions(tmp_path, seg_run, phanto
 
 
 def test_two_inputs_with_one_case_id_are_an_error(tmp_path, seg_run, phantoms):
+  # Two files (links to one file are one scan: find_scans lists each real file once).
   for sub in ("a", "b"):
     (tmp_path / sub).mkdir()
-    os.symlink(phantoms / "imagesTr" / "phantom_005_0000.nii.gz",
-               tmp_path / sub / "phantom_005_0000.nii.gz")
+    (tmp_path / sub / "phantom_005_0000.nii.gz").write_bytes(
+        (phantoms / "imagesTr" / "phantom_005_0000.nii.gz").read_bytes())
   with pytest.raises(predict.PredictError, match="two inputs have the scan id 'phantom_005'"):
     experiment.run(_predict_config(tmp_path, output=str(tmp_path / "out")), seg_run)
   assert not (tmp_path / "out").exists()
@@ -110,6 +111,28 @@ def test_bad_scan_raises_or_is_skipped(tmp_path, seg_run, phantoms):
   result = experiment.run(_predict_config(scans, output=str(out), on_error="skip"), seg_run)
   assert [os.path.basename(f["scan"]) for f in result["failed"]] == ["broken.nii.gz"]
   assert len(result["written"]) + len(result["kept"]) == 2
+
+
+def test_a_nan_scan_names_on_error_skip_and_predictions_json_lists_what_was_written(
+    tmp_path, seg_run, phantoms):
+  scans = _test_scans(phantoms, tmp_path)
+  img = nib.load(scans / "phantom_005_0000.nii.gz")
+  data = img.get_fdata(dtype=np.float32)
+  data[0, 0, :3] = np.nan
+  nib.save(nib.Nifti1Image(data, img.affine), str(scans / "zz_nan.nii.gz"))  # sorted last
+  out = tmp_path / "out"
+  with pytest.raises(ValueError) as e:
+    experiment.run(_predict_config(scans, output=str(out)), seg_run)
+  msg = str(e.value)
+  assert "zz_nan.nii.gz: 3 of" in msg and "NaN or Inf" in msg
+  assert "config.predict.on_error='skip'" in msg and "\n" not in msg
+  saved = json.loads((out / "predictions.json").read_text())  # the two outputs written first
+  assert [os.path.basename(w["output"]) for w in saved["written"]] == [
+      "phantom_005_pred.nii.gz", "phantom_006_pred.nii.gz"]
+  assert "zz_nan.nii.gz" in saved["stopped"]
+  result = experiment.run(_predict_config(scans, output=str(out), on_error="skip"), seg_run)
+  assert [os.path.basename(f["scan"]) for f in result["failed"]] == ["zz_nan.nii.gz"]
+  assert len(result["kept"]) == 2 and "stopped" not in result
 
 
 def test_out_of_device_memory_stops_with_the_setting_to_lower(tmp_path, seg_run, phantoms,
