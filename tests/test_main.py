@@ -136,3 +136,32 @@ def test_retired_numerics_environment_variables_name_their_config_key(name, key)
   main.check_retired_environment({})  # nothing set: fine
   with pytest.raises(errors.ConfigError, match=f"{name} is no longer read.*{key}"):
     main.check_retired_environment({name: "0"})
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.learning_rate", -0.001, r"^config.train.learning_rate=-0.001 must be > 0\.$"),
+    ("num_steps", 0, r"^config.num_steps=0 must be >= 1\.$"),
+    ("keep_checkpoints", 0, r"^config.keep_checkpoints=0 must be >= 1\.$"),
+    ("eval_every", 0, r"^config.eval_every=0 must be >= 1\.$"),
+    ("checkpoint_every", 0, r"^config.checkpoint_every=0 must be >= 1\.$"),
+    ("log_every", 0, r"^config.log_every=0 must be >= 1\.$"),
+    ("model.width", 0, r"^config.model.width=0 must be >= 1\.$"),
+    ("data.crop", (60, 60, 30), r"every size must be divisible by 8 \(2\*\*config.model.depth"),
+])
+def test_bad_values_are_refused_before_anything_is_prepared_or_written(tmp_path, monkeypatch,
+                                                                       key, value, match):
+  from genesis_jax import run as run_lib
+  from genesis_jax.config import loading, schema
+  monkeypatch.chdir(REPO)
+  config = loading.load_config_file("configs/demo.py")
+  scans = tmp_path / "scans"
+  scans.mkdir()
+  (scans / "scan.nii.gz").write_bytes(b"")  # A folder to prepare, were the config accepted.
+  loading.apply_overrides(config, {"data": {"source": "folder", "path": str(scans)}})
+  loading.apply_overrides(config, schema.nest({key: value}))
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.ConfigError, match=match) as e:
+    run_lib.run(config, workdir)
+  assert "\n" not in str(e.value)
+  assert not workdir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["scans"]
+
