@@ -2,7 +2,7 @@
 
 Overrides: --config.<key>=<value> (e.g. --config.train.batch_size=8, --config.num_steps=100).
 Unknown keys are an error that names the closest known keys. `config.mode` picks the job:
-pretrain | finetune | evaluate | predict | prepare | experiment.
+pretrain | finetune | evaluate | predict | probe | prepare | experiment.
 
 A user-facing error (`genesis_jax.errors.GenesisError`: a bad key, value, file or path) prints
 one line, `error: <message>`, and exits non-zero; any other exception is a bug and prints its
@@ -34,7 +34,7 @@ USAGE = ("python -m genesis_jax.main --config configs/<file>.py[:variant] --work
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # Keys most runs touch, shown by --help; docs/config.md lists every key.
 MAIN_KEYS = (
-    ("mode", "pretrain | finetune | evaluate | predict | prepare | experiment"),
+    ("mode", "pretrain | finetune | evaluate | predict | probe | prepare | experiment"),
     ("num_steps", "training steps (an upper bound when early stopping is on)"),
     ("data.source, data.path", "where the scans come from (phantom | folder | prepared | npy)"),
     ("data.crop", "cube size (x, y, z), or (x, y) for 2D slices"),

@@ -27,5 +27,8 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   if config.mode == "predict":
     from genesis_jax import predict
     return predict.run(config, workdir)
+  if config.mode == "probe":
+    from genesis_jax.experiments import probe
+    return probe.run(config, workdir)
   from genesis_jax.experiments import trials
   return trials.run(config, workdir)

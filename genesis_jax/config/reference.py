@@ -25,7 +25,7 @@ family is an error that names the family it belongs to.
 | Family | Modes | Builder (in `genesis_jax.config.schema`) |
 |---|---|---|
 | pre-training | pretrain, prepare | `pretrain_config()` |
-| fine-tuning | finetune, evaluate, predict | `finetune_config()`, `phantom_task_config(kind)` |
+| fine-tuning | finetune, evaluate, predict, probe | `finetune_config()`, `phantom_task_config()` |
 | experiment | experiment | `experiment_config()` |
 
 Experiment arms and tasks are dicts (built with `schema.arm` and `schema.task` in config files).

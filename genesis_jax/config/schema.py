@@ -4,7 +4,7 @@ Keys live in sections (`model`, `corruption`, `data`, `train`, ...; "" is the to
 belongs to one or more config families:
 
   pretrain    modes pretrain and prepare           (built by `pretrain_config()`)
-  finetune    modes finetune, evaluate and predict (built by `finetune_config()`)
+  finetune    modes finetune, evaluate, predict and probe (built by `finetune_config()`)
   experiment  mode experiment                      (built by `experiment_config()`)
 
 A builder returns a ConfigDict with the keys of its family only, so a key that the mode does not
@@ -27,9 +27,9 @@ import ml_collections
 from genesis_jax import errors
 
 PRE, FT, EXP = "pretrain", "finetune", "experiment"
-FAMILIES = {PRE: ("pretrain", "prepare"), FT: ("finetune", "evaluate", "predict"),
+FAMILIES = {PRE: ("pretrain", "prepare"), FT: ("finetune", "evaluate", "predict", "probe"),
             EXP: ("experiment",)}
-MODES = ("pretrain", "finetune", "evaluate", "predict", "prepare", "experiment")
+MODES = ("pretrain", "finetune", "evaluate", "predict", "probe", "prepare", "experiment")
 BUILDERS = {PRE: "pretrain_config()", FT: "finetune_config()", EXP: "experiment_config()"}
 FAMILY_NAMES = {PRE: "pre-training", FT: "fine-tuning", EXP: "experiment"}
 
@@ -169,7 +169,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "": {
         "mode": _k(PerFamily({PRE: "pretrain", FT: "finetune", EXP: "experiment"}),
                    "The job to run; a config family serves several modes (pretrain, prepare | "
-                   "finetune, evaluate, predict | experiment).", str, choices=MODES,
+                   "finetune, evaluate, predict, probe | experiment).", str, choices=MODES,
                    families=(PRE, FT, EXP)),
         "seed": _k(0, "Seed of initialisation, data order and corruptions.", range=NON_NEGATIVE),
         "num_steps": _k(per(200_000, 2000), "Training steps (an upper bound: early stopping "
@@ -361,6 +361,26 @@ SECTIONS: dict[str, dict[str, Key]] = {
                         families=_F),
         "on_error": _k("raise", "An unreadable scan: raise, or skip (listed in the json).",
                        choices=("raise", "skip"), families=_F),
+    },
+    "probe": {
+        "pretrain_dir": _k("", "mode=probe: the pre-training workdir to analyse (its "
+                           "checkpoints and config.json); empty = the run's --workdir. The probe "
+                           "reads the task's training and validation cases (never its test "
+                           "cases): classify, the candidate cubes and their classes; segment, "
+                           "the cubes, labelled 1 when they hold any foreground voxel.",
+                           families=_F),
+        "which": _k("all", "Checkpoints probed: all (every saved step), best or latest; a "
+                    "random init of the same network is always probed too.",
+                    choices=("all", "best", "latest"), families=_F),
+        "folds": _k(5, "Cross-validation folds of the linear probe, grouped by case (subject).",
+                    range=Range(2), families=_F),
+        "max_samples": _k(2000, "Cubes probed at most (a random subset; 0 = all).",
+                          range=NON_NEGATIVE, families=_F),
+        "C": _k(1.0, "Inverse L2 regularisation of the logistic-regression probe.", float,
+                range=Range(0.0, lo_open=True), families=_F),
+        "batch_size": _k(32, "Cubes per forward pass of the encoder.", range=POSITIVE,
+                         families=_F),
+        "report": _k("probe", "Output name: <workdir>/<report>.json and .png.", families=_F),
     },
     "experiment": {
         "tasks": _k({"finetune_ncc": task("configs/finetune_ncc.py"),

@@ -74,6 +74,7 @@ def _segmentation(config, root: pathlib.Path) -> dict[str, Any]:
                                              fg_fraction=float(d.fg_fraction), seed=seed)
   out["test_volumes"] = [preprocess_lib.preprocess_pair(v, lab, d) for v, lab in pairs["test"]]
   out["split"] = split
+  out["case_ids"] = {k: np.repeat(split[k], int(d.cubes_per_case)) for k in ("train", "val")}
   return out
 
 
@@ -99,9 +100,10 @@ def _classification(config, root: pathlib.Path) -> dict[str, Any]:
     raise errors.DataError(f"{csv_path}: {len(missing)} scan id(s) have no scan under {root}, "
                            f"e.g. {missing[:3]}.")
   split = split_ids(ids, d, f"classification data at {root}")
-  out = {}
+  out, case_ids = {}, {}
   for k, sids in split.items():
     chosen = [c for c in candidates if c.scan_id in set(sids)]
+    case_ids[k] = np.array([c.scan_id for c in chosen])  # classification_cubes keeps this order.
     scans = candidates_lib.LazyScans({s: paths[s] for s in sids})
     x, y = candidates_lib.classification_cubes(scans, chosen, d.crop, d)
     if k != "test" and len(np.unique(y)) < 2:
@@ -109,6 +111,7 @@ def _classification(config, root: pathlib.Path) -> dict[str, Any]:
           f"classification {k} split has only class {np.unique(y)}; add cases.")
     out[k] = (x, y)
   out["split"] = split
+  out["case_ids"] = case_ids
   return out
 
 
@@ -116,6 +119,7 @@ def load(config, workdir: pathlib.Path) -> dict[str, Any]:
   """{"train": (x, y), "val": (x, y), "test": (x, y)} (classify) or with "test_volumes" (segment).
 
   x: (N, *crop, 1) float32 in [0, 1]; y: (N,) int (classify) or (N, *crop, 1) uint8 (segment).
+  Also "split" ({split: case ids}) and "case_ids" ({split: (N,) the case of each cube}).
   """
   root = _root(config, pathlib.Path(workdir))
   if config.task.kind == "segment":
