@@ -136,14 +136,17 @@ def find_scans(folder: str | pathlib.Path) -> list[pathlib.Path]:
     raise VolumeReadError(
         f"{root}: no scans found (looked for {', '.join(SCAN_SUFFIXES)} files and folders of"
         " DICOM files).")
-  scans, first_of = [], {}
+  scans, first_of, repeats = [], {}, []
   for p in sorted(found, key=str):
     real = os.path.realpath(p)
     if real in first_of:
-      _log.warning("%s is the same file as %s (%s); listed once.", p, first_of[real], real)
+      repeats.append(f"{p} (= {first_of[real]})")
       continue
     first_of[real] = p
     scans.append(p)
+  if repeats:
+    _log.warning("%s: %d path(s) lead to a scan already listed, each listed once: %s%s", root,
+                 len(repeats), ", ".join(repeats[:3]), " ..." if len(repeats) > 3 else "")
   return scans
 
 

@@ -219,7 +219,7 @@ def test_find_scans_sorted_recursive_skips_hidden_and_raw(tmp_path):
   assert readers.scan_id(tmp_path / "subset0/z.nii.gz") == "z"
 
 
-def test_find_scans_does_not_follow_a_link_loop_and_lists_each_real_file_once(tmp_path):
+def test_find_scans_does_not_follow_a_link_loop_and_lists_each_real_file_once(tmp_path, caplog):
   loop = tmp_path / "d" / "loop"
   loop.mkdir(parents=True)
   (loop / "good.nii.gz").write_bytes(b"")
@@ -229,6 +229,7 @@ def test_find_scans_does_not_follow_a_link_loop_and_lists_each_real_file_once(tm
   os.symlink(loop / "good.nii.gz", loop / "same.nii.gz")
   os.symlink(loop, tmp_path / "d" / "alias")
   assert find_scans(tmp_path / "d") == [tmp_path / "d" / "alias" / "good.nii.gz"]
+  assert "lead to a scan already listed, each listed once" in caplog.text
 
 
 def test_a_dangling_link_is_listed_and_reading_it_names_the_link(tmp_path):
