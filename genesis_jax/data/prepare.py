@@ -36,8 +36,8 @@ class PrepareError(errors.DataError):
 
 
 # The way out of a bad scan under data.on_error='raise', appended to its error.
-SKIP_HINT = (" Fix or remove the file, or set config.data.on_error='skip' to skip bad scans "
-             "(they are listed in manifest.json).")
+SKIP_HINT = (" To go on without such scans, set config.data.on_error='skip' (they are then "
+             "listed in manifest.json).")
 
 
 def scan_key(rel_path: str) -> str:
