@@ -206,6 +206,7 @@ def encoder_features(pooled, variables: dict, x: np.ndarray, batch_size: int) ->
 
 
 def check_input_channels(variables: dict, channels: int, pretrain_dir: pathlib.Path) -> None:
+  """Raises ConfigError unless the network's first conv takes `channels` input channels."""
   kernel = variables["params"]["encoder"]["down_0"]["conv_0"]["conv"]["kernel"]
   if kernel.shape[-2] != channels:
     raise errors.ConfigError(f"the pre-training in {pretrain_dir} takes {kernel.shape[-2]} input "
@@ -223,7 +224,10 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   pretrain_dir = pathlib.Path(p.pretrain_dir or workdir).expanduser().absolute()
   pre = pretraining_config(pretrain_dir)
   steps = checkpoints_to_probe(pretrain_dir, p.which)
-  model_cfg = pre.get("model", {})
+  model_cfg = pre.get("model")
+  if not model_cfg:
+    raise errors.DataError(f"{pretrain_dir}/config.json has no model section: not a pre-training "
+                           f"workdir (config.probe.pretrain_dir).")
   depth = int(model_cfg.get("depth", 3))
   crop = tuple(config.data.crop)
   if len(crop) != int(model_cfg.get("spatial_dims", 3)) or any(s % 2 ** depth for s in crop):
@@ -234,15 +238,15 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   x, y, groups = labelled_cubes(config, workdir)
   splits = probe_folds(y, groups, int(p.folds), int(config.seed))
-  print(f"probe: {len(x)} cubes of {len(np.unique(groups))} cases, classes "
-        f"{dict(zip(*map(list, np.unique(y, return_counts=True))))}; {len(steps)} checkpoint(s) "
-        f"of {pretrain_dir} and a random init", flush=True)
+  classes = {int(k): int(v) for k, v in zip(*np.unique(y, return_counts=True))}
+  print(f"probe: {len(x)} cubes of {len(np.unique(groups))} cases, classes {classes}; "
+        f"{len(steps)} checkpoint(s) of {pretrain_dir} and a random init", flush=True)
 
   model = heads.build_model(model_cfg, task="restore", n_class=x.shape[-1])
   pooled = pooled_encoder(model)
-  sample_shape = (*pre.get("data", {}).get("crop", crop), x.shape[-1])
-  if len(sample_shape) != len(crop) + 1:
-    sample_shape = (*crop, x.shape[-1])
+  # The pre-training's own initial weights: its model, its seed, its cube shape.
+  pre_crop = tuple(pre.get("data", {}).get("crop", ()))
+  sample_shape = (*(pre_crop if len(pre_crop) == len(crop) else crop), x.shape[-1])
   init = step_lib.init_variables(model, sample_shape, int(pre.get("seed", 0)))
   rows = []
   for step, sub in [(INIT, "")] + steps:
@@ -264,7 +268,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
   result = {"pretrain_dir": str(pretrain_dir), "task": config.task.kind, "n": int(len(x)),
             "cases": int(len(np.unique(groups))), "folds": int(p.folds), "C": float(p.C),
-            "classes": {int(k): int(v) for k, v in zip(*np.unique(y, return_counts=True))},
+            "classes": classes,
             "rows": rows, "config": json.loads(config.to_json_best_effort())}
   json_path, png_path = workdir / f"{p.report}.json", workdir / f"{p.report}.png"
   store.write_json(json_path, result)
