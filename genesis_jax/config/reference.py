@@ -38,6 +38,15 @@ Environment variables are for process-level settings only: `GENESIS_COORDINATOR`
 `GENESIS_DISTRIBUTED` (multi-process runs), `GENESIS_COMPILATION_CACHE` (the XLA compilation
 cache) and `GENESIS_TRACEBACK` (tracebacks for every error). Nothing that changes the numbers
 is read from the environment: it is a config key, recorded in `<workdir>/config.json`.
+
+Rerunning a command on a workdir with a checkpoint resumes it. "On resume" says which keys may
+then differ from the run's `config.json`: a `fixed` key (the model, data, seed, batch size,
+corruption, task, optimizer, schedule kind, monitor) fixes what the checkpoints mean, and a
+resume that changes one is refused before anything is written (set it back, or use a new
+`--workdir`); a key that `may change` (steps, cadences, learning rate, patience, evaluation)
+takes effect from the resumed step. `config.json` holds the latest start's config and
+`<workdir>/config_history.jsonl` one line per start and resume: time, step, and each changed
+key with its old and new value.
 """
 
 SECTION_TITLES = {"": "Top level", "model": "model", "corruption": "corruption",
@@ -80,13 +89,14 @@ def render() -> str:
   out = [INTRO]
   for section, entries in schema.SECTIONS.items():
     out.append(f"\n## {SECTION_TITLES.get(section, section)}\n")
-    out.append("| Key | Default | Allowed | Used by | Meaning |")
-    out.append("|---|---|---|---|---|")
+    out.append("| Key | Default | Allowed | Used by | On resume | Meaning |")
+    out.append("|---|---|---|---|---|---|")
     for name, key in entries.items():
       path = f"{section}.{name}" if section else name
       used = ", ".join(SHORT[f] for f in key.families)
       doc = key.doc.replace("|", "\\|")
-      out.append(f"| `{path}` | {_default(key)} | {_allowed(key)} | {used} | {doc} |")
+      resume = schema.resume_rule(path) if {PRE, FT} & set(key.families) else "-"
+      out.append(f"| `{path}` | {_default(key)} | {_allowed(key)} | {used} | {resume} | {doc} |")
   exp = schema.SECTIONS["experiment"]
   out.append("\nDefault `experiment.tasks` and `experiment.arms`:\n")
   out.append("```python")

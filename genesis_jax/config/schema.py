@@ -70,6 +70,8 @@ class Key:
   type: int, float, str, bool, tuple (items of `item`), or dict (a nested structure).
   choices: the allowed values (None: any of the type). range: for numbers and tuple items.
   length: allowed tuple lengths. families: the config families that have this key.
+  resume: whether resuming a run may change the key (MAY) or not (FIXED: it changes what the
+  run's checkpoints mean); None takes its section's rule, `resume_rule`.
   """
   default: Any
   doc: str
@@ -79,6 +81,7 @@ class Key:
   item: type | None = None
   length: tuple[int, ...] | None = None
   families: tuple[str, ...] = (PRE, FT)
+  resume: str | None = None
 
   def default_for(self, family: str) -> Any:
     d = self.default
@@ -93,6 +96,11 @@ def per(pretrain, finetune) -> PerFamily:
   """A default that differs between pre-training and fine-tuning."""
   return PerFamily({PRE: pretrain, FT: finetune})
 
+
+# Resuming a run (train/workdir.py): a FIXED key keeps its value, a MAY key may change. A key
+# declaring neither follows its section: MAY where only evaluation, prediction or probing read it.
+FIXED, MAY = "fixed", "may change"
+RESUME_BY_SECTION = {"eval": MAY, "predict": MAY, "probe": MAY}
 
 POSITIVE = Range(1)
 NON_NEGATIVE = Range(0)
@@ -170,20 +178,22 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "mode": _k(PerFamily({PRE: "pretrain", FT: "finetune", EXP: "experiment"}),
                    "The job to run; a config family serves several modes (pretrain, prepare | "
                    "finetune, evaluate, predict, probe | experiment).", str, choices=MODES,
-                   families=(PRE, FT, EXP)),
+                   families=(PRE, FT, EXP), resume=MAY),
         "seed": _k(0, "Seed of initialisation, data order and corruptions.", range=NON_NEGATIVE),
         "num_steps": _k(per(200_000, 2000), "Training steps (an upper bound: early stopping "
-                        "usually ends the run first).", range=POSITIVE),
+                        "usually ends the run first).", range=POSITIVE, resume=MAY),
         "log_every": _k(per(50, 20), "Steps between training log lines and metrics rows.",
-                        range=POSITIVE),
-        "eval_every": _k(per(1000, 100), "Steps between validation evaluations.", range=POSITIVE),
+                        range=POSITIVE, resume=MAY),
+        "eval_every": _k(per(1000, 100), "Steps between validation evaluations.", range=POSITIVE,
+                         resume=MAY),
         "eval_batches": _k(20, "Validation batches per evaluation (0 = the whole split).",
-                           range=NON_NEGATIVE, families=_P),
-        "checkpoint_every": _k(per(1000, 100), "Steps between checkpoints.", range=POSITIVE),
+                           range=NON_NEGATIVE, families=_P, resume=MAY),
+        "checkpoint_every": _k(per(1000, 100), "Steps between checkpoints.", range=POSITIVE,
+                               resume=MAY),
         "keep_checkpoints": _k(3, "Latest checkpoints kept (the best one is kept apart).",
-                               range=POSITIVE),
+                               range=POSITIVE, resume=MAY),
         "samples_every_eval": _k(True, "PNG grids of restorations in <workdir>/samples/ at each "
-                                 "evaluation.", families=_P),
+                                 "evaluation.", families=_P, resume=MAY),
     },
     "model": {
         "variant": _k("pytorch", "U-Net flavour: pytorch (transposed-conv UNet3D) or keras "
@@ -200,11 +210,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "conv_impl": _k("auto", "3D convs: auto (unfold on CPU/GPU, native on TPU), native "
                         "(XLA/cuDNN 3D conv), unfold (2D convs + Winograd along x; the same conv), "
                         "unfold:N (Winograd tile N along x fixed: 0 none, 2 F(2,3), 4 F(4,3), "
-                        "also in TF32/bf16).", choices=CONV_IMPLS),
+                        "also in TF32/bf16).", choices=CONV_IMPLS, resume=MAY),
         "winograd_min_macs": _k(1e8, "unfold convs: a 3x3x3 conv layer uses Winograd along x "
                                 "only when its multiply-adds (as a direct conv, over the batch "
                                 "one device runs) are at least this (0 = always, inf = never).",
-                                float, range=NON_NEGATIVE),
+                                float, range=NON_NEGATIVE, resume=MAY),
     },
     "corruption": {
         "transforms": _k("all", "Transforms applied: all/V, I&II, III&IV, none, or a +-joined "
@@ -278,28 +288,28 @@ SECTIONS: dict[str, dict[str, Key]] = {
                          range=POSITIVE),
         "optimizer": _k(per("sgd", "adam"), "Optimizer.", choices=("sgd", "adam")),
         "learning_rate": _k(per(1.0, 1e-3), "Base learning rate.", float,
-                            range=Range(0.0, lo_open=True)),
+                            range=Range(0.0, lo_open=True), resume=MAY),
         "lr_scaling": _k("none", "none, or linear (lr *= global batch / base_batch_size).",
-                         choices=("none", "linear")),
+                         choices=("none", "linear"), resume=MAY),
         "base_batch_size": _k(6, "The global batch the learning rate is meant for (linear "
-                              "scaling).", range=POSITIVE),
+                              "scaling).", range=POSITIVE, resume=MAY),
         "momentum": _k(0.9, "SGD momentum (0 = none).", range=Range(0.0, 1.0, hi_open=True)),
         "schedule": _k(per("step", "constant"), "Learning-rate schedule: step (halve every "
                        "decay_every steps), plateau (halve after plateau_patience evaluations "
                        "without improvement), constant or cosine.",
                        choices=("step", "plateau", "constant", "cosine")),
         "decay_every": _k(40_000, "step: steps between decays (original: 40 epochs).",
-                          range=POSITIVE),
+                          range=POSITIVE, resume=MAY),
         "decay_factor": _k(0.5, "step and plateau: learning-rate factor per decay.",
-                           range=Range(0.0, 1.0, lo_open=True)),
+                           range=Range(0.0, 1.0, lo_open=True), resume=MAY),
         "plateau_patience": _k(10, "plateau: evaluations without improvement before a decay.",
-                               range=POSITIVE),
+                               range=POSITIVE, resume=MAY),
         "grad_clip": _k(0.0, "Global-norm gradient clip (0 = off).", range=NON_NEGATIVE),
         "nonfinite": _k("stop", "A step whose loss or gradient is NaN/Inf: stop, or skip it.",
-                        choices=("stop", "skip")),
+                        choices=("stop", "skip"), resume=MAY),
         "early_stop_patience": _k(per(50, 10), "Evaluations without improvement of the "
                                   "monitored value before stopping (0 = never).",
-                                  range=NON_NEGATIVE),
+                                  range=NON_NEGATIVE, resume=MAY),
         "monitor": _k("val_loss", "What the best checkpoint and early stopping follow: val_loss, "
                       "or when fine-tuning the task metric (auc for classify; dice or iou for "
                       "segment). Losses are minimised, metrics maximised.",
@@ -431,6 +441,12 @@ def lookup(path: str) -> Key | None:
   """The Key declared at a dotted path, or None."""
   section, _, name = path.rpartition(".")
   return SECTIONS.get(section, {}).get(name)
+
+
+def resume_rule(path: str) -> str:
+  """FIXED or MAY: whether a resumed run may change the key at a dotted path."""
+  key = lookup(path)
+  return (key and key.resume) or RESUME_BY_SECTION.get(path.rpartition(".")[0], FIXED)
 
 
 def default(path: str, family: str = PRE) -> Any:

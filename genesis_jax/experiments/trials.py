@@ -122,10 +122,18 @@ def _pretrain(config, workdir: pathlib.Path) -> pathlib.Path:
 
 
 def run(config, workdir) -> dict:
-  from genesis_jax.train import finetune
-  workdir = pathlib.Path(workdir)
-  exp = config.experiment
+  """Runs the experiment in `workdir`, locked (train/workdir.py) for its whole length; its
+  pre-training and trials lock their own sub-workdirs."""
+  from genesis_jax.train import workdir as workdir_lib
   check_trial_configs(config)
+  with workdir_lib.acquire(workdir):
+    return run_locked(config, pathlib.Path(workdir))
+
+
+def run_locked(config, workdir: pathlib.Path) -> dict:
+  """The experiment's trials and report (`run` holds the workdir's lock)."""
+  from genesis_jax.train import finetune
+  exp = config.experiment
   arms = arms_of(exp)
   pretrained = {}
   for arm, init, _ in arms:

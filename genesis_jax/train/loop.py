@@ -1,9 +1,10 @@
 """The host side of a training run, the same for pre-training and fine-tuning.
 
-A run starts with `start_run` (workdir check, mesh, config.json, batch sizes) and `build_state`
-(state and jitted train step, from step.py); then `run_training` steps, logs, evaluates (best
-checkpoint, plateau decay, early stopping), checkpoints and resumes; `finish` writes
-`<workdir>/summary.json` and prints the closing line. What differs between the modes comes in
+A run starts with `start_run` (the workdir's lock and resume policy from workdir.py, mesh,
+config.json, batch sizes) and `build_state` (state and jitted train step, from step.py); then
+`run_training` steps, logs, evaluates (best checkpoint, plateau decay, early stopping),
+checkpoints and resumes; `finish` writes `<workdir>/summary.json`, prints the closing line and
+releases the lock. What differs between the modes comes in
 as functions: the data iterator, the train step and `evaluate(state) -> results`.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from genesis_jax import errors
 from genesis_jax.train import checkpoints as ckpt_lib
 from genesis_jax.train import metric_writers, optim, sharding
 from genesis_jax.train import step as step_lib
+from genesis_jax.train import workdir as workdir_lib
 from genesis_jax.train.state import TrainState
 
 
@@ -40,19 +42,29 @@ class Run:
   per_process: int  # Rows of each global batch this process loads.
   global_batch: int
   started: float  # time.perf_counter() at start_run.
+  lock: workdir_lib.WorkdirLock | None = None  # Released by `finish` (or at process exit).
+  changes: dict = dataclasses.field(default_factory=dict)  # Resumed: {key: (old, new)}.
 
 
 def start_run(config, workdir, title: str) -> Run:
-  """Checks the workdir, makes the mesh, writes config.json; fails before any training."""
+  """Locks the workdir, checks a resume against the run's config.json (a refused change leaves
+  the workdir as it was), makes the mesh, writes config.json; fails before any training."""
   started = time.perf_counter()
   workdir = pathlib.Path(workdir)
-  ckpt_lib.check_writable(workdir)
-  mesh = sharding.make_mesh()
-  log(f"{title} | {sharding.describe(mesh)}")
-  save_config(config, workdir)
+  lock = workdir_lib.acquire(workdir)
+  try:
+    resume_step, changes = workdir_lib.check_resume(config, workdir)
+    ckpt_lib.check_writable(workdir)
+    mesh = sharding.make_mesh()
+    log(f"{title} | {sharding.describe(mesh)}")
+    workdir_lib.save_config(config, workdir, resume_step, changes)
+  except BaseException:
+    lock.release()
+    raise
   return Run(config=config, workdir=workdir, mesh=mesh,
              per_process=sharding.per_process_batch(config.train.batch_size),
-             global_batch=sharding.global_batch_size(config.train.batch_size), started=started)
+             global_batch=sharding.global_batch_size(config.train.batch_size), started=started,
+             lock=lock, changes=changes)
 
 
 def build_state(run: Run, model, tx, variables, step_fn: Callable) -> tuple[TrainState, Callable]:
@@ -63,20 +75,6 @@ def build_state(run: Run, model, tx, variables, step_fn: Callable) -> tuple[Trai
       f"{run.global_batch} ({config.train.batch_size} per device) | lr "
       f"{optim.base_learning_rate(config.train, run.global_batch):g}")
   return state, step_lib.jit_train_step(step_fn, state, run.mesh)
-
-
-def save_config(config, workdir: pathlib.Path) -> None:
-  """Writes <workdir>/config.json (the latest invocation's config).
-
-  Resuming a run with a different `train.monitor` is refused here, before anything is
-  overwritten: its best checkpoint and early-stopping state follow the old monitor.
-  """
-  old_file = workdir / "config.json"
-  if old_file.exists() and any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
-    check_same_monitor(workdir, json.loads(old_file.read_text()).get("train", {}).get(
-        "monitor", "val_loss"), str(config.train.get("monitor", "val_loss")))
-  if jax.process_index() == 0:
-    old_file.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def check_same_monitor(workdir: pathlib.Path, run_monitor: str, monitor: str) -> None:
@@ -125,6 +123,7 @@ def resume(run: Run, ckpts: ckpt_lib.RunCheckpoints, state: TrainState, data_ite
   restored_meta.setdefault("best_value", restored_meta.get("best_val_loss", math.inf))
   check_same_monitor(run.workdir, restored_meta["monitor"], meta["monitor"])
   meta.update(restored_meta)
+  state = workdir_lib.apply_changes(run.config, run.changes, state, meta, run.global_batch)
   log(f"resumed from {ckpts.describe_latest()} (step {int(state.step)})")
   if meta.get("stopped_early"):
     log("this run had already stopped early; nothing to do")
@@ -232,8 +231,8 @@ def run_training(run: Run, *, state: TrainState, data_iter, train_step: Callable
   ckpts = ckpt_lib.RunCheckpoints(run.workdir, keep=config.keep_checkpoints)
   meta = initial_meta(str(config.train.get("monitor", "val_loss")))
   state = resume(run, ckpts, state, data_iter, meta)
-  writer = metric_writers.MetricWriter(run.workdir)
   step = int(state.step)
+  writer = metric_writers.MetricWriter(run.workdir, resume_step=step)
   num_steps = int(config.num_steps)
   progress = metric_writers.Progress(num_steps, step, run.global_batch)
   pending: list[dict] = []
@@ -273,9 +272,14 @@ def run_training(run: Run, *, state: TrainState, data_iter, train_step: Callable
 
 # ---------------------------------------------------------------------------------- summary
 def finish(run: Run, summary: dict) -> dict:
-  """Writes <workdir>/summary.json and prints one closing line; returns `summary`."""
-  if jax.process_index() == 0:
-    (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+  """Writes <workdir>/summary.json, prints one closing line, releases the workdir's lock;
+  returns `summary`."""
+  try:
+    if jax.process_index() == 0:
+      (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+  finally:
+    if run.lock is not None:
+      run.lock.release()
   test = summary.get("test") or {}
   test_part = "".join(f", test {k} {v:.4g}" for k, v in test.items()
                       if isinstance(v, float) and k != "val_loss")

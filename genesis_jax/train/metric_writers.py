@@ -1,6 +1,8 @@
 """Where metrics go: `<workdir>/metrics.jsonl`, TensorBoard events, and a progress line.
 
-Only process 0 writes (every process computes the same global metrics).
+Only process 0 writes (every process computes the same global metrics). A run resumed from step
+s drops the rows after s that an earlier attempt wrote (they are run again), so metrics.jsonl has
+one row per step, and tells TensorBoard to discard its events after s.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import time
 
 import jax
 
+from genesis_jax.data import store
+
 
 def _jsonable(v):
   if hasattr(v, "item"):
@@ -21,18 +25,43 @@ def _jsonable(v):
   return v
 
 
-class MetricWriter:
+def drop_rows_after(path: pathlib.Path, step: int) -> int:
+  """Rewrites the JSONL file `path` (atomically) without its rows after `step`, and without
+  lines cut short by a kill; returns how many lines were dropped."""
+  if not path.exists():
+    return 0
+  lines = path.read_bytes().splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      row = json.loads(line) if line.endswith(b"\n") else None
+    except ValueError:
+      row = None
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+      keep.append(line)
+  if len(keep) < len(lines):
+    store.write_bytes(path, b"".join(keep))
+  return len(lines) - len(keep)
 
-  def __init__(self, workdir: pathlib.Path, *, enabled: bool | None = None):
+
+class MetricWriter:
+  """Appends rows to `<workdir>/metrics.jsonl` and TensorBoard events; `resume_step` (the step
+  the run starts from) drops what an earlier attempt wrote after it."""
+
+  def __init__(self, workdir: pathlib.Path, *, enabled: bool | None = None,
+               resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
+      if resume_step is not None:
+        drop_rows_after(workdir / "metrics.jsonl", resume_step)
       self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
       from tensorboardX import SummaryWriter  # Writes TensorBoard events without TensorFlow.
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

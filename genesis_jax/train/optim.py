@@ -66,3 +66,11 @@ def scale_learning_rate(opt_state, factor: float):
   hp = dict(opt_state.hyperparams)
   hp["learning_rate"] = hp["learning_rate"] * factor
   return opt_state._replace(hyperparams=hp)
+
+
+def set_learning_rate(opt_state, learning_rate: float):
+  """Sets the injected learning rate (a resume with a new constant rate). Returns a new
+  opt_state; the value keeps the dtype the state holds it in."""
+  hp = dict(opt_state.hyperparams)
+  hp["learning_rate"] = hp["learning_rate"] * 0 + learning_rate
+  return opt_state._replace(hyperparams=hp)
