@@ -6,6 +6,9 @@
 
 Mirrors the paper's NCC on the built-in phantoms with a small labelled budget (6 training
 subjects). Encoder + GAP -> Dense 1024 -> ReLU -> Dense 1, sigmoid + BCE; Adam 1e-3, early stop.
+
+Variant ":faithful": PyTorch's default initialisation (`model.init="pytorch"`) for whatever is
+not loaded: the whole network of a scratch run, the new head of a pre-trained one.
 """
 from genesis_jax import errors
 from genesis_jax.config import schema as defaults
@@ -14,7 +17,9 @@ from genesis_jax.config import schema as defaults
 def get_config(variant: str = ""):
   c = defaults.phantom_task_config("classify")
   c.train.batch_size = 16
-  if variant:
-    raise errors.ConfigError(f"Unknown variant {variant!r} for finetune_ncc.py: it has no "
-                             f"variants.")
+  if variant == "faithful":
+    c.model.init = "pytorch"
+  elif variant:
+    raise errors.ConfigError(f"Unknown variant {variant!r} for finetune_ncc.py (known: "
+                             f"faithful).")
   return c

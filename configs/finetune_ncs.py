@@ -7,6 +7,12 @@
 Mirrors the paper's NCS on the built-in phantoms with a small labelled budget (6 training
 subjects). The whole encoder-decoder transfers; the 1x1 output conv is re-initialised (keep it
 with --config.finetune.keep_head=True). Dice loss; Adam 1e-3; early stop on validation loss.
+
+Variant ":faithful": as the original fine-tunes, the whole pre-trained U-Net, output conv
+included (`finetune.keep_head=True`), and PyTorch's default initialisation for whatever is not
+loaded (`model.init="pytorch"`: the whole network of a scratch run). The test results also give
+the original's IoU definition (`mean_iou_original`, `pooled_iou_original`) beside the foreground
+IoU (`mean_iou`).
 """
 from genesis_jax import errors
 from genesis_jax.config import schema as defaults
@@ -18,7 +24,10 @@ def get_config(variant: str = ""):
   c.data.cubes_per_case = 24
   c.data.fg_fraction = 0.75
   c.train.batch_size = 8
-  if variant:
-    raise errors.ConfigError(f"Unknown variant {variant!r} for finetune_ncs.py: it has no "
-                             f"variants.")
+  if variant == "faithful":
+    c.finetune.keep_head = True
+    c.model.init = "pytorch"
+  elif variant:
+    raise errors.ConfigError(f"Unknown variant {variant!r} for finetune_ncs.py (known: "
+                             f"faithful).")
   return c

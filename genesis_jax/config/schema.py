@@ -215,6 +215,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
                                 "only when its multiply-adds (as a direct conv, over the batch "
                                 "one device runs) are at least this (0 = always, inf = never).",
                                 float, range=NON_NEGATIVE, resume=MAY),
+        "init": _k("flax", "Conv and dense weights and biases: flax (lecun_normal, zero bias) or "
+                   "pytorch (PyTorch's default: uniform in +-1/sqrt(fan_in)).",
+                   choices=("flax", "pytorch")),
     },
     "corruption": {
         "transforms": _k("all", "Transforms applied: all/V, I&II, III&IV, none, or a +-joined "
@@ -232,6 +235,14 @@ SECTIONS: dict[str, dict[str, Key]] = {
                            range=NON_NEGATIVE, families=_P),
         "flip_compat": _k(False, "Reproduce the original's flip axes (channel, x, y; never z).",
                           families=_P),
+    },
+    "pretrain": {
+        "skip_drop_rate": _k(0.0, "Share of samples whose skip connections are zeroed, so the "
+                             "bottleneck must restore them (0 = off; not in the original).", float,
+                             range=PROBABILITY, families=_P),
+        "bottleneck_loss_weight": _k(0.0, "Weight of an added loss of a pass with every skip "
+                                     "zeroed (0 = off; not in the original).", float,
+                                     range=NON_NEGATIVE, families=_P),
     },
     "data": {
         "source": _k("phantom", "Where the data comes from: phantom (built-in), folder (scans), "

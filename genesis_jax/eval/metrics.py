@@ -12,6 +12,14 @@ Empty-mask policy (chosen so that every case has a finite Dice/IoU and means sta
 
 AUC is sklearn's `roc_auc_score`; surface distances use scipy.ndimage's Euclidean distance
 transform with the voxel spacing in millimetres, so HD95 is in millimetres.
+
+The original's IoU. `iou` is the foreground IoU. The IoU the original code reports for its
+segmentation tasks (its Keras `mean_iou` metric, docs/method.md) is another quantity: for each
+threshold t in 0.5, 0.55, ..., 0.95 the prediction is `probability > t`, the IoU of the foreground
+and the IoU of the background are averaged (TensorFlow's two-class mean IoU over the pooled
+confusion matrix; a class with an empty union is left out), and the ten values are averaged.
+Background voxels dominate, so it is much higher than the foreground IoU of the same prediction.
+`threshold_confusion` counts one case, `iou_original` scores counts summed over any cases.
 """
 from __future__ import annotations
 
@@ -52,6 +60,49 @@ def foreground(probs, threshold: float = 0.5) -> np.ndarray:
   if p.shape[-1] == 1:
     return p[..., 0] >= threshold
   return np.argmax(p, axis=-1) > 0
+
+
+def foreground_probability(probs) -> np.ndarray:
+  """(..., K) segmentation probabilities -> (...) foreground probability: the sigmoid output for
+  K = 1, 1 - p(class 0) for a softmax over K > 1 classes (class 0 = background)."""
+  p = np.asarray(probs, dtype=np.float32)
+  return p[..., 0] if p.shape[-1] == 1 else 1.0 - p[..., 0]
+
+
+# The thresholds of the original's `mean_iou` metric: np.arange(0.5, 1.0, 0.05).
+ORIGINAL_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+
+
+def threshold_confusion(fg_prob, target,
+                        thresholds: Sequence[float] = ORIGINAL_IOU_THRESHOLDS) -> np.ndarray:
+  """(T, 4) int64 voxel counts (tp, fp, fn, tn) of `fg_prob > t` against a binary target, one row
+  per threshold t. Counts of several cases add up to those of their union."""
+  prob = np.asarray(fg_prob)
+  t = _as_mask(target, "target")
+  if prob.shape != t.shape:
+    raise MetricInputError(f"fg_prob shape {prob.shape} != target shape {t.shape}")
+  n_pos = int(t.sum())
+  rows = []
+  for thr in thresholds:
+    p = prob > thr
+    tp = int(np.logical_and(p, t).sum())
+    fp = int(p.sum()) - tp
+    fn = n_pos - tp
+    rows.append((tp, fp, fn, t.size - tp - fp - fn))
+  return np.asarray(rows, dtype=np.int64).reshape(len(thresholds), 4)
+
+
+def iou_original(confusion) -> float:
+  """The original's IoU from `threshold_confusion` counts (see the module docstring): per
+  threshold the mean of foreground IoU tp / (tp + fp + fn) and background IoU tn / (tn + fp + fn)
+  over the classes whose union is non-empty (0 if neither is), then the mean over thresholds."""
+  c = np.asarray(confusion, dtype=np.float64).reshape(-1, 4)
+  tp, fp, fn, tn = c.T
+  fg_union, bg_union = tp + fp + fn, tn + fp + fn
+  valid = (fg_union > 0).astype(np.float64) + (bg_union > 0)
+  total = (np.where(fg_union > 0, tp / np.maximum(fg_union, 1), 0.0)
+           + np.where(bg_union > 0, tn / np.maximum(bg_union, 1), 0.0))
+  return float(np.mean(np.where(valid > 0, total / np.maximum(valid, 1), 0.0)))
 
 
 def _pair(pred, target) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +205,8 @@ def hd95(pred, target, spacing: Sequence[float] = (1, 1, 1)) -> float:
   return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
 
 
-def segmentation_metrics(preds, targets, spacing=None, hd: bool = False) -> dict:
+def segmentation_metrics(preds, targets, spacing=None, hd: bool = False,
+                         confusions=None) -> dict:
   """Per-case and mean Dice/IoU (and HD95 if `hd`) over a set of cases.
 
   Args:
@@ -162,12 +214,16 @@ def segmentation_metrics(preds, targets, spacing=None, hd: bool = False) -> dict
       (cases may differ in shape).
     spacing: None (unit voxels), one spacing for every case, or a sequence of N spacings.
     hd: also compute HD95 (slower: two distance transforms per case).
+    confusions: None, or N `threshold_confusion` arrays (one per case, from its probabilities)
+      for the original's IoU.
 
   Returns:
     {"n", "dice", "iou", "mean_dice", "std_dice", "mean_iou", "std_iou"} and, with `hd`,
     {"hd95", "mean_hd95", "hd95_undefined"}: lists hold per-case python floats, std is the
     population std over cases, mean_hd95 is over finite cases (NaN if none) and
-    hd95_undefined counts cases with exactly one empty mask.
+    hd95_undefined counts cases with exactly one empty mask. With `confusions`, the original's
+    IoU (`iou_original`): "iou_original" per case, "mean_iou_original" their mean, and
+    "pooled_iou_original" over every voxel of every case (as the original pools its test cubes).
   """
   preds, targets = list(preds), list(targets)
   if len(preds) != len(targets):
@@ -201,6 +257,13 @@ def segmentation_metrics(preds, targets, spacing=None, hd: bool = False) -> dict
   for k in ("dice", "iou"):
     out[f"mean_{k}"] = float(np.mean(out[k]))
     out[f"std_{k}"] = float(np.std(out[k]))
+  if confusions is not None:
+    confusions = [np.asarray(c) for c in confusions]
+    if len(confusions) != n:
+      raise MetricInputError(f"{len(confusions)} confusion counts for {n} cases")
+    out["iou_original"] = [iou_original(c) for c in confusions]
+    out["mean_iou_original"] = float(np.mean(out["iou_original"]))
+    out["pooled_iou_original"] = iou_original(np.sum(confusions, axis=0))
   if hd:
     finite = [h for h in out["hd95"] if np.isfinite(h)]
     out["mean_hd95"] = float(np.mean(finite)) if finite else float("nan")

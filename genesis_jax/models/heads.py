@@ -16,20 +16,30 @@ import jax.numpy as jnp
 
 from genesis_jax import errors
 from genesis_jax.config.validate import check_feature_level
-from genesis_jax.models import kernels, unet
+from genesis_jax.models import kernels, layers, unet
 
 
 class ClassifierHead(nn.Module):
-  """Global average pool over space -> Dense 1024 -> ReLU -> Dense n_class (float32 logits)."""
+  """Global average pool over space -> Dense 1024 -> ReLU -> Dense n_class (float32 logits).
+
+  weight_init "pytorch" draws the Dense weights and biases as PyTorch's nn.Linear does,
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)); "flax" keeps flax's Dense defaults."""
   n_class: int
   hidden: int = 1024
   dtype: Any = jnp.float32
+  weight_init: str = "flax"
+
+  def dense(self, features: int, fan_in: int, name: str) -> nn.Dense:
+    if self.weight_init == "flax":
+      return nn.Dense(features, dtype=self.dtype, name=name)
+    k_init, b_init = layers.conv_inits(self.weight_init, fan_in)
+    return nn.Dense(features, dtype=self.dtype, kernel_init=k_init, bias_init=b_init, name=name)
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     pooled = features.astype(jnp.float32).mean(axis=tuple(range(1, features.ndim - 1)))
-    h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense_0")(pooled))
-    return nn.Dense(self.n_class, dtype=self.dtype, name="dense_1")(h).astype(jnp.float32)
+    h = nn.relu(self.dense(self.hidden, pooled.shape[-1], "dense_0")(pooled))
+    return self.dense(self.n_class, self.hidden, "dense_1")(h).astype(jnp.float32)
 
 
 class Classifier(unet.NetSettings):
@@ -44,7 +54,7 @@ class Classifier(unet.NetSettings):
 
   def setup(self):
     self.encoder = unet.Encoder(**unet.settings(self, unet.NetSettings))
-    self.classifier = ClassifierHead(self.n_class, dtype=self.dtype)
+    self.classifier = ClassifierHead(self.n_class, dtype=self.dtype, weight_init=self.weight_init)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     check_feature_level(self.feature_level, self.depth)
@@ -60,7 +70,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
                 in_channels: int | None = None, feature_level: int = -1) -> nn.Module:
   """Model for `task` from `config.model` (fields variant, width, depth, spatial_dims, bn, dtype,
-  conv_impl, winograd_min_macs; a missing field takes its default).
+  conv_impl, winograd_min_macs, init; a missing field takes its default).
 
   restore: UNet with n_class (= input channels) outputs (logits; sigmoid + MSE in the loss).
   segment: UNet with n_class outputs. classify: Classifier with n_class logits. in_channels is
@@ -77,9 +87,10 @@ def build_model(model_cfg: Any, *, task: str = "restore", n_class: int = 1,
             bn=get("bn", "standard"), dtype=_DTYPES[dtype_name],
             conv_impl=get("conv_impl", "auto"),
             winograd_min_macs=kernels.check_winograd_min_macs(
-                get("winograd_min_macs", kernels.DEFAULT_WINOGRAD_MIN_MACS)))
+                get("winograd_min_macs", kernels.DEFAULT_WINOGRAD_MIN_MACS)),
+            weight_init=get("init", "flax"))
   # Fail at build time, not at first call.
-  unet.check_fields(kw["variant"], kw["bn"])
+  unet.check_fields(kw["variant"], kw["bn"], kw["weight_init"])
   kernels.check_conv_impl(kw["conv_impl"])
   if task == "restore":  # One output per input channel: multi-sequence MRI restores every channel.
     return unet.UNet(out_channels=n_class, **kw)

@@ -10,18 +10,23 @@ Each module holds its parameters (float32, in flax's layouts) and calls the arra
   batch statistics even at eval, as the released PyTorch model did, without touching running
   stats.
 
+Conv and UpConv take `weight_init` (`model.init`): "flax" (lecun_normal kernels, zero biases; the
+default) or "pytorch" (PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and
+biases, `conv_inits`). BatchNorm starts at scale 1, bias 0 either way, as in PyTorch.
+
 All arrays are channels-last: (N, x, y, z, C) for 3D and (N, x, y, C) for 2D.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from genesis_jax import errors
 from genesis_jax.models import kernels
 
 
@@ -35,24 +40,60 @@ def kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
   return flat.reshape(shape)
 
 
+INITS = ("flax", "pytorch")
+
+
+def pytorch_uniform(fan_in: int):
+  """PyTorch's default init of conv and linear weights and biases: U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5) for the weight; the same bound for the
+  bias). Drawn flat like `kernel_init`, then reshaped."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    flat = jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound)
+    return flat.reshape(shape)
+  return init
+
+
+def check_init(init: str) -> None:
+  """Raises ConfigError unless `init` names a known initialisation (`model.init`)."""
+  if init not in INITS:
+    raise errors.ConfigError(f"model.init must be one of {INITS}, got {init!r}.")
+
+
+def conv_inits(init: str, fan_in: int) -> tuple[Callable, Callable]:
+  """(kernel init, bias init) of a conv or dense layer whose PyTorch fan_in is `fan_in`.
+
+  "flax": lecun_normal kernel, zero bias (the default). "pytorch": both U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)), PyTorch's default for Conv3d/ConvTranspose3d/Linear.
+  """
+  check_init(init)
+  if init == "flax":
+    return kernel_init, nn.initializers.zeros
+  return pytorch_uniform(fan_in), pytorch_uniform(fan_in)
+
+
 class Conv(nn.Module):
   """Stride-1 'SAME' convolution with bias; kernel (*kernel_size, C_in, C_out) as in `nn.Conv`.
 
   conv_impl: one of `kernels.CONV_IMPLS` (`model.conv_impl`); winograd_min_macs: the size below
-  which the unfold conv does not use Winograd (`model.winograd_min_macs`).
+  which the unfold conv does not use Winograd (`model.winograd_min_macs`); weight_init: `INITS`.
   """
   features: int
   kernel_size: int = 3
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   winograd_min_macs: float = kernels.DEFAULT_WINOGRAD_MIN_MACS
+  weight_init: str = "flax"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     nd = x.ndim - 2
-    kernel = self.param("kernel", kernel_init,
+    # PyTorch's fan_in of Conv3d: C_in * prod(kernel).
+    k_init, b_init = conv_inits(self.weight_init, x.shape[-1] * self.kernel_size ** nd)
+    kernel = self.param("kernel", k_init,
                         (self.kernel_size,) * nd + (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    bias = self.param("bias", b_init, (self.features,), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     impl, _, tile = kernels.resolve_conv_impl(self.conv_impl).partition(":")
     if impl == "unfold" and nd == 3 and self.kernel_size > 1:
@@ -68,13 +109,17 @@ class UpConv(nn.Module):
   """2x upsampling by a stride-2 kernel-2 transposed conv with bias (PyTorch ConvTranspose3d)."""
   features: int
   dtype: Any = jnp.float32
+  weight_init: str = "flax"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     nd = x.ndim - 2
-    kernel = self.param("kernel", kernel_init,
+    # PyTorch's fan_in of ConvTranspose3d is weight.size(1) * prod(kernel), and its weight is
+    # (C_in, C_out, *kernel): the OUTPUT channels times 2**nd (C_in = C_out in this network).
+    k_init, b_init = conv_inits(self.weight_init, self.features * 2 ** nd)
+    kernel = self.param("kernel", k_init,
                         (2,) * nd + (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    bias = self.param("bias", b_init, (self.features,), jnp.float32)
     y = kernels.upconv_depth_to_space(x.astype(self.dtype), kernel.astype(self.dtype))
     return kernels.add_channel_bias(y, bias)
 

@@ -15,6 +15,11 @@ skip it consumes. The model returns logits; pre-training applies sigmoid + MSE l
 
 Every module takes the conv settings of `ConvSettings` (and the whole-net ones `NetSettings`) as
 keyword fields and hands them down unchanged (`settings`), so a config key reaches every layer.
+
+Skip dropout (`pretrain.skip_drop_rate`, an addition beyond the original): `UNet(x, train,
+skip_keep)` multiplies every skip connection of sample n by skip_keep[n], so a 0 makes the decoder
+restore that sample from the bottleneck alone. skip_keep=None (the default) is the plain U-Net,
+the same computation as without the argument.
 """
 from __future__ import annotations
 
@@ -43,8 +48,10 @@ def check_spatial_shape(shape: Sequence[int], depth: int) -> None:
         f"model.depth.")
 
 
-def check_fields(variant: str, bn: str) -> None:
-  """Raises ConfigError unless `variant` and `bn` name a known network variant and BN mode."""
+def check_fields(variant: str, bn: str, weight_init: str = "flax") -> None:
+  """Raises ConfigError unless `variant`, `bn` and `weight_init` name a known network variant, BN
+  mode and initialisation."""
+  layers.check_init(weight_init)
   if variant not in VARIANTS:
     raise errors.ConfigError(f"model.variant must be one of {VARIANTS}, got {variant!r}.")
   if bn not in BN_MODES:
@@ -56,13 +63,16 @@ class ConvSettings(nn.Module, kw_only=True):
 
   variant: "pytorch" or "keras" (BN constants, upsampling); bn: "standard" or "original";
   dtype: compute dtype (parameters stay float32); conv_impl: `kernels.CONV_IMPLS`;
-  winograd_min_macs: the size below which a conv does not use Winograd (`model.*` keys).
+  winograd_min_macs: the size below which a conv does not use Winograd; weight_init: "flax" or
+  "pytorch", the initialisation of conv kernels and biases (`layers.INITS`) (`model.*` keys;
+  `model.init` is weight_init here, as `init` is a flax Module method).
   """
   variant: str = "pytorch"
   bn: str = "standard"
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   winograd_min_macs: float = kernels.DEFAULT_WINOGRAD_MIN_MACS
+  weight_init: str = "flax"
 
 
 class NetSettings(ConvSettings, kw_only=True):
@@ -86,7 +96,8 @@ class ConvUnit(ConvSettings):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = layers.Conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl,
-                    winograd_min_macs=self.winograd_min_macs, name="conv")(x)
+                    winograd_min_macs=self.winograd_min_macs, weight_init=self.weight_init,
+                    name="conv")(x)
     keras = self.variant == "keras"
     x = layers.BatchNorm(
         momentum=0.99 if keras else 0.9, epsilon=1e-3 if keras else 1e-5,
@@ -139,7 +150,8 @@ class UpBlock(ConvSettings):
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
     if self.variant == "pytorch":
-      up = layers.UpConv(x.shape[-1], dtype=self.dtype, name="up_conv")(x)
+      up = layers.UpConv(x.shape[-1], dtype=self.dtype, weight_init=self.weight_init,
+                         name="up_conv")(x)
     else:
       up = kernels.upsample_nearest(x)
     x = jnp.concatenate([up.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
@@ -150,13 +162,20 @@ class UpBlock(ConvSettings):
 class Decoder(NetSettings):
   """Expanding path: per level, 2x upsampling, concat [up, skip] on channels, two conv units.
 
-  Takes the Encoder's (bottom, skips) and returns (N, *spatial, 2 * width)."""
+  Takes the Encoder's (bottom, skips) and returns (N, *spatial, 2 * width). skip_keep (N,), if
+  given, scales every skip of sample n by skip_keep[n] (0 = the decoder sees zeros there)."""
 
   @nn.compact
-  def __call__(self, bottom: jax.Array, skips: Sequence[jax.Array], train: bool) -> jax.Array:
+  def __call__(self, bottom: jax.Array, skips: Sequence[jax.Array], train: bool,
+               skip_keep: jax.Array | None = None) -> jax.Array:
     check_fields(self.variant, self.bn)
     if len(skips) != self.depth:
       raise ValueError(f"Decoder of depth {self.depth} needs {self.depth} skips, got {len(skips)}.")
+    if skip_keep is not None:
+      if skip_keep.shape != bottom.shape[:1]:
+        raise ValueError(f"skip_keep must have shape ({bottom.shape[0]},) (one value per sample), "
+                         f"got {skip_keep.shape}.")
+      skips = [s * skip_keep.reshape((-1,) + (1,) * (s.ndim - 1)).astype(s.dtype) for s in skips]
     x = bottom
     for level in reversed(range(self.depth)):
       x = UpBlock(self.width * 2 ** (level + 1), **settings(self), name=f"up_{level}")(
@@ -165,14 +184,18 @@ class Decoder(NetSettings):
 
 
 class UNet(NetSettings):
-  """Encoder -> Decoder -> 1x1 conv `out`; returns float32 logits (N, *spatial, out_channels)."""
+  """Encoder -> Decoder -> 1x1 conv `out`; returns float32 logits (N, *spatial, out_channels).
+
+  skip_keep: None (the plain U-Net), or (N,) per-sample factors of every skip connection (0 drops
+  them: restoration from the bottleneck alone; see the module docstring).
+  """
   out_channels: int = 1
 
   def setup(self):
     self.encoder = Encoder(**settings(self, NetSettings))
     self.decoder = Decoder(**settings(self, NetSettings))
-    self.out = layers.Conv(self.out_channels, 1, dtype=self.dtype)
+    self.out = layers.Conv(self.out_channels, 1, dtype=self.dtype, weight_init=self.weight_init)
 
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, skip_keep: jax.Array | None = None) -> jax.Array:
     bottom, skips = self.encoder(x, train)
-    return self.out(self.decoder(bottom, skips, train)).astype(jnp.float32)
+    return self.out(self.decoder(bottom, skips, train, skip_keep)).astype(jnp.float32)

@@ -309,7 +309,7 @@ def _segment_volumes(config, workdir, model, variables, volumes) -> dict:
   apply_jit = jax.jit(lambda variables, x: probabilities(
       model.apply(variables, x, train=False), n_class))
   apply = functools.partial(apply_jit, variables)
-  preds, targets, spacings = [], [], []
+  preds, targets, spacings, confusions = [], [], [], []
   out_dir = workdir / "test_predictions"
   for vol, label in volumes:
     probs = inference.segment_volume(apply, vol.data, window, overlap=config.eval.overlap,
@@ -321,7 +321,10 @@ def _segment_volumes(config, workdir, model, variables, volumes) -> dict:
     preds.append(pred)
     targets.append(label > 0)
     spacings.append(vol.spacing)
-  return metrics_lib.segmentation_metrics(preds, targets, spacing=spacings, hd=config.eval.hd95)
+    confusions.append(metrics_lib.threshold_confusion(metrics_lib.foreground_probability(probs),
+                                                      label > 0))
+  return metrics_lib.segmentation_metrics(preds, targets, spacing=spacings, hd=config.eval.hd95,
+                                          confusions=confusions)
 
 
 def evaluate(config, workdir) -> dict:

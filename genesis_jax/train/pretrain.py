@@ -7,11 +7,19 @@ The train step is a pure function (state, batch) -> (state, metrics), jitted onc
 replicated and donated and the batch sharded over the `data` mesh axis. Its randomness comes only
 from `fold_in(state.rng, state.step)`, split per sample inside `corrupt_batch`, so a run gives the
 same result on any device count and continues exactly after a restore.
+
+Two opt-in additions beyond the original aim to keep the deep features informative (the decoder
+can restore through its skip connections alone, leaving the bottleneck little to learn):
+`pretrain.skip_drop_rate` zeroes every skip connection of a random share of the samples (the mask
+is drawn per sample from the same step key, so it too is the same on any device count), and
+`pretrain.bottleneck_loss_weight` adds the restoration loss of a second pass with every skip
+zeroed. Both at 0 (the default) leave the step exactly as the original's.
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +38,61 @@ def restoration_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
                   axis=tuple(range(1, target.ndim)))
 
 
-def make_train_step(corruption: corruptions.CorruptionParams) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class RestoreParams:
+  """The `pretrain` section: skip dropout and the bottleneck-only auxiliary loss (0 = off)."""
+  skip_drop_rate: float = 0.0
+  bottleneck_loss_weight: float = 0.0
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> RestoreParams:
+    """From `config.pretrain`; None or a missing field keeps the default (off)."""
+    if cfg is None:
+      return cls()
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    return cls(**{f.name: float(get(f.name, f.default)) for f in dataclasses.fields(cls)})
+
+
+# fold_in salt of the skip-dropout mask's key (the corruptions split the step key itself).
+SKIP_DROP_SALT = 0x5D1
+
+
+def skip_keep_mask(key: jax.Array, n: int, rate: float) -> jax.Array:
+  """(n,) float32: 0 for the samples whose skips are dropped (each with probability `rate`), else 1.
+
+  One uniform per sample from `fold_in(key, SKIP_DROP_SALT)`: a function of the step key and the
+  sample's index in the global batch only, so the same on any device count.
+  """
+  u = jax.random.uniform(jax.random.fold_in(key, SKIP_DROP_SALT), (n,))
+  return (u >= rate).astype(jnp.float32)
+
+
+def make_train_step(corruption: corruptions.CorruptionParams,
+                    restore: RestoreParams = RestoreParams()) -> Callable:
+  """The pre-training step. With `restore` off (the default) the traced computation is exactly
+  the original's; skip_drop_rate > 0 passes a per-sample skip mask to the U-Net, and
+  bottleneck_loss_weight > 0 adds the loss of a pass with every skip zeroed (its batch-norm
+  statistics updates are discarded: the running statistics follow the plain pass)."""
+  drop, aux = restore.skip_drop_rate, restore.bottleneck_loss_weight
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
     inputs, targets = corruptions.corrupt_batch(key, batch["image"], corruption)
+    extra = {}
+    if drop > 0:
+      extra["skip_keep"] = skip_keep_mask(key, inputs.shape[0], drop)
 
     def loss_fn(params):
-      logits, updates = state.apply_fn(
-          {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-          mutable=["batch_stats"])
-      return jnp.mean(restoration_loss(logits, targets)), updates.get("batch_stats", {})
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      logits, updates = state.apply_fn(variables, inputs, train=True, mutable=["batch_stats"],
+                                       **extra)
+      loss = jnp.mean(restoration_loss(logits, targets))
+      if aux > 0:
+        no_skips = jnp.zeros((inputs.shape[0],), jnp.float32)
+        bottom_logits, _ = state.apply_fn(variables, inputs, train=True, skip_keep=no_skips,
+                                          mutable=["batch_stats"])
+        loss = loss + aux * jnp.mean(restoration_loss(bottom_logits, targets))
+      return loss, updates.get("batch_stats", {})
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return step_lib.guarded_update(state, grads, batch_stats, loss)
@@ -111,7 +163,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                             num_steps=config.num_steps)
   variables = step_lib.init_variables(model, sample.shape, config.seed)
   corruption = corruptions.CorruptionParams.from_config(config.corruption)
-  state, train_step = loop.build_state(run, model, tx, variables, make_train_step(corruption))
+  restore = RestoreParams.from_config(config.get("pretrain"))
+  state, train_step = loop.build_state(run, model, tx, variables,
+                                       make_train_step(corruption, restore))
   eval_step = jax.jit(make_eval_step(corruption))
 
   def evaluate(state):

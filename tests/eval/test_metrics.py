@@ -162,3 +162,53 @@ def test_foreground_rule_matches_the_written_masks():
   # What predict / predict_to_nifti write, > 0, is the same mask for one and for several classes.
   for p in (p1, p3):
     np.testing.assert_array_equal(inference.segmentation_output(p, 0.5) > 0, metrics.foreground(p))
+
+
+def test_iou_original_hand_computed():
+  # 8 voxels, 3 foreground. Probabilities straddle the thresholds 0.5 .. 0.95.
+  target = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+  prob = np.array([0.97, 0.7, 0.4, 0.6, 0.1, 0.0, 0.2, 0.3])
+  counts = metrics.threshold_confusion(prob, target)
+  assert counts.shape == (10, 4)
+  # t = 0.5: predicted {0.97, 0.7, 0.6} -> tp 2, fp 1, fn 1, tn 4.
+  np.testing.assert_array_equal(counts[0], [2, 1, 1, 4])
+  # t = 0.95: predicted {0.97} -> tp 1, fp 0, fn 2, tn 5.
+  np.testing.assert_array_equal(counts[-1], [1, 0, 2, 5])
+  # Per threshold: (fg IoU + bg IoU) / 2. t = 0.5, 0.55: fg 2/4, bg 4/6; t = 0.6 .. 0.65: the
+  # voxel at 0.6 is not > 0.6 -> fg 2/3, bg 5/6; t = 0.7 .. 0.95: fg 1/3, bg 5/7.
+  expected = np.mean([(2 / 4 + 4 / 6) / 2] * 2 + [(2 / 3 + 5 / 6) / 2] * 2
+                     + [(1 / 3 + 5 / 7) / 2] * 6)
+  assert metrics.iou_original(counts) == pytest.approx(expected)
+  # Foreground IoU of the same prediction at 0.5 is much lower (the background dominates).
+  assert metrics.iou(prob >= 0.5, target) == pytest.approx(2 / 4)
+  # Perfect and empty cases; counts of cases add up to their union.
+  assert metrics.iou_original(metrics.threshold_confusion(target * 1.0, target)) == 1.0
+  none = np.zeros(8, bool)
+  assert metrics.iou_original(metrics.threshold_confusion(np.zeros(8), none)) == 1.0
+  both = metrics.threshold_confusion(np.concatenate([prob, prob]), np.concatenate([target] * 2))
+  np.testing.assert_array_equal(both, 2 * counts)
+
+
+def test_segmentation_metrics_original_iou_fields():
+  target = np.zeros((2, 4, 4, 2), bool)
+  target[0, :2] = True
+  target[1, 1:3, 1:3] = True
+  prob = np.where(target, 0.8, 0.2)
+  prob[1, 0, 0, 0] = 0.9  # One false positive in case 1.
+  pred = prob >= 0.5
+  confusions = [metrics.threshold_confusion(p, t) for p, t in zip(prob, target)]
+  out = metrics.segmentation_metrics(pred, target, confusions=confusions)
+  plain = metrics.segmentation_metrics(pred, target)
+  for k, v in plain.items():  # The existing fields are unchanged.
+    assert out[k] == v
+  # Case 0 (16 of 32 voxels foreground at 0.8): t = 0.5 .. 0.75 perfect (1.0); t = 0.8 .. 0.95
+  # nothing predicted (strict >): fg IoU 0, bg IoU 16/32 -> 0.25.
+  assert out["iou_original"][0] == pytest.approx((6 * 1.0 + 4 * 0.25) / 10)
+  assert out["mean_iou_original"] == pytest.approx(np.mean(out["iou_original"]))
+  assert out["pooled_iou_original"] == pytest.approx(
+      metrics.iou_original(confusions[0] + confusions[1]))
+  np.testing.assert_allclose(metrics.foreground_probability(prob[..., None]), prob)
+  softmax = np.stack([1 - prob, prob * 0.5, prob * 0.5], -1)
+  np.testing.assert_allclose(metrics.foreground_probability(softmax), prob, rtol=1e-6)
+  with pytest.raises(ValueError, match="confusion counts"):
+    metrics.segmentation_metrics(pred, target, confusions=confusions[:1])
