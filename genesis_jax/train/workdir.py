@@ -208,11 +208,12 @@ class WorkdirLock:
       self.renew()
 
   def release(self) -> None:
-    """Deletes the lock file if it is still this process's; idempotent."""
+    """Deletes the lock file if it is still this process's; idempotent. A forked child (a data
+    worker) inherits the lock object but never deletes its parent's lock."""
     if not self.held:
       return
     self._stop.set()
-    if read_holder(self.path) == self.token:
+    if self.token["pid"] == os.getpid() and read_holder(self.path) == self.token:
       self.path.unlink(missing_ok=True)
     self.token = None
     HELD.pop(self.path.absolute(), None)
