@@ -102,6 +102,7 @@ spec:
     spec:
       subdomain: $name
       restartPolicy: Never
+      terminationGracePeriodSeconds: 120  # SIGTERM: finish the step, save a checkpoint.
       containers:
       - name: genesis
         image: $(json_string "$image")

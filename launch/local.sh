@@ -10,7 +10,8 @@
 # --gpus-per-process K gives process i the GPUs i*K .. i*K+K-1 (CUDA_VISIBLE_DEVICES).
 # Output of process i goes to LOG_DIR/process_i.log (default <workdir>/launch_logs, or
 # ./launch_logs when the workdir is a bucket path); process 0 is also echoed to the terminal.
-# If one process fails the others are stopped and its exit status is returned.
+# If one process fails the others are stopped and its exit status is returned. Ctrl-C or
+# SIGTERM asks every process once to save a checkpoint and stop (exit 143), and waits for them.
 # DRY_RUN=1 or --dry-run prints the commands instead of running them.
 set -euo pipefail
 
@@ -81,8 +82,18 @@ fi
 
 mkdir -p "$log_dir"
 pids=()
-stop_all() { local p; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap 'stop_all; exit 130' INT TERM
+signalled=" "
+stop_all() {  # SIGTERM to each process once: a second one would end it without its checkpoint.
+  local p
+  for p in "${pids[@]}"; do
+    [[ "$signalled" == *" $p "* ]] && continue
+    signalled+="$p "
+    kill "$p" 2>/dev/null || true
+  done
+}
+# Ctrl-C or SIGTERM: the processes (which ignore the terminal's SIGINT, being background jobs of
+# this script) get one SIGTERM, finish their step, save a checkpoint and exit 143; wait for them.
+trap 'echo "local.sh: stopping: each process saves a checkpoint, then exits" >&2; stop_all' INT TERM
 for ((i = 0; i < num; i++)); do
   mapfile -t words < <(env_for "$i")
   env "${words[@]}" "$python_bin" -m genesis_jax.main "${main_args[@]}" > "$log_dir/process_$i.log" 2>&1 &

@@ -21,7 +21,7 @@ import numpy as np
 
 from genesis_jax import errors
 from genesis_jax.train import checkpoints as ckpt_lib
-from genesis_jax.train import metric_writers, optim, sharding
+from genesis_jax.train import metric_writers, optim, preemption, sharding
 from genesis_jax.train import step as step_lib
 from genesis_jax.train import workdir as workdir_lib
 from genesis_jax.train.state import TrainState
@@ -114,11 +114,12 @@ def initial_meta(monitor: str) -> dict:
 def resume(run: Run, ckpts: ckpt_lib.RunCheckpoints, state: TrainState, data_iter,
            meta: dict) -> TrainState:
   """Restores the latest checkpoint, if any, into `state`, `data_iter` and `meta`."""
-  if ckpts.latest_step() is None:
-    return state
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  state, restored_meta = ckpts.restore(abstract, data_iter)
+  restored = ckpts.restore_intact(abstract, data_iter, log=log)  # Skips damaged steps.
+  if restored is None:
+    return state
+  state, restored_meta, _ = restored
   restored_meta.setdefault("monitor", "val_loss")  # Checkpoints written before `monitor`.
   restored_meta.setdefault("best_value", restored_meta.get("best_val_loss", math.inf))
   check_same_monitor(run.workdir, restored_meta["monitor"], meta["monitor"])
@@ -238,31 +239,47 @@ def run_training(run: Run, *, state: TrainState, data_iter, train_step: Callable
   pending: list[dict] = []
   t0 = time.perf_counter()
   last_train = {}
+  stop = preemption.StopSignals(run.mesh)  # SIGTERM/SIGINT: save, then raise Preempted.
   try:
-    while step < num_steps and not meta.get("stopped_early"):
-      batch = sharding.to_global(next(data_iter), run.mesh)
-      with step_lib.explain_out_of_memory(config, "train step"):
-        state, metrics = train_step(state, batch)
-      step += 1
-      pending.append(metrics)
-      do_eval = step % config.eval_every == 0 or step == num_steps
-      do_save = step % config.checkpoint_every == 0 or step == num_steps or do_eval
-      if step % config.log_every == 0 or do_save:
-        last_train = log_train(run, ckpts, pending, step, progress, writer)
-        pending = []
-      if do_eval:
-        with step_lib.explain_out_of_memory(config, "evaluation"):
-          result = evaluate(state)
-        state, objective = select(run, state, result, step, meta)
-        writer.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))})
-        if on_eval is not None:
-          on_eval(state, result, step)
-        ckpts.save(step, state, data_iter, meta, objective=objective, force=True)
-      elif do_save:
-        ckpts.save(step, state, data_iter, meta, force=True)
-  finally:
-    ckpts.wait()
+    with stop:
+      while step < num_steps and not meta.get("stopped_early"):
+        batch = sharding.to_global(next(data_iter), run.mesh)
+        with step_lib.explain_out_of_memory(config, "train step"):
+          state, metrics = train_step(state, batch)
+        step += 1
+        pending.append(metrics)
+        ckpts.check()  # An async save that failed stops the run here, as one CheckpointError.
+        stopping = stop.requested(step) is not None
+        do_eval = step % config.eval_every == 0 or step == num_steps
+        do_save = (step % config.checkpoint_every == 0 or step == num_steps or do_eval
+                   or stopping)
+        if step % config.log_every == 0 or do_save:
+          last_train = log_train(run, ckpts, pending, step, progress, writer)
+          pending = []
+        if do_eval:
+          with step_lib.explain_out_of_memory(config, "evaluation"):
+            result = evaluate(state)
+          state, objective = select(run, state, result, step, meta)
+          writer.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+          if on_eval is not None:
+            on_eval(state, result, step)
+          ckpts.save(step, state, data_iter, meta, objective=objective, force=True)
+        elif do_save:
+          ckpts.save(step, state, data_iter, meta, force=True)
+        if stopping:
+          break
+      ckpts.wait()  # Still under the handlers: a signal during the last save counts too.
+    signum = stop.final()  # Every step that can end the loop saved its checkpoint.
+    if signum is not None:
+      preempted = preemption.Preempted(signum, step, ckpts.describe_latest())
+      log(str(preempted))
+      raise preempted
+  except BaseException:
+    ckpts.close(quiet=True)  # The error on its way wins over a failed save's.
+    raise
+  else:
     ckpts.close()
+  finally:
     writer.close()
   return {"final_step": step, "monitor": meta["monitor"], "best_value": meta["best_value"],
           "best_val_loss": meta["best_val_loss"], "best_step": meta["best_step"],
