@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from genesis_jax.config import resume as resume_rules
 from genesis_jax.config import schema
 from genesis_jax.config.schema import EXP, FT, PRE
 
@@ -95,7 +96,7 @@ def render() -> str:
       path = f"{section}.{name}" if section else name
       used = ", ".join(SHORT[f] for f in key.families)
       doc = key.doc.replace("|", "\\|")
-      resume = schema.resume_rule(path) if {PRE, FT} & set(key.families) else "-"
+      resume = resume_rules.rule(path) if {PRE, FT} & set(key.families) else "-"
       out.append(f"| `{path}` | {_default(key)} | {_allowed(key)} | {used} | {resume} | {doc} |")
   exp = schema.SECTIONS["experiment"]
   out.append("\nDefault `experiment.tasks` and `experiment.arms`:\n")

@@ -71,7 +71,7 @@ class Key:
   choices: the allowed values (None: any of the type). range: for numbers and tuple items.
   length: allowed tuple lengths. families: the config families that have this key.
   resume: whether resuming a run may change the key (MAY) or not (FIXED: it changes what the
-  run's checkpoints mean); None takes its section's rule, `resume_rule`.
+  run's checkpoints mean); None takes its section's rule (config/resume.py).
   """
   default: Any
   doc: str
@@ -97,10 +97,7 @@ def per(pretrain, finetune) -> PerFamily:
   return PerFamily({PRE: pretrain, FT: finetune})
 
 
-# Resuming a run (train/workdir.py): a FIXED key keeps its value, a MAY key may change. A key
-# declaring neither follows its section: MAY where only evaluation, prediction or probing read it.
-FIXED, MAY = "fixed", "may change"
-RESUME_BY_SECTION = {"eval": MAY, "predict": MAY, "probe": MAY}
+FIXED, MAY = "fixed", "may change"  # Key.resume: a resumed run keeps the key, or may change it.
 
 POSITIVE = Range(1)
 NON_NEGATIVE = Range(0)
@@ -452,12 +449,6 @@ def lookup(path: str) -> Key | None:
   """The Key declared at a dotted path, or None."""
   section, _, name = path.rpartition(".")
   return SECTIONS.get(section, {}).get(name)
-
-
-def resume_rule(path: str) -> str:
-  """FIXED or MAY: whether a resumed run may change the key at a dotted path."""
-  key = lookup(path)
-  return (key and key.resume) or RESUME_BY_SECTION.get(path.rpartition(".")[0], FIXED)
 
 
 def default(path: str, family: str = PRE) -> Any:

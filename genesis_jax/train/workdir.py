@@ -33,6 +33,7 @@ import types
 import jax
 
 from genesis_jax import errors
+from genesis_jax.config import resume as resume_rules
 from genesis_jax.config import schema
 from genesis_jax.data import store
 from genesis_jax.train import optim
@@ -300,7 +301,7 @@ def check_resume(config, workdir: pathlib.Path) -> tuple[int | None, dict[str, t
   if step is None:
     return None, {}
   changes = config_changes(config, workdir)
-  fixed = {p: c for p, c in changes.items() if schema.resume_rule(p) == schema.FIXED}
+  fixed = {p: c for p, c in changes.items() if resume_rules.rule(p) == schema.FIXED}
   if fixed:
     shown = ", ".join(f"{p} {o!r} -> {n!r}" + (
         f" (the run selected its best checkpoint by {o!r})" if p == "train.monitor" else "")

@@ -151,8 +151,8 @@ def test_refused_resume_change_leaves_the_workdir_as_it_was(tmp_path, key, value
 
 
 def test_fixed_keys_are_documented_and_the_rest_may_change():
-  from genesis_jax.config import schema
-  rule = schema.resume_rule
+  from genesis_jax.config import resume, schema
+  rule = resume.rule
   for path in ("seed", "model.width", "data.path", "train.batch_size", "train.monitor",
                "corruption.transforms", "task.kind", "finetune.init", "train.schedule"):
     assert rule(path) == schema.FIXED, path
