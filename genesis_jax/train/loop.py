@@ -276,8 +276,12 @@ def run_training(run: Run, *, state: TrainState, data_iter, train_step: Callable
       raise preempted
   except BaseException:
     ckpts.close(quiet=True)  # The error on its way wins over a failed save's.
+    try:
+      writer.close()
+    except OSError:
+      pass  # A full disk fails the metric files too; the error on its way is the one to show.
     raise
-  else:
+  try:
     ckpts.close()
   finally:
     writer.close()

@@ -173,9 +173,10 @@ def test_sigterm_during_an_async_save_and_a_damaged_latest_checkpoint(tmp_path, 
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-  """A 3 MiB tmpfs (one tiny checkpoint fits, two do not); skipped where mount is refused."""
-  mount = tmp_path / "small"
-  mount.mkdir()
+  """A 3 MiB tmpfs at run/checkpoints (one tiny checkpoint fits, two do not); skipped where mount
+  is refused. The metric files stay outside it: this test is about the checkpoints."""
+  mount = tmp_path / "run" / "checkpoints"
+  mount.mkdir(parents=True)
   proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
                         capture_output=True, text=True)
   if proc.returncode != 0:
@@ -188,7 +189,7 @@ def small_tmpfs(tmp_path):
 
 def test_full_disk_is_one_checkpoint_error_and_the_previous_checkpoint_resumes(small_tmpfs,
                                                                               tiny_dataset):
-  workdir = small_tmpfs / "run"
+  workdir = small_tmpfs.parent
   args = _cli_args(workdir, tiny_dataset, 12, "--config.checkpoint_every=4")
   proc = run_cli(args, check=False)
   assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
