@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli
+from conftest import COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli, tiny_task_config
 from test_fault_tolerance import _tiny_config
 from test_train_equivalence import _assert_close, _final_params
 
@@ -169,6 +169,35 @@ def test_sigterm_during_an_async_save_and_a_damaged_latest_checkpoint(tmp_path, 
   assert "no checkpoint under" in msg and "Nothing was moved or deleted" in msg
   assert all(str(damaged / "checkpoints" / "latest" / str(s)) in msg for s in (2, 4, 6))
   assert _steps(damaged) == [2, 4, 6]
+
+
+def test_finetuning_stops_on_sigterm_and_the_rerun_finishes_it(tmp_path, monkeypatch, capsys):
+  """Fine-tuning goes through the same loop: SIGTERM after step 2 saves step 2 and raises
+  Preempted (no test evaluation, no summary); the rerun resumes and finishes with test metrics."""
+  from genesis_jax.data import phantoms
+  from genesis_jax.train import checkpoints as ckpt_lib
+  from genesis_jax.train import finetune, preemption
+  root = phantoms.write_phantom_dataset(tmp_path / "p", 7, seed=1, shape=(64, 64, 48))
+  config = tiny_task_config("classify", root)
+  real_check = ckpt_lib.RunCheckpoints.check
+  calls = []
+
+  def check_then_sigterm(self):
+    calls.append(1)
+    if len(calls) == 2:  # After the second step.
+      os.kill(os.getpid(), signal.SIGTERM)
+    real_check(self)
+
+  monkeypatch.setattr(ckpt_lib.RunCheckpoints, "check", check_then_sigterm)
+  workdir = tmp_path / "ft"
+  with pytest.raises(preemption.Preempted) as e:
+    finetune.train(config, workdir)
+  assert e.value.code == 143 and e.value.step == 2 and _steps(workdir) == [2]
+  assert not (workdir / "summary.json").exists()
+  monkeypatch.setattr(ckpt_lib.RunCheckpoints, "check", real_check)
+  summary = finetune.train(config, workdir)
+  assert summary["final_step"] == 6 and "auc" in summary["test"]
+  assert f"resumed from {workdir / 'checkpoints' / 'latest' / '2'}" in capsys.readouterr().out
 
 
 @pytest.fixture
