@@ -302,19 +302,24 @@ def draw_probe_chart(rows: list[dict], title: str = "") -> Image.Image:
   d = ImageDraw.Draw(img)
   font, small = visualize.font(14), visualize.font(11)
   x_hi = max(steps, default=1) or 1
-  for panel, (key, name) in enumerate((("effective_rank", "effective rank"),
+  for panel, (key, name) in enumerate((("effective_rank", "effective rank (log scale)"),
                                        ("probe_mean", f"linear probe {metric} (grouped CV)"))):
     x0, x1 = panel * PANEL_W + MARGIN_L, (panel + 1) * PANEL_W - MARGIN_R
     y0, y1 = MARGIN_T, PANEL_H - MARGIN_B
     values = [r[key] for r in rows]
-    lo, hi = (0.0, max(values, default=1.0) * 1.08 or 1.0) if panel == 0 else (
-        min(values + [0.5]) - 0.02, max(values + [0.5]) + 0.02)
+    if panel == 0:  # Ranks span 1 to C: a log axis (a rank below 1, i.e. 0, sits at 1).
+      lo, hi = 0.0, math.log10(max(values + [2.0]) * 1.3)
+      scale, ticks = lambda v: math.log10(max(v, 1.0)), [
+          t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if math.log10(t) <= hi]
+    else:
+      lo, hi = min(values + [0.5]) - 0.02, max(values + [0.5]) + 0.02
+      scale, ticks = lambda v: v, _ticks(lo, hi)
     to_x = lambda s: x0 + 12 + (0 if s == INIT else s / x_hi) * (x1 - x0 - 24)
-    to_y = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)
+    to_y = lambda v: y1 - (scale(v) - lo) / (hi - lo) * (y1 - y0)
     d.text(((x0 + x1) / 2, 8), f"{name}{' - ' + title if title else ''}", fill="black",
            font=font, anchor="mt")
     d.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
-    for t in _ticks(lo, hi):
+    for t in ticks:
       d.line([(x0 - 4, to_y(t)), (x0, to_y(t))], fill="black")
       d.line([(x0 + 1, to_y(t)), (x1, to_y(t))], fill=(230, 230, 230))
       d.text((x0 - 6, to_y(t)), f"{t:.4g}", fill="black", font=small, anchor="rm")
