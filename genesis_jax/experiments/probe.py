@@ -37,6 +37,7 @@ from genesis_jax import errors
 from genesis_jax.data import store
 from genesis_jax.data import tasks as task_data
 from genesis_jax.eval import visualize
+from genesis_jax.experiments.report import COLOURS
 from genesis_jax.models import heads
 from genesis_jax.train import step as step_lib
 from genesis_jax.weights import transfer
@@ -281,8 +282,6 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
 # ---------------------------------------------------------------------------------- the plot
 PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 420, 350, 64, 16, 44, 64
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
