@@ -27,6 +27,7 @@ import json
 import math
 import pathlib
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,14 @@ def load_checkpoint(pretrain_dir: pathlib.Path, step: int, sub: str) -> dict:
   return variables
 
 
+def pretraining_init(pre: dict, channels: int) -> tuple[Any, dict]:
+  """The restoration U-Net of a pre-training's config.json and the weights it started from
+  (the same model, seed and cube shape as `train.pretrain.train`)."""
+  model = heads.build_model(pre["model"], task="restore", n_class=channels)
+  sample_shape = (*pre["data"]["crop"], channels)
+  return model, step_lib.init_variables(model, sample_shape, int(pre["seed"]))
+
+
 # ------------------------------------------------------------------------------ features
 def labelled_cubes(config, workdir: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(cubes, labels, case ids) of the task's training and validation cases, at most
@@ -225,10 +234,11 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   pretrain_dir = pathlib.Path(p.pretrain_dir or workdir).expanduser().absolute()
   pre = pretraining_config(pretrain_dir)
   steps = checkpoints_to_probe(pretrain_dir, p.which)
-  model_cfg = pre.get("model")
-  if not model_cfg:
-    raise errors.DataError(f"{pretrain_dir}/config.json has no model section: not a pre-training "
-                           f"workdir (config.probe.pretrain_dir).")
+  lacking = [k for k in ("model", "data", "seed") if k not in pre]
+  if lacking or "crop" not in pre["data"]:
+    raise errors.DataError(f"{pretrain_dir}/config.json lacks {lacking or ['data.crop']}: not the "
+                           f"config of a pre-training (config.probe.pretrain_dir).")
+  model_cfg = pre["model"]
   depth = int(model_cfg.get("depth", 3))
   crop = tuple(config.data.crop)
   if len(crop) != int(model_cfg.get("spatial_dims", 3)) or any(s % 2 ** depth for s in crop):
@@ -243,12 +253,8 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   print(f"probe: {len(x)} cubes of {len(np.unique(groups))} cases, classes {classes}; "
         f"{len(steps)} checkpoint(s) of {pretrain_dir} and a random init", flush=True)
 
-  model = heads.build_model(model_cfg, task="restore", n_class=x.shape[-1])
+  model, init = pretraining_init(pre, x.shape[-1])
   pooled = pooled_encoder(model)
-  # The pre-training's own initial weights: its model, its seed, its cube shape.
-  pre_crop = tuple(pre.get("data", {}).get("crop", ()))
-  sample_shape = (*(pre_crop if len(pre_crop) == len(crop) else crop), x.shape[-1])
-  init = step_lib.init_variables(model, sample_shape, int(pre.get("seed", 0)))
   rows = []
   for step, sub in [(INIT, "")] + steps:
     variables = init if step == INIT else load_checkpoint(pretrain_dir, step, sub)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +14,9 @@ from genesis_jax import errors
 from genesis_jax.config import schema
 from genesis_jax.config.validate import validate
 from genesis_jax.experiments import probe
+from genesis_jax.train import step as step_lib
+
+STARTED: dict[str, list] = {}  # Pre-training workdir -> the variables its run initialised.
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,11 @@ def tiny_pretraining(tmp_path_factory, tiny_dataset):
   c.num_steps, c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 4, 2, 4, 1, 2
   c.samples_every_eval = False
   workdir = tmp_path_factory.mktemp("probe_pre")
-  pretrain.train(c, workdir)
+  started = STARTED.setdefault(str(workdir), [])  # The initial weights the pre-training used.
+  with pytest.MonkeyPatch.context() as mp:
+    real = step_lib.init_variables
+    mp.setattr(step_lib, "init_variables", lambda *a: started.append(real(*a)) or started[-1])
+    pretrain.train(c, workdir)
   return workdir
 
 
@@ -70,6 +78,17 @@ def test_probe_classify_rows_plot_and_dispatch(tmp_path, tiny_pretraining, probe
   assert written["cases"] == 5 and len(written["classes"]) == 2  # 3 train + 2 val cases.
   with Image.open(tmp_path / "probe.png") as img:
     assert img.size[0] > img.size[1] > 100
+
+
+def test_random_init_is_the_pretrainings_own(tiny_pretraining):
+  (started,) = STARTED[str(tiny_pretraining)]
+  pre = json.loads((tiny_pretraining / "config.json").read_text())
+  _, init = probe.pretraining_init(pre, channels=1)
+  flat = lambda t: {"/".join(map(str, k)): v for k, v in
+                    jax.tree_util.tree_flatten_with_path(t)[0]}
+  assert flat(init).keys() == flat(started).keys()
+  for k, v in flat(started).items():
+    np.testing.assert_array_equal(flat(init)[k], v, err_msg=k)
 
 
 def test_probe_segment_best_checkpoint(tmp_path, tiny_pretraining, probe_phantoms):
@@ -154,7 +173,7 @@ def test_clear_errors(tmp_path, tiny_pretraining, probe_phantoms):
   # A workdir without checkpoints, and one that does not exist.
   empty = tmp_path / "empty"
   empty.mkdir()
-  (empty / "config.json").write_text("{}")
+  (empty / "config.json").write_text((tiny_pretraining / "config.json").read_text())
   with pytest.raises(errors.MissingPathError, match="holds no complete checkpoint"):
     probe.run(probe_config("classify", probe_phantoms, empty), tmp_path / "out")
   with pytest.raises(errors.MissingPathError, match="does not exist"):
