@@ -74,6 +74,23 @@ def failure_cause(error: BaseException) -> str:
   return first if len(first) <= 300 else first[:297] + "..."
 
 
+def write_probe_cause(directory: pathlib.Path, *, sync: bool = True) -> str | None:
+  """Why a small file cannot be written in `directory` (a DISK_CAUSES name or the OS's words),
+  or None if it can. `sync=False` skips the fsync: it still finds a read-only or unwritable
+  directory at once, at the cost of an open and an unlink."""
+  probe = directory / f".write_probe_{jax.process_index()}_{os.getpid()}"
+  try:
+    with open(probe, "wb") as f:
+      f.write(b"0" * 4096)
+      if sync:
+        f.flush()
+        os.fsync(f.fileno())
+    probe.unlink()
+  except OSError as e:
+    return failure_cause(e)
+  return None
+
+
 def quiet_orbax_errors(record: logging.LogRecord) -> bool:
   """Log filter: drops the ERROR records (with tracebacks) that Orbax's threads and their asyncio
   tasks log for a failed save or restore, unless library logs were asked for (--verbosity); the
@@ -151,11 +168,15 @@ class RunCheckpoints:
   def _managers(self) -> dict[str, ocp.CheckpointManager]:
     return {"latest": self.latest, "best": self.best}
 
-  def _save_error(self, which: str, step: int, error: BaseException) -> errors.CheckpointError:
+  def _save_error(self, which: str, step: int, error: BaseException | None,
+                  cause: str | None = None) -> errors.CheckpointError:
     """The one error of a failed save; the run's earlier checkpoints are left as they were."""
     if self.failed is None:
       self.latest.reload()  # Orbax drops the failed step from its list only on some paths.
-      cause = failure_cause(error).rstrip(".")
+      cause = (cause or failure_cause(error)).rstrip(".")
+      if not any(cause == known for known, _ in DISK_CAUSES):
+        # Some failures reach us only as a timeout of Orbax's threads: ask the file system.
+        cause = write_probe_cause(self.root) or cause
       fix = {"no space left on device": f"free space on the file system of {self.root}",
              "permission denied": f"make {self.root} writable",
              "read-only file system": f"make {self.root} writable"}.get(cause, "fix the cause")
@@ -182,6 +203,11 @@ class RunCheckpoints:
     # Orbax's cross-process barriers at the same time ("barrier ... is already ongoing").
     self._finish("best")
     self._finish("latest")
+    # Orbax reports a directory it cannot create (read-only, no permission) only after a 300 s
+    # timeout of its threads; an open() here says so at once.
+    cause = write_probe_cause(self.root, sync=False)
+    if cause is not None:
+      raise self._save_error("latest", step, None, cause)
     self._guard("latest", lambda: self.latest.save(
         step, args=self._args(state, data_iter, meta), force=force), step)
     self._writing["latest"] = step

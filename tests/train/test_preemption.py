@@ -9,9 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli, tiny_task_config
+# Imported here, not first inside a test using capsys: metric_writers.Progress binds
+# sys.stdout as a default argument when the module is imported.
+from genesis_jax.train import metric_writers  # noqa: F401
 from test_fault_tolerance import _tiny_config
 from test_train_equivalence import _assert_close, _final_params
 
@@ -313,3 +317,34 @@ def test_slurm_script_forwards_one_sigterm_and_requeues(tmp_path):
   out = proc.communicate(timeout=60)[0]
   assert proc.returncode == 143, out
   assert "task got [15]" in out and "requeueing job 77" in out and "scontrol requeue 77" in out
+
+
+def test_read_only_checkpoint_directory_is_one_checkpoint_error_at_once(tmp_path):
+  """Orbax itself would wait 300 s for a step directory it cannot create."""
+  import jax.numpy as jnp
+  from genesis_jax import errors
+  from genesis_jax.data import pipeline
+  from genesis_jax.train import checkpoints as ckpt_lib
+  mount = tmp_path / "ro"
+  mount.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                        capture_output=True, text=True)
+  if proc.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+  try:
+    images = np.zeros((10, 4, 4, 1), np.float32)
+    it = iter(pipeline.task_loader(images, np.zeros((10,), np.int32), batch_size=2, seed=0))
+    next(it)
+    ckpts = ckpt_lib.RunCheckpoints(mount / "run")
+    ckpts.save(1, {"w": jnp.ones((100,))}, it, {"step": 1})
+    ckpts.wait()
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    started = time.time()
+    with pytest.raises(errors.CheckpointError) as e:
+      ckpts.save(2, {"w": jnp.ones((100,))}, it, {"step": 2})
+    assert time.time() - started < 10
+    assert "step 2" in str(e.value) and "failed: read-only file system" in str(e.value)
+    assert str(mount / "run" / "checkpoints" / "latest" / "1") in str(e.value)
+    ckpts.close(quiet=True)
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
