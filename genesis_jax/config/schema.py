@@ -18,90 +18,14 @@ This module imports nothing else from the package but `errors`: every layer may 
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 from typing import Any
 
 import ml_collections
 
 from genesis_jax import errors
-
-PRE, FT, EXP = "pretrain", "finetune", "experiment"
-FAMILIES = {PRE: ("pretrain", "prepare"), FT: ("finetune", "evaluate", "predict", "probe"),
-            EXP: ("experiment",)}
-MODES = ("pretrain", "finetune", "evaluate", "predict", "probe", "prepare", "experiment")
-BUILDERS = {PRE: "pretrain_config()", FT: "finetune_config()", EXP: "experiment_config()"}
-FAMILY_NAMES = {PRE: "pre-training", FT: "fine-tuning", EXP: "experiment"}
-
-
-def family_of(mode: str) -> str:
-  """The config family (PRE, FT or EXP) whose keys a mode reads."""
-  for family, modes in FAMILIES.items():
-    if mode in modes:
-      return family
-  raise errors.ConfigError(f"config.mode={mode!r} is not one of {MODES}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Range:
-  """A closed (or half-open) interval; None leaves that side unbounded."""
-  lo: float | None = None
-  hi: float | None = None
-  lo_open: bool = False
-  hi_open: bool = False
-
-  def __contains__(self, v) -> bool:
-    if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
-      return False
-    return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
-
-  def __str__(self) -> str:
-    if self.hi is None:
-      return f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
-    return (f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
-            f"{')' if self.hi_open else ']'}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Key:
-  """One config key.
-
-  default: the value, or {family: value} where the families' defaults differ.
-  type: int, float, str, bool, tuple (items of `item`), or dict (a nested structure).
-  choices: the allowed values (None: any of the type). range: for numbers and tuple items.
-  length: allowed tuple lengths. families: the config families that have this key.
-  resume: whether resuming a run may change the key (MAY) or not (FIXED: it changes what the
-  run's checkpoints mean); None takes its section's rule (config/resume.py).
-  """
-  default: Any
-  doc: str
-  type: type = str
-  choices: tuple | None = None
-  range: Range | None = None
-  item: type | None = None
-  length: tuple[int, ...] | None = None
-  families: tuple[str, ...] = (PRE, FT)
-  resume: str | None = None
-
-  def default_for(self, family: str) -> Any:
-    d = self.default
-    return copy.deepcopy(d[family] if isinstance(d, PerFamily) else d)
-
-
-class PerFamily(dict):
-  """A default that differs between config families: {family: value}."""
-
-
-def per(pretrain, finetune) -> PerFamily:
-  """A default that differs between pre-training and fine-tuning."""
-  return PerFamily({PRE: pretrain, FT: finetune})
-
-
-FIXED, MAY = "fixed", "may change"  # Key.resume: a resumed run keeps the key, or may change it.
-
-POSITIVE = Range(1)
-NON_NEGATIVE = Range(0)
-PROBABILITY = Range(0.0, 1.0)
+from genesis_jax.config.keys import (  # noqa: F401 - the schema's vocabulary, re-exported
+    PRE, FT, EXP, FAMILIES, MODES, BUILDERS, FAMILY_NAMES, family_of, Range,
+    Key, PerFamily, per, FIXED, MAY, POSITIVE, NON_NEGATIVE, PROBABILITY, declare)
 
 # 3D convs; "unfold:N" fixes the Winograd tile along x (0 = none, 2 = F(2, 3), 4 = F(4, 3)).
 CONV_IMPLS = ("auto", "native", "unfold", "unfold:0", "unfold:2", "unfold:4")
@@ -162,264 +86,259 @@ def nest(mapping: dict) -> dict:
   return out
 
 
-def _k(default, doc, type_=None, **kw) -> Key:
-  if type_ is None:
-    type_ = type(next(iter(default.values())) if isinstance(default, PerFamily) else default)
-  return Key(default, doc, type_, **kw)
-
 
 _P, _F, _E = (PRE,), (FT,), (EXP,)
 
 SECTIONS: dict[str, dict[str, Key]] = {
     "": {
-        "mode": _k(PerFamily({PRE: "pretrain", FT: "finetune", EXP: "experiment"}),
+        "mode": declare(PerFamily({PRE: "pretrain", FT: "finetune", EXP: "experiment"}),
                    "The job to run; a config family serves several modes (pretrain, prepare | "
                    "finetune, evaluate, predict, probe | experiment).", str, choices=MODES,
                    families=(PRE, FT, EXP), resume=MAY),
-        "seed": _k(0, "Seed of initialisation, data order and corruptions.", range=NON_NEGATIVE),
-        "num_steps": _k(per(200_000, 2000), "Training steps (an upper bound: early stopping "
+        "seed": declare(0, "Seed of initialisation, data order and corruptions.", range=NON_NEGATIVE),
+        "num_steps": declare(per(200_000, 2000), "Training steps (an upper bound: early stopping "
                         "usually ends the run first).", range=POSITIVE, resume=MAY),
-        "log_every": _k(per(50, 20), "Steps between training log lines and metrics rows.",
+        "log_every": declare(per(50, 20), "Steps between training log lines and metrics rows.",
                         range=POSITIVE, resume=MAY),
-        "eval_every": _k(per(1000, 100), "Steps between validation evaluations.", range=POSITIVE,
+        "eval_every": declare(per(1000, 100), "Steps between validation evaluations.", range=POSITIVE,
                          resume=MAY),
-        "eval_batches": _k(20, "Validation batches per evaluation (0 = the whole split).",
+        "eval_batches": declare(20, "Validation batches per evaluation (0 = the whole split).",
                            range=NON_NEGATIVE, families=_P, resume=MAY),
-        "checkpoint_every": _k(per(1000, 100), "Steps between checkpoints.", range=POSITIVE,
+        "checkpoint_every": declare(per(1000, 100), "Steps between checkpoints.", range=POSITIVE,
                                resume=MAY),
-        "keep_checkpoints": _k(3, "Latest checkpoints kept (the best one is kept apart).",
+        "keep_checkpoints": declare(3, "Latest checkpoints kept (the best one is kept apart).",
                                range=POSITIVE, resume=MAY),
-        "samples_every_eval": _k(True, "PNG grids of restorations in <workdir>/samples/ at each "
+        "samples_every_eval": declare(True, "PNG grids of restorations in <workdir>/samples/ at each "
                                  "evaluation.", families=_P, resume=MAY),
     },
     "model": {
-        "variant": _k("pytorch", "U-Net flavour: pytorch (transposed-conv UNet3D) or keras "
+        "variant": declare("pytorch", "U-Net flavour: pytorch (transposed-conv UNet3D) or keras "
                       "(nearest upsampling).", choices=("pytorch", "keras")),
-        "width": _k(32, "Channels of the first conv; doubled per level (32, 64, ...).",
+        "width": declare(32, "Channels of the first conv; doubled per level (32, 64, ...).",
                     range=POSITIVE),
-        "depth": _k(3, "Number of poolings; crop sizes must be divisible by 2**depth.",
+        "depth": declare(3, "Number of poolings; crop sizes must be divisible by 2**depth.",
                     range=POSITIVE),
-        "spatial_dims": _k(3, "3 for cubes (x, y, z), 2 for slices (x, y).", choices=(2, 3)),
-        "bn": _k("standard", "Batch norm: standard (running averages at eval) or original "
+        "spatial_dims": declare(3, "3 for cubes (x, y, z), 2 for slices (x, y).", choices=(2, 3)),
+        "bn": declare("standard", "Batch norm: standard (running averages at eval) or original "
                  "(batch statistics always).", choices=("standard", "original")),
-        "dtype": _k("float32", "Compute dtype (parameters stay float32).",
+        "dtype": declare("float32", "Compute dtype (parameters stay float32).",
                     choices=("float32", "bfloat16")),
-        "conv_impl": _k("auto", "3D convs: auto (unfold on CPU/GPU, native on TPU), native "
+        "conv_impl": declare("auto", "3D convs: auto (unfold on CPU/GPU, native on TPU), native "
                         "(XLA/cuDNN 3D conv), unfold (2D convs + Winograd along x; the same conv), "
                         "unfold:N (Winograd tile N along x fixed: 0 none, 2 F(2,3), 4 F(4,3), "
                         "also in TF32/bf16).", choices=CONV_IMPLS, resume=MAY),
-        "winograd_min_macs": _k(1e8, "unfold convs: a 3x3x3 conv layer uses Winograd along x "
+        "winograd_min_macs": declare(1e8, "unfold convs: a 3x3x3 conv layer uses Winograd along x "
                                 "only when its multiply-adds (as a direct conv, over the batch "
                                 "one device runs) are at least this (0 = always, inf = never).",
                                 float, range=NON_NEGATIVE, resume=MAY),
-        "init": _k("flax", "Conv and dense weights and biases: flax (lecun_normal, zero bias) or "
+        "init": declare("flax", "Conv and dense weights and biases: flax (lecun_normal, zero bias) or "
                    "pytorch (PyTorch's default: uniform in +-1/sqrt(fan_in)).",
                    choices=("flax", "pytorch")),
     },
     "corruption": {
-        "transforms": _k("all", "Transforms applied: all/V, I&II, III&IV, none, or a +-joined "
+        "transforms": declare("all", "Transforms applied: all/V, I&II, III&IV, none, or a +-joined "
                          "subset of nonlinear, local, outpaint, inpaint.", families=_P),
-        "flip_rate": _k(0.4, "Probability of a random flip.", range=PROBABILITY, families=_P),
-        "local_rate": _k(0.5, "Probability of local pixel shuffling.", range=PROBABILITY,
+        "flip_rate": declare(0.4, "Probability of a random flip.", range=PROBABILITY, families=_P),
+        "local_rate": declare(0.5, "Probability of local pixel shuffling.", range=PROBABILITY,
                          families=_P),
-        "nonlinear_rate": _k(0.9, "Probability of the non-linear intensity transform.",
+        "nonlinear_rate": declare(0.9, "Probability of the non-linear intensity transform.",
                              range=PROBABILITY, families=_P),
-        "paint_rate": _k(0.9, "Probability of in- or out-painting.", range=PROBABILITY,
+        "paint_rate": declare(0.9, "Probability of in- or out-painting.", range=PROBABILITY,
                          families=_P),
-        "outpaint_rate": _k(0.8, "Share of painted samples that are out-painted (the rest are "
+        "outpaint_rate": declare(0.8, "Share of painted samples that are out-painted (the rest are "
                             "in-painted).", range=PROBABILITY, families=_P),
-        "local_blocks": _k(10_000, "Blocks shuffled by local pixel shuffling.",
+        "local_blocks": declare(10_000, "Blocks shuffled by local pixel shuffling.",
                            range=NON_NEGATIVE, families=_P),
-        "flip_compat": _k(False, "Reproduce the original's flip axes (channel, x, y; never z).",
+        "flip_compat": declare(False, "Reproduce the original's flip axes (channel, x, y; never z).",
                           families=_P),
     },
     "pretrain": {
-        "skip_drop_rate": _k(0.0, "Share of samples whose skip connections are zeroed, so the "
+        "skip_drop_rate": declare(0.0, "Share of samples whose skip connections are zeroed, so the "
                              "bottleneck must restore them (0 = off; not in the original).", float,
                              range=PROBABILITY, families=_P),
-        "bottleneck_loss_weight": _k(0.0, "Weight of an added loss of a pass with every skip "
+        "bottleneck_loss_weight": declare(0.0, "Weight of an added loss of a pass with every skip "
                                      "zeroed (0 = off; not in the original).", float,
                                      range=NON_NEGATIVE, families=_P),
     },
     "data": {
-        "source": _k("phantom", "Where the data comes from: phantom (built-in), folder (scans), "
+        "source": declare("phantom", "Where the data comes from: phantom (built-in), folder (scans), "
                      "prepared (a prepared dir) or npy (released cubes); fine-tuning reads "
                      "phantom or folder.", choices=("phantom", "folder", "prepared", "npy")),
-        "path": _k("", "A folder of scans, a prepared dataset dir or a glob of .npy cubes "
+        "path": declare("", "A folder of scans, a prepared dataset dir or a glob of .npy cubes "
                    "(pre-training); the task folder (fine-tuning: MSD/nnU-Net layout for "
                    "segment, scans for classify); phantom: where the data is written."),
-        "prepared_dir": _k("", "Where `prepare` writes cubes (default <workdir>/data).",
+        "prepared_dir": declare("", "Where `prepare` writes cubes (default <workdir>/data).",
                            families=_P),
-        "crop": _k((64, 64, 32), "Cube size (x, y, z); two entries = 2D slices "
+        "crop": declare((64, 64, 32), "Cube size (x, y, z); two entries = 2D slices "
                    "(x, y).", tuple, item=int, range=POSITIVE, length=(2, 3)),
-        "cubes_per_scan": _k(32, "Cubes sampled per scan.", range=POSITIVE, families=_P),
-        "scales": _k((1.0,), "In-plane zoom-out factors; cube k of a scan uses scales[k % len].",
+        "cubes_per_scan": declare(32, "Cubes sampled per scan.", range=POSITIVE, families=_P),
+        "scales": declare((1.0,), "In-plane zoom-out factors; cube k of a scan uses scales[k % len].",
                      tuple, item=float, range=Range(0.0, lo_open=True), families=_P),
-        "val_fraction": _k(0.2, "Share of scans held out for validation (split by scan).",
+        "val_fraction": declare(0.2, "Share of scans held out for validation (split by scan).",
                            range=Range(0.0, 1.0, hi_open=True), families=_P),
-        "modality": _k("ct", "Intensity normalisation: ct or mri.", choices=("ct", "mri")),
-        "hu_window": _k((-1000.0, 1000.0), "CT: clip to (lo, hi) HU, then map linearly to "
+        "modality": declare("ct", "Intensity normalisation: ct or mri.", choices=("ct", "mri")),
+        "hu_window": declare((-1000.0, 1000.0), "CT: clip to (lo, hi) HU, then map linearly to "
                         "[0, 1].", tuple, item=float, length=(2,)),
-        "mri_norm": _k("percentile", "MRI: per-volume normalisation.",
+        "mri_norm": declare("percentile", "MRI: per-volume normalisation.",
                        choices=("percentile", "zscore", "minmax")),
-        "mri_percentiles": _k((0.5, 99.5), "MRI percentile: clip to these (lo, hi) percentiles.",
+        "mri_percentiles": declare((0.5, 99.5), "MRI percentile: clip to these (lo, hi) percentiles.",
                               tuple, item=float, range=Range(0.0, 100.0), length=(2,)),
-        "spacing": _k((), "Target voxel spacing in mm (x, y, z); empty = no resampling.",
+        "spacing": declare((), "Target voxel spacing in mm (x, y, z); empty = no resampling.",
                       tuple, item=float, range=Range(0.0, lo_open=True), length=(0, 3)),
-        "body_crop": _k(False, "Crop each scan to the body bounding box first."),
-        "lung_filter": _k(False, "Original chest-CT filter: keep cubes with < 15% voxels >= -150 "
+        "body_crop": declare(False, "Crop each scan to the body bounding box first."),
+        "lung_filter": declare(False, "Original chest-CT filter: keep cubes with < 15% voxels >= -150 "
                           "HU.", families=_P),
-        "on_error": _k("skip", "Bulk prepare: skip (and report) or raise on a bad scan.",
+        "on_error": declare("skip", "Bulk prepare: skip (and report) or raise on a bad scan.",
                        choices=("skip", "raise"), families=_P),
-        "num_workers": _k(0, "grain worker processes (0 = in-process).", range=NON_NEGATIVE),
-        "phantom_subjects": _k(24, "Built-in data: number of phantom subjects.", range=POSITIVE,
+        "num_workers": declare(0, "grain worker processes (0 = in-process).", range=NON_NEGATIVE),
+        "phantom_subjects": declare(24, "Built-in data: number of phantom subjects.", range=POSITIVE,
                                families=_P),
-        "phantom_seed": _k(0, "Built-in data: which subjects (target tasks use other seeds).",
+        "phantom_seed": declare(0, "Built-in data: which subjects (target tasks use other seeds).",
                            range=NON_NEGATIVE),
-        "phantom_shape": _k((128, 128, 96), "Built-in data: scan shape (x, y, z).", tuple,
+        "phantom_shape": declare((128, 128, 96), "Built-in data: scan shape (x, y, z).", tuple,
                             item=int, range=POSITIVE, length=(3,)),
-        "candidates": _k("", "classify, folder data: the LUNA16-style candidates CSV.",
+        "candidates": declare("", "classify, folder data: the LUNA16-style candidates CSV.",
                          families=_F),
-        "train_cases": _k(8, "Labelled budget: training subjects (cases).", range=POSITIVE,
+        "train_cases": declare(8, "Labelled budget: training subjects (cases).", range=POSITIVE,
                           families=_F),
-        "train_subset": _k(0, "Train on the first k training cases only (0 = all); validation "
+        "train_subset": declare(0, "Train on the first k training cases only (0 = all); validation "
                            "and test cases unchanged.", range=NON_NEGATIVE, families=_F),
-        "val_cases": _k(4, "Validation subjects.", range=POSITIVE, families=_F),
-        "test_cases": _k(8, "Test subjects.", range=POSITIVE, families=_F),
-        "cubes_per_case": _k(16, "segment: training cubes per case.", range=POSITIVE,
+        "val_cases": declare(4, "Validation subjects.", range=POSITIVE, families=_F),
+        "test_cases": declare(8, "Test subjects.", range=POSITIVE, families=_F),
+        "cubes_per_case": declare(16, "segment: training cubes per case.", range=POSITIVE,
                              families=_F),
-        "fg_fraction": _k(0.75, "segment: share of training cubes centred on foreground.",
+        "fg_fraction": declare(0.75, "segment: share of training cubes centred on foreground.",
                           range=PROBABILITY, families=_F),
     },
     "train": {
-        "batch_size": _k(per(6, 16), "Per device; global batch = batch_size * device count.",
+        "batch_size": declare(per(6, 16), "Per device; global batch = batch_size * device count.",
                          range=POSITIVE),
-        "optimizer": _k(per("sgd", "adam"), "Optimizer.", choices=("sgd", "adam")),
-        "learning_rate": _k(per(1.0, 1e-3), "Base learning rate.", float,
+        "optimizer": declare(per("sgd", "adam"), "Optimizer.", choices=("sgd", "adam")),
+        "learning_rate": declare(per(1.0, 1e-3), "Base learning rate.", float,
                             range=Range(0.0, lo_open=True), resume=MAY),
-        "lr_scaling": _k("none", "none, or linear (lr *= global batch / base_batch_size).",
+        "lr_scaling": declare("none", "none, or linear (lr *= global batch / base_batch_size).",
                          choices=("none", "linear"), resume=MAY),
-        "base_batch_size": _k(6, "The global batch the learning rate is meant for (linear "
+        "base_batch_size": declare(6, "The global batch the learning rate is meant for (linear "
                               "scaling).", range=POSITIVE, resume=MAY),
-        "momentum": _k(0.9, "SGD momentum (0 = none).", range=Range(0.0, 1.0, hi_open=True)),
-        "schedule": _k(per("step", "constant"), "Learning-rate schedule: step (halve every "
+        "momentum": declare(0.9, "SGD momentum (0 = none).", range=Range(0.0, 1.0, hi_open=True)),
+        "schedule": declare(per("step", "constant"), "Learning-rate schedule: step (halve every "
                        "decay_every steps), plateau (halve after plateau_patience evaluations "
                        "without improvement), constant or cosine.",
                        choices=("step", "plateau", "constant", "cosine")),
-        "decay_every": _k(40_000, "step: steps between decays (original: 40 epochs).",
+        "decay_every": declare(40_000, "step: steps between decays (original: 40 epochs).",
                           range=POSITIVE, resume=MAY),
-        "decay_factor": _k(0.5, "step and plateau: learning-rate factor per decay.",
+        "decay_factor": declare(0.5, "step and plateau: learning-rate factor per decay.",
                            range=Range(0.0, 1.0, lo_open=True), resume=MAY),
-        "plateau_patience": _k(10, "plateau: evaluations without improvement before a decay.",
+        "plateau_patience": declare(10, "plateau: evaluations without improvement before a decay.",
                                range=POSITIVE, resume=MAY),
-        "grad_clip": _k(0.0, "Global-norm gradient clip (0 = off).", range=NON_NEGATIVE),
-        "nonfinite": _k("stop", "A step whose loss or gradient is NaN/Inf: stop, or skip it.",
+        "grad_clip": declare(0.0, "Global-norm gradient clip (0 = off).", range=NON_NEGATIVE),
+        "nonfinite": declare("stop", "A step whose loss or gradient is NaN/Inf: stop, or skip it.",
                         choices=("stop", "skip"), resume=MAY),
-        "early_stop_patience": _k(per(50, 10), "Evaluations without improvement of the "
+        "early_stop_patience": declare(per(50, 10), "Evaluations without improvement of the "
                                   "monitored value before stopping (0 = never).",
                                   range=NON_NEGATIVE, resume=MAY),
-        "monitor": _k("val_loss", "What the best checkpoint and early stopping follow: val_loss, "
+        "monitor": declare("val_loss", "What the best checkpoint and early stopping follow: val_loss, "
                       "or when fine-tuning the task metric (auc for classify; dice or iou for "
                       "segment). Losses are minimised, metrics maximised.",
                       choices=("val_loss", "auc", "dice", "iou")),
     },
     "task": {
-        "kind": _k("classify", "classify (encoder + MLP head) or segment (encoder-decoder).",
+        "kind": declare("classify", "classify (encoder + MLP head) or segment (encoder-decoder).",
                    choices=("classify", "segment"), families=_F),
-        "n_class": _k(1, "1 = binary (sigmoid); more = softmax over classes.", range=POSITIVE,
+        "n_class": declare(1, "1 = binary (sigmoid); more = softmax over classes.", range=POSITIVE,
                       families=_F),
-        "loss": _k("dice", "segment: dice or dice+ce (classify always uses BCE or CE).",
+        "loss": declare("dice", "segment: dice or dice+ce (classify always uses BCE or CE).",
                    choices=("dice", "dice+ce"), families=_F),
-        "feature_level": _k(-1, "classify: the encoder level whose global average pool feeds "
+        "feature_level": declare(-1, "classify: the encoder level whose global average pool feeds "
                             "the head (-1 = the deepest, 0 = the finest ... depth).",
                             range=Range(-1), families=_F),
     },
     "finetune": {
-        "init": _k("", "Initial weights: empty = scratch; a pre-training workdir, a converted "
+        "init": declare("", "Initial weights: empty = scratch; a pre-training workdir, a converted "
                    "dir, or a released .pt/.h5 file.", families=_F),
-        "which": _k("best", "Checkpoint of a pre-training workdir: best or latest.",
+        "which": declare("best", "Checkpoint of a pre-training workdir: best or latest.",
                     choices=("best", "latest"), families=_F),
-        "step": _k(-1, "A given checkpoint step instead (-1 = use `which`).", range=Range(-1),
+        "step": declare(-1, "A given checkpoint step instead (-1 = use `which`).", range=Range(-1),
                    families=_F),
-        "freeze_encoder": _k(False, "Train the head (and decoder) only.", families=_F),
-        "pretrained_lr_mult": _k(1.0, "Learning-rate multiplier of the loaded sub-trees.",
+        "freeze_encoder": declare(False, "Train the head (and decoder) only.", families=_F),
+        "pretrained_lr_mult": declare(1.0, "Learning-rate multiplier of the loaded sub-trees.",
                                  range=NON_NEGATIVE, families=_F),
-        "keep_head": _k(False, "segment: keep the pre-trained 1x1 output conv if shapes match.",
+        "keep_head": declare(False, "segment: keep the pre-trained 1x1 output conv if shapes match.",
                         families=_F),
-        "dont_load": _k((), "fnmatch patterns of parameter paths to keep fresh, e.g. "
+        "dont_load": declare((), "fnmatch patterns of parameter paths to keep fresh, e.g. "
                         "'params/decoder/*'.", tuple, item=str, families=_F),
-        "adapt_input_channels": _k(False, "Replicate a 1-channel first conv to C channels / C.",
+        "adapt_input_channels": declare(False, "Replicate a 1-channel first conv to C channels / C.",
                                    families=_F),
     },
     "eval": {
-        "overlap": _k(0.5, "Sliding-window overlap for whole-volume segmentation.",
+        "overlap": declare(0.5, "Sliding-window overlap for whole-volume segmentation.",
                       range=Range(0.0, 1.0, hi_open=True), families=_F),
-        "tta_flip": _k(False, "Average predictions over flips (test-time augmentation).",
+        "tta_flip": declare(False, "Average predictions over flips (test-time augmentation).",
                        families=_F),
-        "hd95": _k(False, "Also compute the 95th-percentile Hausdorff distance.", families=_F),
-        "write_predictions": _k(False,
+        "hd95": declare(False, "Also compute the 95th-percentile Hausdorff distance.", families=_F),
+        "write_predictions": declare(False,
                                 "Write NIfTI test predictions to <workdir>/test_predictions/.",
                                 families=_F),
     },
     "predict": {
-        "input": _k("", "mode=predict: a scan (file or DICOM folder), a folder of scans, or a "
+        "input": declare("", "mode=predict: a scan (file or DICOM folder), a folder of scans, or a "
                     "glob.", families=_F),
-        "output": _k("", "Folder for the outputs (default <workdir>/predict).", families=_F),
-        "candidates": _k("", "classify: CSV seriesuid,coordX,coordY,coordZ[,class] (LPS mm).",
+        "output": declare("", "Folder for the outputs (default <workdir>/predict).", families=_F),
+        "candidates": declare("", "classify: CSV seriesuid,coordX,coordY,coordZ[,class] (LPS mm).",
                          families=_F),
-        "which": _k("best", "Checkpoint of the run: best or latest.", choices=("best", "latest"),
+        "which": declare("best", "Checkpoint of the run: best or latest.", choices=("best", "latest"),
                     families=_F),
-        "threshold": _k(0.5, "segment, one class: mask = probability >= threshold.",
+        "threshold": declare(0.5, "segment, one class: mask = probability >= threshold.",
                         range=PROBABILITY, families=_F),
-        "probabilities": _k(False, "segment: write float32 probabilities instead of labels.",
+        "probabilities": declare(False, "segment: write float32 probabilities instead of labels.",
                             families=_F),
-        "batch_size": _k(4, "Windows (or candidate cubes) per forward pass.", range=POSITIVE,
+        "batch_size": declare(4, "Windows (or candidate cubes) per forward pass.", range=POSITIVE,
                          families=_F),
-        "overwrite": _k(False, "Replace outputs already there (default: keep them, go on).",
+        "overwrite": declare(False, "Replace outputs already there (default: keep them, go on).",
                         families=_F),
-        "on_error": _k("raise", "An unreadable scan: raise, or skip (listed in the json).",
+        "on_error": declare("raise", "An unreadable scan: raise, or skip (listed in the json).",
                        choices=("raise", "skip"), families=_F),
     },
     "probe": {
-        "pretrain_dir": _k("", "mode=probe: the pre-training workdir to analyse (its "
+        "pretrain_dir": declare("", "mode=probe: the pre-training workdir to analyse (its "
                            "checkpoints and config.json); empty = the run's --workdir. The probe "
                            "reads the task's training and validation cases (never its test "
                            "cases): classify, the candidate cubes and their classes; segment, "
                            "the cubes, labelled 1 when they hold any foreground voxel.",
                            families=_F),
-        "which": _k("all", "Checkpoints probed: all (every saved step), best or latest; a "
+        "which": declare("all", "Checkpoints probed: all (every saved step), best or latest; a "
                     "random init of the same network is always probed too.",
                     choices=("all", "best", "latest"), families=_F),
-        "folds": _k(5, "Cross-validation folds of the linear probe, grouped by case (subject).",
+        "folds": declare(5, "Cross-validation folds of the linear probe, grouped by case (subject).",
                     range=Range(2), families=_F),
-        "max_samples": _k(2000, "Cubes probed at most (a random subset; 0 = all).",
+        "max_samples": declare(2000, "Cubes probed at most (a random subset; 0 = all).",
                           range=NON_NEGATIVE, families=_F),
-        "C": _k(1.0, "Inverse L2 regularisation of the logistic-regression probe.", float,
+        "C": declare(1.0, "Inverse L2 regularisation of the logistic-regression probe.", float,
                 range=Range(0.0, lo_open=True), families=_F),
-        "batch_size": _k(32, "Cubes per forward pass of the encoder.", range=POSITIVE,
+        "batch_size": declare(32, "Cubes per forward pass of the encoder.", range=POSITIVE,
                          families=_F),
-        "report": _k("probe", "Output name: <workdir>/<report>.json and .png.", families=_F),
+        "report": declare("probe", "Output name: <workdir>/<report>.json and .png.", families=_F),
     },
     "experiment": {
-        "tasks": _k({"finetune_ncc": task("configs/finetune_ncc.py"),
+        "tasks": declare({"finetune_ncc": task("configs/finetune_ncc.py"),
                      "finetune_ncs": task("configs/finetune_ncs.py")},
                     "Target tasks: name -> {config: a fine-tuning config file (path.py[:variant]), "
                     "overrides: {...}}; results go to <workdir>/<name>/.", dict, families=_E),
-        "arms": _k({"scratch": arm(""), "genesis": arm("@pretrain")},
+        "arms": declare({"scratch": arm(""), "genesis": arm("@pretrain")},
                    "Arms: name -> {init: '' (scratch), '@pretrain' (this experiment's "
                    "pre-training) or a path, overrides: {...}}; an arm's overrides apply after "
                    "the experiment-wide and the task's.", dict, families=_E),
-        "pretrain_config": _k("configs/pretrain_phantom.py", "The pre-training config file an "
+        "pretrain_config": declare("configs/pretrain_phantom.py", "The pre-training config file an "
                               "'@pretrain' arm uses (run in <workdir>/pretrain).", families=_E),
-        "pretrain_overrides": _k({}, "Overrides of the pre-training config, keyed like the "
+        "pretrain_overrides": declare({}, "Overrides of the pre-training config, keyed like the "
                                  "config: {'num_steps': 1200}.", dict, families=_E),
-        "overrides": _k({}, "Overrides of every task config: {'num_steps': 200}.", dict,
+        "overrides": declare({}, "Overrides of every task config: {'num_steps': 200}.", dict,
                         families=_E),
-        "trials": _k(5, "Trials per arm and task; trial t uses seed experiment.seed + t.",
+        "trials": declare(5, "Trials per arm and task; trial t uses seed experiment.seed + t.",
                      range=POSITIVE, families=_E),
-        "seed": _k(0, "Seed of trial 0.", range=NON_NEGATIVE, families=_E),
-        "report": _k("results", "Report name: <workdir>/<report>.{md,json,png}.", families=_E),
-        "compare": _k((), "Tests to run: pairs (arm, baseline arm); empty = every arm against "
+        "seed": declare(0, "Seed of trial 0.", range=NON_NEGATIVE, families=_E),
+        "report": declare("results", "Report name: <workdir>/<report>.{md,json,png}.", families=_E),
+        "compare": declare((), "Tests to run: pairs (arm, baseline arm); empty = every arm against "
                       "scratch (or the first arm).", tuple, item=tuple, families=_E),
     },
 }
