@@ -32,14 +32,11 @@ def check_writable(workdir: pathlib.Path) -> None:
   """Fail before training starts if the workdir cannot be written (permissions, full disk)."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write_probe_{jax.process_index()}"
-    with open(probe, "wb") as f:
-      f.write(b"0" * 4096)
-      f.flush()
-      os.fsync(f.fileno())
-    probe.unlink()
   except OSError as e:
     raise errors.CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
+  cause = write_probe_cause(workdir)
+  if cause is not None:
+    raise errors.CheckpointError(f"workdir {workdir} is not writable: {cause}")
 
 
 # What a failed write says, in the words of the OS (errno text) or of TensorStore (status codes).
@@ -87,7 +84,8 @@ def write_probe_cause(directory: pathlib.Path, *, sync: bool = True) -> str | No
         os.fsync(f.fileno())
     probe.unlink()
   except OSError as e:
-    return failure_cause(e)
+    cause = failure_cause(e)
+    return cause if cause in dict(DISK_CAUSES) else (e.strerror or cause)
   return None
 
 
