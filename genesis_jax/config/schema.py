@@ -188,6 +188,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "body_crop": declare(False, "Crop each scan to the body bounding box first."),
         "lung_filter": declare(False, "Original chest-CT filter: keep cubes with < 15% voxels >= -150 "
                           "HU.", families=_P),
+        "sampler": declare("anywhere", "Where cube centres fall: anywhere (uniform) or lung_centred "
+                      "(on a voxel in -900..-500 HU, half a cube from every border; CT).",
+                      choices=("anywhere", "lung_centred"), families=_P),
         "on_error": declare("skip", "Bulk prepare: skip (and report) or raise on a bad scan.",
                        choices=("skip", "raise"), families=_P),
         "num_workers": declare(0, "grain worker processes (0 = in-process).", range=NON_NEGATIVE),

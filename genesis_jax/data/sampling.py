@@ -1,5 +1,5 @@
 """Where pre-training cubes are drawn: the cube settings of `config.data`, and random crops of
-one preprocessed volume (scales, the chest-CT lung filter).
+one preprocessed volume (scales, the chest-CT lung filter, lung-centred sampling).
 
 A scan's crops depend only on (seed, scan id) (`scan_rng`), never on the order scans are
 processed in, so a prepared dataset is the same whatever the worker count or interruptions.
@@ -24,6 +24,15 @@ from genesis_jax.data import manifest as manifest_lib
 LUNG_HU_THRESHOLD = -150.0
 LUNG_MAX_FRACTION = 0.15
 ATTEMPTS_PER_CUBE = 50
+
+# `data.sampler`: "anywhere" draws crop origins uniformly over the volume; "lung_centred" draws
+# crop centres uniformly from the voxels in LUNG_WINDOW_HU, half a crop or more from every border,
+# so cubes are centred in the lung as the target tasks' candidate cubes are. It stands in for the
+# original's border exclusion (docs/method.md#pre-training-recipe: origins 100 voxels from the
+# in-plane borders of 512 x 512 slices and 30 slices from the ends), whose fixed margins only fit
+# LUNA16-sized scans. HU below the window is air (outside the body, airways).
+SAMPLERS = ("anywhere", "lung_centred")
+LUNG_WINDOW_HU = (-900.0, -500.0)
 
 
 class VolumeTooSmallError(errors.DataError):
@@ -52,6 +61,7 @@ class CubeSettings:
   spacing: tuple[float, ...]
   body_crop: bool
   lung_filter: bool
+  sampler: str = "anywhere"
 
   @classmethod
   def from_config(cls, data_cfg: Any) -> CubeSettings:
@@ -74,34 +84,49 @@ class CubeSettings:
         spacing=tuple(float(v) for v in config_field(data_cfg, "spacing", ())),
         body_crop=bool(config_field(data_cfg, "body_crop", False)),
         lung_filter=bool(config_field(data_cfg, "lung_filter", False)),
+        sampler=str(config_field(data_cfg, "sampler", "anywhere")),
     )
     if s.cubes_per_scan <= 0:
       raise errors.ConfigError(
           f"config.data.cubes_per_scan must be positive, got {s.cubes_per_scan}.")
+    if s.sampler not in SAMPLERS:
+      raise errors.ConfigError(
+          f"config.data.sampler must be one of {SAMPLERS}, got {s.sampler!r}.")
     if s.lung_filter:
       s.lung_threshold()  # Validates modality and window early.
+    if s.sampler == "lung_centred":
+      s.lung_window()
     return s
 
-  def lung_threshold(self) -> float:
-    """-150 HU expressed on the [0, 1] scale of the preprocessed volume.
+  def hu_to_unit(self, hu: float, what: str) -> float:
+    """`hu` on the [0, 1] scale of the preprocessed volume (CT only, `hu` inside the window).
 
     The CT window maps HU linearly (after clipping) to [0, 1], so comparing the normalised data
-    against the mapped threshold is the same test as comparing raw HU, and it stays valid after
+    against mapped thresholds is the same test as comparing raw HU, and it stays valid after
     resampling and body cropping (the crop positions are those of the preprocessed volume).
     """
     lo, hi = self.hu_window
     if self.modality != "ct":
+      raise errors.ConfigError(f"config.data.{what} needs modality 'ct', got {self.modality!r}.")
+    if not lo <= hu <= hi:
       raise errors.ConfigError(
-          f"config.data.lung_filter needs modality 'ct', got {self.modality!r}.")
-    if not lo <= LUNG_HU_THRESHOLD <= hi:
-      raise errors.ConfigError(
-          f"config.data.lung_filter needs -150 HU inside hu_window, got {self.hu_window}.")
-    return (LUNG_HU_THRESHOLD - lo) / (hi - lo)
+          f"config.data.{what} needs {hu:g} HU inside hu_window, got {self.hu_window}.")
+    return (hu - lo) / (hi - lo)
+
+  def lung_threshold(self) -> float:
+    """-150 HU (the lung filter's threshold) on the [0, 1] scale of the preprocessed volume."""
+    return self.hu_to_unit(LUNG_HU_THRESHOLD, "lung_filter")
+
+  def lung_window(self) -> tuple[float, float]:
+    """LUNG_WINDOW_HU on the [0, 1] scale of the preprocessed volume."""
+    return tuple(self.hu_to_unit(h, "sampler='lung_centred'") for h in LUNG_WINDOW_HU)
 
   def fingerprint(self) -> str:
     """Short hash of the settings and the shard format: a shard made with others is stale."""
-    blob = json.dumps({"format": manifest_lib.FORMAT_VERSION, **dataclasses.asdict(self)},
-                      sort_keys=True)
+    fields = dataclasses.asdict(self)
+    if fields["sampler"] == "anywhere":  # The default leaves shards prepared before it valid.
+      del fields["sampler"]
+    blob = json.dumps({"format": manifest_lib.FORMAT_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -119,12 +144,27 @@ def window_size(crop: Sequence[int], scale: float) -> tuple[int, int, int]:
   return x, y, z
 
 
+def lung_centres(data: np.ndarray, size: Sequence[int], window: tuple[float, float]
+                 ) -> np.ndarray:
+  """Flat indices of the voxels of `data` in `window` (lung) around which a `size` crop fits.
+
+  A crop centred on voxel c spans [c - size // 2, c - size // 2 + size), so c lies at least
+  size // 2 from the low border and size - size // 2 from the high one.
+  """
+  lung = (data >= window[0]) & (data <= window[1])
+  inside = np.zeros_like(lung)
+  inside[tuple(slice(s // 2, d - s + s // 2 + 1) for d, s in zip(data.shape, size))] = True
+  return np.flatnonzero(lung & inside)
+
+
 def extract_cubes(data: np.ndarray, settings: CubeSettings, rng: np.random.Generator,
                   source: str = "") -> np.ndarray:
   """Random crops of one preprocessed volume (x, y, z) in [0, 1] -> float32 (N, *crop).
 
   Cube k uses scale `scales[k % len(scales)]`; with the lung filter, rejected crops are redrawn, up
-  to ATTEMPTS_PER_CUBE * cubes_per_scan tries, so N may be below cubes_per_scan (even 0).
+  to ATTEMPTS_PER_CUBE * cubes_per_scan tries, so N may be below cubes_per_scan (even 0). With
+  sampler "lung_centred" a crop's centre is a random voxel of `lung_centres`; a volume without one
+  yields no cubes.
   """
   crop = settings.crop
   sizes = [window_size(crop, s) for s in settings.scales]
@@ -134,12 +174,20 @@ def extract_cubes(data: np.ndarray, settings: CubeSettings, rng: np.random.Gener
         f"{source or 'volume'}: shape {tuple(data.shape)} (x, y, z) after preprocessing is smaller "
         f"than the crop window {need} (crop {crop}, scales {settings.scales}).")
   threshold = settings.lung_threshold() if settings.lung_filter else None
+  centres = ({size: lung_centres(data, size, settings.lung_window()) for size in set(sizes)}
+             if settings.sampler == "lung_centred" else None)
   cubes = []
   for _ in range(ATTEMPTS_PER_CUBE * settings.cubes_per_scan):
     if len(cubes) == settings.cubes_per_scan:
       break
     size = sizes[len(cubes) % len(sizes)]
-    origin = [int(rng.integers(0, d - s + 1)) for d, s in zip(data.shape, size)]
+    if centres is None:
+      origin = [int(rng.integers(0, d - s + 1)) for d, s in zip(data.shape, size)]
+    elif not centres[size].size:
+      break  # No lung voxel that a whole crop fits around: the scan yields no cubes.
+    else:
+      flat = int(centres[size][rng.integers(0, centres[size].size)])
+      origin = [int(c) - s // 2 for c, s in zip(np.unravel_index(flat, data.shape), size)]
     window = data[tuple(slice(o, o + s) for o, s in zip(origin, size))]
     if threshold is not None and np.mean(window >= threshold) >= LUNG_MAX_FRACTION:
       continue
