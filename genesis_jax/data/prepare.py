@@ -212,7 +212,7 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
       skipped.append({"path": str(job.path), "reason": errors[job.key]})
     elif record["count"] == 0:
       skipped.append({"path": str(job.path), "reason": "no cube passed the filters "
-                      f"(lung_filter={settings.lung_filter})"})
+                      f"(lung_filter={settings.lung_filter}, sampler={settings.sampler!r})"})
     else:
       shards.append({"key": job.key, "file": f"shards/{job.key}.npy", "source": str(job.path),
                      "count": record["count"], "shape": record["shape"],
