@@ -127,8 +127,13 @@ def flag_error_message(error: BaseException) -> str:
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if len(lines) > 1 and any(line.startswith(("Traceback", "File ")) for line in lines):
     where = lines[0].rstrip(":").replace(": Error whilst parsing config file", "")
-    return f"{where}: {lines[-1]}"
-  return " ".join(lines)
+    return f"{where}: {strip_class(lines[-1])}"
+  return strip_class(" ".join(lines))
+
+
+def strip_class(text: str) -> str:
+  """Drops a `genesis_jax.errors.XError: ` prefix: the message itself names the problem."""
+  return re.sub(r"(?:genesis_jax\.errors\.)?[A-Za-z]*Error: ", "", text, count=1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -176,6 +181,12 @@ def main(argv: list[str]) -> None:
       print(f"runtime: {distributed.describe_runtime()} | distributed: {decision.get('source')}",
             flush=True)
     experiment.run(_CONFIG.value, _WORKDIR.value)
+  except KeyboardInterrupt:
+    # Ctrl-C outside training (data preparation, compilation); training handles it itself.
+    if os.environ.get("GENESIS_TRACEBACK"):
+      raise
+    distributed.exit_with_error("interrupted before training started; rerun the same command to "
+                                "continue", code=130)
   except errors.GenesisError as e:
     # A message meant for the user: no traceback. In a multi-process run the process exits at
     # once instead of waiting in JAX's shutdown barrier.

@@ -54,7 +54,7 @@ def test_missing_config_file_and_bad_variant_are_one_line(tmp_path):
       "    raise ValueError(...)\n"
       "ValueError: Unknown variant 'nope' for demo.py.")
   assert main.flag_error_message(error) == (
-      "flag --config=configs/demo.py:nope: ValueError: Unknown variant 'nope' for demo.py.")
+      "flag --config=configs/demo.py:nope: Unknown variant 'nope' for demo.py.")
 
 
 def test_library_info_logs_are_off_unless_verbosity_is_given(monkeypatch):
@@ -165,3 +165,9 @@ def test_bad_values_are_refused_before_anything_is_prepared_or_written(tmp_path,
   assert "\n" not in str(e.value)
   assert not workdir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["scans"]
 
+
+
+def test_flag_error_message_drops_the_error_class_name():
+  error = ValueError("genesis_jax.errors.ConfigError: Unknown variant 'nope' for demo.py.")
+  assert main.flag_error_message(error) == "Unknown variant 'nope' for demo.py."
+  assert main.strip_class("DataError: bad scan") == "bad scan"
