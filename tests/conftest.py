@@ -93,3 +93,27 @@ def tiny_task_config(kind, phantoms_root, init=""):
   c.log_every = 3
   c.finetune.init = str(init)
   return c
+
+
+def tiny_pretrain_config(dataset, steps, *, eval_every=4, nonfinite="stop"):
+  """A width-4 in-process pre-training on a prepared tiny dataset (16x16x8, SGD, checkpoints
+  every 2 steps): the config the train, probe and lifecycle tests share."""
+  from genesis_jax.config import schema
+  c = schema.pretrain_config()
+  c.model.width = 4
+  c.data.source = "prepared"
+  c.data.path = str(dataset)
+  c.data.crop = (16, 16, 8)
+  c.train.batch_size = 8
+  c.train.optimizer = "sgd"
+  c.train.learning_rate = 0.5
+  c.train.schedule = "constant"
+  c.train.nonfinite = nonfinite
+  c.corruption.local_blocks = 200
+  c.num_steps = steps
+  c.log_every = 1
+  c.eval_every = eval_every
+  c.eval_batches = 1
+  c.checkpoint_every = 2
+  c.samples_every_eval = False
+  return c

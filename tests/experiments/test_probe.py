@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, tiny_task_config
+from conftest import REPO, tiny_task_config, tiny_pretrain_config
 from genesis_jax import errors
 from genesis_jax.config import schema
 from genesis_jax.config.validate import validate
@@ -23,18 +23,8 @@ STARTED: dict[str, list] = {}  # Pre-training workdir -> the variables its run i
 def tiny_pretraining(tmp_path_factory, tiny_dataset):
   """A width-4 pre-training of 4 steps on 16x16x8 cubes: checkpoints at steps 2 and 4."""
   from genesis_jax.train import pretrain
-  c = schema.pretrain_config()
-  c.model.width = 4
-  c.data.source = "prepared"
-  c.data.path = str(tiny_dataset)
-  c.data.crop = (16, 16, 8)
-  c.train.batch_size = 8
-  c.train.optimizer = "sgd"
-  c.train.learning_rate = 0.5
-  c.train.schedule = "constant"
-  c.corruption.local_blocks = 200
-  c.num_steps, c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 4, 2, 4, 1, 2
-  c.samples_every_eval = False
+  c = tiny_pretrain_config(tiny_dataset, 4)
+  c.log_every = 2
   workdir = tmp_path_factory.mktemp("probe_pre")
   started = STARTED.setdefault(str(workdir), [])  # The initial weights the pre-training used.
   with pytest.MonkeyPatch.context() as mp:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE, REPO, run_cli
+from conftest import COMPILE_CACHE, REPO, run_cli, tiny_pretrain_config
 from test_train_equivalence import _args, _assert_close, _final_params
 
 
@@ -95,28 +95,6 @@ class _PoisonedLoader:
     return _PoisonedIterator(iter(self._loader), self._at)
 
 
-def _tiny_config(dataset, steps, nonfinite):
-  from genesis_jax.config import schema as defaults
-  c = defaults.pretrain_config()
-  c.model.width = 4
-  c.data.source = "prepared"
-  c.data.path = str(dataset)
-  c.data.crop = (16, 16, 8)
-  c.train.batch_size = 8
-  c.train.optimizer = "sgd"
-  c.train.learning_rate = 0.5
-  c.train.schedule = "constant"
-  c.train.nonfinite = nonfinite
-  c.corruption.local_blocks = 200
-  c.num_steps = steps
-  c.log_every = 1
-  c.eval_every = 4
-  c.eval_batches = 1
-  c.checkpoint_every = 2
-  c.samples_every_eval = False
-  return c
-
-
 @pytest.mark.parametrize("nonfinite", ["stop", "skip"])
 def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
   import jax
@@ -127,7 +105,7 @@ def test_nan_in_batch(tmp_path, tiny_dataset, monkeypatch, nonfinite):
   real = pipeline.pretrain_loader
   monkeypatch.setattr(pipeline, "pretrain_loader",
                       lambda *a, **k: _PoisonedLoader(real(*a, **k), at=5))
-  config = _tiny_config(tiny_dataset, 8, nonfinite)
+  config = tiny_pretrain_config(tiny_dataset, 8, nonfinite=nonfinite)
   workdir = tmp_path / nonfinite
   if nonfinite == "stop":
     with pytest.raises(errors.NonFiniteError) as e:
@@ -163,7 +141,7 @@ def test_out_of_device_memory_names_the_settings_and_keeps_checkpoints(tmp_path,
     return maybe_oom
 
   monkeypatch.setattr(step_lib, "jit_train_step", jit_then_oom_at_step_5)
-  config = _tiny_config(tiny_dataset, 8, "stop")
+  config = tiny_pretrain_config(tiny_dataset, 8)
   with pytest.raises(errors.DeviceMemoryError) as e:
     pretrain.train(config, tmp_path / "run")
   msg = str(e.value)

@@ -105,10 +105,10 @@ def test_evaluate_without_a_fine_tuning_checkpoint_is_refused_before_writing_any
 # ---------------------------------------------------------------------- runs (slower)
 @pytest.fixture(scope="module")
 def pretrained_workdir(tmp_path_factory, tiny_dataset):
-  from test_fault_tolerance import _tiny_config
+  from conftest import tiny_pretrain_config
   from genesis_jax.train import pretrain
   workdir = tmp_path_factory.mktemp("pre")
-  pretrain.train(_tiny_config(tiny_dataset, 4, "stop"), workdir)
+  pretrain.train(tiny_pretrain_config(tiny_dataset, 4), workdir)
   return workdir
 
 

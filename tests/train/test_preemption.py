@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli, tiny_task_config
+from conftest import (COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli, tiny_pretrain_config,
+                      tiny_task_config)
 # Imported here, not first inside a test using capsys: metric_writers.Progress binds
 # sys.stdout as a default argument when the module is imported.
 from genesis_jax.train import metric_writers  # noqa: F401
-from test_fault_tolerance import _tiny_config
 from test_train_equivalence import _assert_close, _final_params
 
 
@@ -117,7 +117,7 @@ def test_sigterm_during_an_async_save_and_a_damaged_latest_checkpoint(tmp_path, 
   from genesis_jax import errors
   from genesis_jax.train import checkpoints as ckpt_lib
   from genesis_jax.train import preemption, pretrain
-  config = _tiny_config(tiny_dataset, 6, "stop")
+  config = tiny_pretrain_config(tiny_dataset, 6)
   config.eval_every = 6
   pretrain.train(config, tmp_path / "straight")
 

@@ -10,28 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli
-
-
-def tiny_pretrain_config(dataset, steps):
-  from genesis_jax.config import schema
-  c = schema.pretrain_config()
-  c.model.width = 4
-  c.data.source = "prepared"
-  c.data.path = str(dataset)
-  c.data.crop = (16, 16, 8)
-  c.train.batch_size = 8
-  c.train.optimizer = "sgd"
-  c.train.learning_rate = 0.5
-  c.train.schedule = "constant"
-  c.corruption.local_blocks = 200
-  c.num_steps = steps
-  c.log_every = 1
-  c.eval_every = 2
-  c.eval_batches = 1
-  c.checkpoint_every = 2
-  c.samples_every_eval = False
-  return c
+from conftest import run_cli, tiny_pretrain_config
 
 
 def write_lock(workdir, pid, host=None, age_s=0.0):
@@ -166,13 +145,13 @@ def test_allowed_changes_apply_and_are_recorded_and_metrics_have_one_row_per_ste
     tmp_path, tiny_dataset, capsys):
   from genesis_jax.train import pretrain
   workdir = tmp_path / "run"
-  pretrain.train(tiny_pretrain_config(tiny_dataset, 4), workdir)
+  pretrain.train(tiny_pretrain_config(tiny_dataset, 4, eval_every=2), workdir)
   assert not (workdir / "run.lock").exists()  # Released when the run finished.
   # As if killed after step 4's rows were written but before its checkpoint completed.
   import shutil
   shutil.rmtree(workdir / "checkpoints" / "latest" / "4")
   shutil.rmtree(workdir / "checkpoints" / "best")
-  config = tiny_pretrain_config(tiny_dataset, 6)
+  config = tiny_pretrain_config(tiny_dataset, 6, eval_every=2)
   config.train.learning_rate = 0.25
   config.log_every = 2
   capsys.readouterr()
