@@ -35,6 +35,33 @@ best checkpoint and early stopping by validation Dice instead of validation loss
   python -m genesis_jax.main --config configs/experiment_phantom.py:ncs_dice \
       --workdir runs/experiment   # table in <workdir>/results_ncs_dice.{md,json,png}
 
+Variant ":faithful" (issue 17; a new workdir): the original's recipe on both sides, and the opt-in
+fix. REGISTERED on 2026-12-01 before any of its trials ran; reported whatever it shows:
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:faithful \
+      --workdir runs/experiment_faithful   # table in <workdir>/results_faithful.{md,json,png}
+
+- Pre-training: configs/pretrain_phantom.py:faithful (SGD lr 1.0 momentum 0.9 batch 6, step decay,
+  the lung filter and lung-centred cubes; width 8, 32x32x16 cubes, 600 steps) in <workdir>/pretrain;
+  the same plus `pretrain.bottleneck_loss_weight=1.0` (the fix: the restoration loss of a pass
+  with every skip connection zeroed is added) in <workdir>/pretrain_fix.
+- Tasks: configs/finetune_ncc.py:faithful (PyTorch default init of what is not loaded) and
+  configs/finetune_ncs.py:faithful (the whole pre-trained U-Net, output conv included), NCS at 100
+  steps on 4 test subjects as the main table; both with the original's patience, 10 evaluations
+  (`train.early_stop_patience=10`; at 200/100 steps and an evaluation every 25 steps no trial stops
+  early, so the best checkpoint is chosen over the whole run).
+- Arms: scratch (""), genesis ("@pretrain"), genesis_fix ("@pretrain:fix"); 5 trials per arm and
+  task, seeds 0-4, the same split for every arm.
+- Selection: each trial's checkpoint by validation loss (the original's rule); the test split is
+  read once, by the selected checkpoint. Metrics: NCC test AUC; NCS test foreground IoU (mean over
+  subjects), with the original's IoU definition in each trial's eval.json beside it.
+- Tests: Welch t and Mann-Whitney U (two-sided) for genesis vs scratch, genesis_fix vs scratch and
+  genesis_fix vs genesis; mean +- std per arm.
+- Budget sweep (`:faithful_budget`, same workdir): of genesis and genesis_fix, the arm with the
+  lower mean best validation loss over its 5 NCC trials (validation only), and scratch, with 2
+  and 4 labelled training subjects (`data.train_subset`), 5 trials each, same rule; the 6-subject
+  points are the `:faithful` NCC arms, reused.
+
 Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
 (1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
@@ -43,7 +70,7 @@ Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer p
 """
 from genesis_jax import errors
 from genesis_jax.config import schema as defaults
-from genesis_jax.config.schema import arm, task
+from genesis_jax.config.schema import arm, nest, task
 
 NCC = {"finetune_ncc": task("configs/finetune_ncc.py")}
 NCS_CPU = {"finetune_ncs": task("configs/finetune_ncs.py",
@@ -99,6 +126,10 @@ def get_config(variant: str = ""):
     c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain"),
                          "scratch_dice": arm("", dice), "genesis_dice": arm("@pretrain", dice)}
     c.experiment.compare = (("genesis", "scratch"), ("genesis_dice", "scratch_dice"))
+  elif variant in ("faithful", "faithful_budget"):
+    faithful_setup(c)
+    if variant == "faithful_budget":
+      faithful_budget(c)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = NCC
@@ -106,5 +137,48 @@ def get_config(variant: str = ""):
                                        "checkpoint_every": 200}
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
-                             f"(known: diagnose, budget, levels, ncs_dice, long).")
+                             f"(known: diagnose, budget, levels, ncs_dice, long, faithful, "
+                             f"faithful_budget).")
   return c
+
+
+# The arm the `:faithful_budget` sweep runs beside scratch: set by the registered rule (lower mean
+# best validation loss over the `:faithful` NCC trials) once those trials have run.
+FAITHFUL_BUDGET_ARM = None
+
+
+def faithful_setup(c) -> None:
+  """The registered `:faithful` experiment (see the module docstring)."""
+  c.experiment.report = "results_faithful"
+  c.experiment.pretrain_config = "configs/pretrain_phantom.py:faithful"
+  c.experiment.pretrain_variants = {"fix": nest({"pretrain.bottleneck_loss_weight": 1.0})}
+  patience = {"train.early_stop_patience": 10}
+  c.experiment.tasks = {
+      "finetune_ncc": task("configs/finetune_ncc.py:faithful", patience),
+      "finetune_ncs": task("configs/finetune_ncs.py:faithful",
+                           {"num_steps": 100, "data.test_cases": 4, **patience})}
+  c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain"),
+                       "genesis_fix": arm("@pretrain:fix")}
+  c.experiment.compare = (("genesis", "scratch"), ("genesis_fix", "scratch"),
+                          ("genesis_fix", "genesis"))
+  c.experiment.trials = 5
+
+
+def faithful_budget(c) -> None:
+  """The `:faithful_budget` sweep: scratch and FAITHFUL_BUDGET_ARM with 2 and 4 subjects."""
+  if FAITHFUL_BUDGET_ARM is None:
+    raise errors.ConfigError("configs/experiment_phantom.py:faithful_budget: the arm to sweep is "
+                             "chosen from the :faithful NCC trials' validation loss; run "
+                             "':faithful' first and set FAITHFUL_BUDGET_ARM by that rule.")
+  c.experiment.report = "results_faithful_budget"
+  c.experiment.tasks = {"finetune_ncc": c.experiment.tasks["finetune_ncc"]}
+  arms, pairs = {}, []
+  best = c.experiment.arms[FAITHFUL_BUDGET_ARM]
+  for k in (2, 4, 6):
+    suffix = "" if k == 6 else f"_{k}"  # 6 = every training subject: the :faithful arms.
+    subset = {} if k == 6 else {"data.train_subset": k}
+    arms[f"scratch{suffix}"] = arm("", subset)
+    arms[f"{FAITHFUL_BUDGET_ARM}{suffix}"] = arm(best["init"], subset)
+    pairs.append((f"{FAITHFUL_BUDGET_ARM}{suffix}", f"scratch{suffix}"))
+  c.experiment.arms = arms
+  c.experiment.compare = tuple(pairs)

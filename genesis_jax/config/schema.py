@@ -64,8 +64,9 @@ def transform_set(spec) -> frozenset[str]:
 
 def arm(init: str = "", overrides: dict | None = None) -> dict:
   """An experiment arm: its initialisation ("" = scratch, "@pretrain" = the experiment's own
-  pre-training, or a path) and overrides of the task configs, keyed like the config
-  ({"train": {"monitor": "auc"}}; dotted keys such as {"train.monitor": "auc"} are nested)."""
+  pre-training, "@pretrain:<variant>" = one of experiment.pretrain_variants, or a path) and
+  overrides of the task configs, keyed like the config ({"train": {"monitor": "auc"}}; dotted
+  keys such as {"train.monitor": "auc"} are nested)."""
   return {"init": init, "overrides": nest(overrides or {})}
 
 
@@ -329,12 +330,17 @@ SECTIONS: dict[str, dict[str, Key]] = {
                     "overrides: {...}}; results go to <workdir>/<name>/.", dict, families=_E),
         "arms": declare({"scratch": arm(""), "genesis": arm("@pretrain")},
                    "Arms: name -> {init: '' (scratch), '@pretrain' (this experiment's "
-                   "pre-training) or a path, overrides: {...}}; an arm's overrides apply after "
+                   "pre-training), '@pretrain:<variant>' (one of pretrain_variants) or a path, "
+                   "overrides: {...}}; an arm's overrides apply after "
                    "the experiment-wide and the task's.", dict, families=_E),
         "pretrain_config": declare("configs/pretrain_phantom.py", "The pre-training config file an "
                               "'@pretrain' arm uses (run in <workdir>/pretrain).", families=_E),
         "pretrain_overrides": declare({}, "Overrides of the pre-training config, keyed like the "
                                  "config: {'num_steps': 1200}.", dict, families=_E),
+        "pretrain_variants": declare({}, "Further pre-trainings: name -> overrides of the "
+                                "pre-training config (after pretrain_overrides); an arm with init "
+                                "'@pretrain:<name>' starts from the one run in "
+                                "<workdir>/pretrain_<name>.", dict, families=_E),
         "overrides": declare({}, "Overrides of every task config: {'num_steps': 200}.", dict,
                         families=_E),
         "trials": declare(5, "Trials per arm and task; trial t uses seed experiment.seed + t.",

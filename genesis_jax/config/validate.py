@@ -244,6 +244,20 @@ def _check_experiment(exp) -> None:
                                  f"{'config file path' if what == 'tasks' else 'string'}.")
       if "overrides" in entry and not hasattr(entry["overrides"], "keys"):
         raise errors.ConfigError(f"{where}.overrides must be a dict keyed like the config.")
+  variants = set(exp.get("pretrain_variants", {}).keys())
+  for name in exp.arms.keys():
+    init = exp.arms[name]["init"]
+    if init.startswith("@pretrain:") and init.partition(":")[2] not in variants:
+      raise errors.ConfigError(f"config.experiment.arms.{name}.init={init!r} names no pre-training "
+                               f"variant; config.experiment.pretrain_variants has "
+                               f"{sorted(variants) or 'none'}.")
+    if init.startswith("@") and init != "@pretrain" and not init.startswith("@pretrain:"):
+      raise errors.ConfigError(f"config.experiment.arms.{name}.init={init!r}: use '@pretrain', "
+                               f"'@pretrain:<variant>', '' (scratch) or a path.")
+  for name in variants:
+    if not hasattr(exp.pretrain_variants[name], "keys"):
+      raise errors.ConfigError(f"config.experiment.pretrain_variants.{name} must be a dict of "
+                               f"overrides keyed like the pre-training config.")
   arms = set(exp.arms.keys())
   for pair in exp.compare:
     if len(pair) != 2 or not set(pair) <= arms:

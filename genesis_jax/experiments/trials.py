@@ -40,8 +40,22 @@ def task_config(exp, task_file: str, task_overrides, arm_overrides):
   return config
 
 
-def pretrain_config(exp):
-  return apply_overrides(load_config_file(exp.pretrain_config), exp.pretrain_overrides)
+def pretrain_config(exp, variant: str = ""):
+  """The pre-training config: the file, experiment.pretrain_overrides, then the variant's."""
+  config = apply_overrides(load_config_file(exp.pretrain_config), exp.pretrain_overrides)
+  if variant:
+    apply_overrides(config, exp.pretrain_variants[variant])
+  return config
+
+
+def pretrain_variant(init: str) -> str | None:
+  """None for an arm that uses no pre-training of the experiment; "" for '@pretrain'; the
+  variant's name for '@pretrain:<name>'."""
+  if init == "@pretrain":
+    return ""
+  if init.startswith("@pretrain:"):
+    return init.partition(":")[2]
+  return None
 
 
 def shared_phantom_path(tcfg, workdir: pathlib.Path) -> pathlib.Path:
@@ -69,11 +83,12 @@ def check_trial_configs(config) -> None:
         validate(task_config(exp, task_file, task_overrides, arm_overrides))
       except errors.ConfigError as e:
         raise type(e)(f"experiment task {task!r}, arm {arm!r}: {e}") from None
-  if any(init == "@pretrain" for _, init, _ in arms):
+  for variant in sorted({pretrain_variant(init) for _, init, _ in arms} - {None}):
     try:
-      validate(pretrain_config(exp))
+      validate(pretrain_config(exp, variant))
     except errors.ConfigError as e:
-      raise type(e)(f"experiment pre-training ({exp.pretrain_config}): {e}") from None
+      which = f"variant {variant!r} of " if variant else ""
+      raise type(e)(f"experiment pre-training ({which}{exp.pretrain_config}): {e}") from None
 
 
 def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
@@ -108,10 +123,10 @@ def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
         f"experiment in a new workdir.")
 
 
-def _pretrain(config, workdir: pathlib.Path) -> pathlib.Path:
+def _pretrain(config, workdir: pathlib.Path, variant: str = "") -> pathlib.Path:
   from genesis_jax.train import pretrain
-  run_dir = workdir / "pretrain"
-  pcfg = pretrain_config(config.experiment)
+  run_dir = workdir / (f"pretrain_{variant}" if variant else "pretrain")
+  pcfg = pretrain_config(config.experiment, variant)
   if (run_dir / "summary.json").exists():
     summary = json.loads((run_dir / "summary.json").read_text())
     if summary.get("final_step", 0) >= pcfg.num_steps or summary.get("stopped_early"):
@@ -137,8 +152,9 @@ def run_locked(config, workdir: pathlib.Path) -> dict:
   arms = arms_of(exp)
   pretrained = {}
   for arm, init, _ in arms:
-    if init == "@pretrain":
-      pretrained[arm] = str(_pretrain(config, workdir))
+    variant = pretrain_variant(init)
+    if variant is not None:
+      pretrained[arm] = str(_pretrain(config, workdir, variant))
   results: dict[str, dict[str, list[float]]] = {}
   metric_names: dict[str, str] = {}
   for task, task_file, task_overrides in tasks_of(exp):

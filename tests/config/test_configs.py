@@ -9,7 +9,8 @@ from genesis_jax.config import loading, validate
 from genesis_jax.experiments import trials
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long"],
+VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long",
+                                      "faithful"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
             "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"]}
 CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))
@@ -54,6 +55,29 @@ def test_bad_arm_value_fails_before_pretraining(monkeypatch):
   config.experiment.arms.genesis.overrides = {"corruption": {"local_rate": 0.1}}
   with pytest.raises(ValueError, match="corruption.local_rate is a pre-training key"):
     trials.check_trial_configs(config)
+
+
+def test_pretrain_variants(monkeypatch):
+  """'@pretrain:<name>' arms pre-train with the variant's overrides on top; a name that is not a
+  variant, or another '@' form, is an error before anything runs."""
+  monkeypatch.chdir(REPO)
+  config = loading.load_config_file("configs/experiment_phantom.py:faithful")
+  exp = config.experiment
+  assert trials.pretrain_variant(exp.arms.genesis_fix.init) == "fix"
+  assert trials.pretrain_variant(exp.arms.genesis.init) == ""
+  assert trials.pretrain_variant(exp.arms.scratch.init) is None
+  fix, plain = trials.pretrain_config(exp, "fix"), trials.pretrain_config(exp)
+  assert fix.pretrain.bottleneck_loss_weight == 1.0 and plain.pretrain.bottleneck_loss_weight == 0
+  assert fix.train.optimizer == plain.train.optimizer == "sgd"  # the faithful variant underneath
+  config.experiment.arms.genesis_fix.init = "@pretrain:fx"
+  with pytest.raises(ValueError, match=r"init='@pretrain:fx' names no pre-training variant; "
+                     r"config.experiment.pretrain_variants has \['fix'\]"):
+    validate.validate(config)
+  config.experiment.arms.genesis_fix.init = "@pretrian"
+  with pytest.raises(ValueError, match="use '@pretrain', '@pretrain:<variant>'"):
+    validate.validate(config)
+  with pytest.raises(ValueError, match="FAITHFUL_BUDGET_ARM"):
+    loading.load_config_file("configs/experiment_phantom.py:faithful_budget")
 
 
 def test_conv_impl_values(monkeypatch):
