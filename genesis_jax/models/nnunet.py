@@ -1,0 +1,422 @@
+"""nnU-Net v2's networks in Flax: PlainConvUNet and ResidualEncoderUNet of
+dynamic_network_architectures, built from an nnU-Net plans file (`config/nnunet_plans.py`).
+
+Same computation as the PyTorch classes nnU-Net builds from the same plans: per stage, convs with
+the stage's kernel size (padding (k-1)//2, the first one strided by the stage's stride) ->
+InstanceNorm (affine, biased variance, eps from the plans) -> LeakyReLU; the decoder upsamples
+with a transposed conv whose kernel equals the stride, concatenates [up, skip] and runs
+n_conv_per_stage_decoder convs; a 1x1 conv "seg layer" per decoder stage gives the logits of the
+full-resolution stage (all stages with deep supervision, full resolution first). The residual
+encoder (ResNet-D BasicBlockD) has a stem conv, then per block conv1 (strided, norm, nonlin) and
+conv2 (norm, no nonlin) plus a skip (average pooling by the stride, then a 1x1 conv without bias
+and a norm where the channels change), and the nonlin after the sum.
+
+Arrays are channels-last in our axis order: (N, x, y, z, C) in 3D, (N, x, y, C) in 2D; kernel
+sizes and strides are in our order too (`NnUNetPlan.arch`). Every spatial size must be divisible
+by the product of the strides along its axis. There is no batch statistic (InstanceNorm), so the
+variables are `params` only and `train` changes nothing (kept for the U-Net's call signature).
+
+Parameter tree (names used by `weights/nnunet.py`, which maps them to the PyTorch state_dict):
+  PlainConvUNet:        encoder/stage_{s}/conv_{j}/{conv,norm}
+  ResidualEncoderUNet:  encoder/stem/conv_0/{conv,norm},
+                        encoder/stage_{s}/block_{b}/{conv1,conv2,skip}/{conv,norm}
+  both:                 decoder/transpconv_{d}, decoder/stage_{d}/conv_{j}/{conv,norm},
+                        decoder/seg_{d}      (d = 0 the lowest resolution, as in PyTorch)
+conv: kernel (*k, C_in, C_out) (+ bias where conv_bias); norm: scale, bias. All seg layers get
+parameters, deep supervision or not (as in PyTorch, so every checkpoint loads either way).
+
+Initialisation as nnU-Net's: kaiming_normal (negative slope 1e-2, PyTorch's fan_in) for conv and
+transposed-conv kernels, zero biases, norms at scale 1 / bias 0; ResidualEncoderUNet's last norm
+of each block at 0 (init_last_bn_before_add_to_0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from genesis_jax import errors
+
+NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")
+
+
+def he_normal(fan_in: int, neg_slope: float = 1e-2):
+  """PyTorch's kaiming_normal_(a=neg_slope) for a weight whose fan_in is `fan_in`."""
+  std = math.sqrt(2.0 / (1.0 + neg_slope ** 2)) / math.sqrt(max(fan_in, 1))
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    return (std * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
+  return init
+
+
+def leaky_relu(x: jax.Array, negative_slope: float) -> jax.Array:
+  return nn.relu(x) if negative_slope == 0 else jnp.where(x >= 0, x, negative_slope * x)
+
+
+def check_input(x: jax.Array, strides: Sequence[Sequence[int]], spatial_dims: int) -> None:
+  """ConfigError unless x is (N, *spatial, C) with each size divisible by its strides' product."""
+  if x.ndim != spatial_dims + 2:
+    raise errors.ConfigError(
+        f"nnU-Net network expects input (N, <{spatial_dims} spatial axes>, C), got {x.shape}.")
+  for axis, size in enumerate(x.shape[1:-1]):
+    total = math.prod(s[axis] for s in strides)
+    if size % total:
+      raise errors.ConfigError(
+          f"Spatial shape {x.shape[1:-1]} does not fit the plans' network: axis {axis} must be "
+          f"divisible by {total} (the product of its strides); use the plans' patch size.")
+
+
+class Conv(nn.Module):
+  """ConvNd as PyTorch: kernel (*k, C_in, C_out), stride, padding (k-1)//2, optional bias."""
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    nd = x.ndim - 2
+    fan_in = x.shape[-1] * math.prod(self.kernel_size)
+    kernel = self.param("kernel", he_normal(fan_in),
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.strides):
+      y = jnp.einsum("...c,co->...o", x, kernel.reshape(kernel.shape[-2:]))
+    else:
+      spatial = "DHW"[-nd:]
+      dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                      (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+      pad = [((k - 1) // 2, (k - 1) // 2) for k in self.kernel_size]
+      y = lax.conv_general_dilated(x, kernel, tuple(self.strides), pad, dimension_numbers=dn)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
+          y.dtype)
+    return y
+
+
+class TransposedConv(nn.Module):
+  """ConvTransposeNd with kernel = stride (non-overlapping): kernel (*stride, C_in, C_out)."""
+  features: int
+  strides: tuple[int, ...]
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    nd = x.ndim - 2
+    # PyTorch's fan_in of a ConvTranspose weight (C_in, C_out, *k) is C_out * prod(k).
+    kernel = self.param("kernel", he_normal(self.features * math.prod(self.strides)),
+                        tuple(self.strides) + (x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    # y[n, i*s + r, ..., o] = sum_c x[n, i, ..., c] kernel[r, ..., c, o]
+    letters = "xyz"[:nd]
+    offsets = "abd"[:nd]
+    y = jnp.einsum(f"n{letters}c,{offsets}co->n" + "".join(l + o for l, o in zip(letters, offsets))
+                   + "o", x, kernel)
+    spatial = tuple(n * s for n, s in zip(x.shape[1:-1], self.strides))
+    y = y.reshape((x.shape[0],) + spatial + (self.features,))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
+          y.dtype)
+    return y
+
+
+class InstanceNorm(nn.Module):
+  """InstanceNormNd(affine=True): per sample and channel over the spatial axes, biased variance,
+  statistics in float32."""
+  eps: float = 1e-5
+  zero_init: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.zeros if self.zero_init else nn.initializers.ones,
+                       (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axes, keepdims=True)
+    mul = lax.rsqrt(var + self.eps) * scale
+    return ((x32 - mean) * mul + bias).astype(self.dtype)
+
+
+class ConvNormAct(nn.Module):
+  """ConvDropoutNormReLU: conv -> norm -> nonlin (nonlin_first: conv -> nonlin -> norm).
+  negative_slope None: no nonlin."""
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  use_bias: bool
+  norm_eps: float
+  negative_slope: float | None
+  nonlin_first: bool = False
+  zero_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Conv(self.features, self.kernel_size, self.strides, self.use_bias, self.dtype,
+             name="conv")(x)
+    norm = InstanceNorm(self.norm_eps, self.zero_norm, self.dtype, name="norm")
+    if self.negative_slope is None:
+      return norm(x)
+    if self.nonlin_first:
+      return norm(leaky_relu(x, self.negative_slope))
+    return leaky_relu(norm(x), self.negative_slope)
+
+
+def ones(nd: int) -> tuple[int, ...]:
+  return (1,) * nd
+
+
+class StackedConvs(nn.Module):
+  """StackedConvBlocks: n ConvNormAct `conv_{j}` with one kernel size, the first one strided."""
+  n: int
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  conv_bias: bool
+  norm_eps: float
+  negative_slope: float
+  nonlin_first: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for j in range(self.n):
+      x = ConvNormAct(self.features, self.kernel_size,
+                      self.strides if j == 0 else ones(x.ndim - 2), self.conv_bias, self.norm_eps,
+                      self.negative_slope, self.nonlin_first, dtype=self.dtype,
+                      name=f"conv_{j}")(x)
+    return x
+
+
+class PlainConvEncoder(nn.Module):
+  """PlainConvEncoder: one StackedConvs `stage_{s}` per stage; returns every stage's output."""
+  features_per_stage: tuple[int, ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  strides: tuple[tuple[int, ...], ...]
+  n_conv_per_stage: tuple[int, ...]
+  conv_bias: bool
+  norm_eps: float
+  negative_slope: float
+  nonlin_first: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    skips = []
+    for s, feats in enumerate(self.features_per_stage):
+      x = StackedConvs(self.n_conv_per_stage[s], feats, self.kernel_sizes[s], self.strides[s],
+                       self.conv_bias, self.norm_eps, self.negative_slope, self.nonlin_first,
+                       self.dtype, name=f"stage_{s}")(x)
+      skips.append(x)
+    return skips
+
+
+class UNetDecoder(nn.Module):
+  """UNetDecoder: from the bottleneck up, transposed conv to the skip's channels, concat
+  [up, skip], n_conv_per_stage_decoder convs, and a 1x1 seg layer per stage."""
+  features_per_stage: tuple[int, ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  strides: tuple[tuple[int, ...], ...]
+  n_conv_per_stage_decoder: tuple[int, ...]
+  conv_bias: bool
+  norm_eps: float
+  negative_slope: float
+  num_classes: int
+  deep_supervision: bool = False
+  nonlin_first: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, skips: Sequence[jax.Array]) -> jax.Array | list[jax.Array]:
+    nd = skips[0].ndim - 2
+    x = skips[-1]
+    outputs = []
+    n = len(self.features_per_stage)
+    for d in range(n - 1):
+      skip_feats = self.features_per_stage[-(d + 2)]
+      x = TransposedConv(skip_feats, self.strides[-(d + 1)], self.conv_bias, self.dtype,
+                         name=f"transpconv_{d}")(x)
+      x = jnp.concatenate([x, skips[-(d + 2)].astype(x.dtype)], axis=-1)
+      x = StackedConvs(self.n_conv_per_stage_decoder[d], skip_feats, self.kernel_sizes[-(d + 2)],
+                       ones(nd), self.conv_bias, self.norm_eps, self.negative_slope,
+                       self.nonlin_first, self.dtype, name=f"stage_{d}")(x)
+      seg = Conv(self.num_classes, ones(nd), ones(nd), True, self.dtype, name=f"seg_{d}")
+      # Every seg layer gets parameters at init, as PyTorch builds them all.
+      if self.deep_supervision or d == n - 2 or self.is_initializing():
+        outputs.append(seg(x).astype(jnp.float32))
+    if self.deep_supervision:
+      return outputs[::-1]
+    return outputs[-1]
+
+
+class PlainConvUNet(nn.Module):
+  """dynamic_network_architectures' PlainConvUNet (nnU-Net's default network).
+
+  Fields as `NnUNetPlan.arch` for this class, plus num_classes, deep_supervision (a list of
+  logits, full resolution first) and dtype (compute dtype; parameters stay float32).
+  """
+  n_stages: int
+  features_per_stage: tuple[int, ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  strides: tuple[tuple[int, ...], ...]
+  n_conv_per_stage: tuple[int, ...]
+  n_conv_per_stage_decoder: tuple[int, ...]
+  conv_bias: bool = True
+  norm_eps: float = 1e-5
+  negative_slope: float = 0.01
+  nonlin_first: bool = False
+  num_classes: int = 1
+  deep_supervision: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
+    del train  # No dropout, no batch statistics.
+    check_input(x, self.strides, len(self.strides[0]))
+    skips = PlainConvEncoder(self.features_per_stage, self.kernel_sizes, self.strides,
+                             self.n_conv_per_stage, self.conv_bias, self.norm_eps,
+                             self.negative_slope, self.nonlin_first, self.dtype,
+                             name="encoder")(x)
+    return UNetDecoder(self.features_per_stage, self.kernel_sizes, self.strides,
+                       self.n_conv_per_stage_decoder, self.conv_bias, self.norm_eps,
+                       self.negative_slope, self.num_classes, self.deep_supervision,
+                       self.nonlin_first, self.dtype, name="decoder")(skips)
+
+
+def avg_pool(x: jax.Array, strides: Sequence[int]) -> jax.Array:
+  """AvgPoolNd(kernel=stride, stride=stride) on sizes divisible by the stride."""
+  if all(s == 1 for s in strides):
+    return x
+  shape = [x.shape[0]]
+  for n, s in zip(x.shape[1:-1], strides):
+    shape += [n // s, s]
+  y = x.reshape(tuple(shape) + (x.shape[-1],))
+  return jnp.mean(y, axis=tuple(range(2, 2 * len(strides) + 1, 2)), dtype=jnp.float32).astype(
+      x.dtype)
+
+
+class BasicBlockD(nn.Module):
+  """ResNet-D basic block: conv1 (strided, norm, nonlin), conv2 (norm), skip (avg pool by the
+  stride, then 1x1 conv + norm where channels change), nonlin after the sum."""
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  conv_bias: bool
+  norm_eps: float
+  negative_slope: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    nd = x.ndim - 2
+    residual = avg_pool(x, self.strides)
+    if x.shape[-1] != self.features:
+      residual = ConvNormAct(self.features, ones(nd), ones(nd), False, self.norm_eps, None,
+                             dtype=self.dtype, name="skip")(residual)
+    out = ConvNormAct(self.features, self.kernel_size, self.strides, self.conv_bias,
+                      self.norm_eps, self.negative_slope, dtype=self.dtype, name="conv1")(x)
+    out = ConvNormAct(self.features, self.kernel_size, ones(nd), self.conv_bias, self.norm_eps,
+                      None, zero_norm=True, dtype=self.dtype, name="conv2")(out)
+    return leaky_relu(out + residual.astype(out.dtype), self.negative_slope)
+
+
+class ResidualEncoder(nn.Module):
+  """ResidualEncoder: StackedConvs `stem` (1 conv, stride 1), then BasicBlockD `block_{b}` per
+  stage `stage_{s}`; returns every stage's output."""
+  features_per_stage: tuple[int, ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  strides: tuple[tuple[int, ...], ...]
+  n_blocks_per_stage: tuple[int, ...]
+  conv_bias: bool
+  norm_eps: float
+  negative_slope: float
+  stem_channels: int | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    nd = x.ndim - 2
+    x = StackedConvs(1, self.stem_channels or self.features_per_stage[0], self.kernel_sizes[0],
+                     ones(nd), self.conv_bias, self.norm_eps, self.negative_slope,
+                     dtype=self.dtype, name="stem")(x)
+    skips = []
+    for s, feats in enumerate(self.features_per_stage):
+      x = ResidualStage(self.n_blocks_per_stage[s], feats, self.kernel_sizes[s], self.strides[s],
+                        self.conv_bias, self.norm_eps, self.negative_slope, self.dtype,
+                        name=f"stage_{s}")(x)
+      skips.append(x)
+    return skips
+
+
+class ResidualStage(nn.Module):
+  """StackedResidualBlocks: n BasicBlockD `block_{b}`, the first one strided."""
+  n: int
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  conv_bias: bool
+  norm_eps: float
+  negative_slope: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for b in range(self.n):
+      x = BasicBlockD(self.features, self.kernel_size,
+                      self.strides if b == 0 else ones(x.ndim - 2), self.conv_bias, self.norm_eps,
+                      self.negative_slope, self.dtype, name=f"block_{b}")(x)
+    return x
+
+
+class ResidualEncoderUNet(nn.Module):
+  """dynamic_network_architectures' ResidualEncoderUNet (nnU-Net ResEnc presets): stem conv,
+  BasicBlockD stages, the plain UNetDecoder. Fields as `NnUNetPlan.arch` plus num_classes,
+  deep_supervision, dtype."""
+  n_stages: int
+  features_per_stage: tuple[int, ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  strides: tuple[tuple[int, ...], ...]
+  n_blocks_per_stage: tuple[int, ...]
+  n_conv_per_stage_decoder: tuple[int, ...]
+  conv_bias: bool = True
+  norm_eps: float = 1e-5
+  negative_slope: float = 0.01
+  stem_channels: int | None = None
+  num_classes: int = 1
+  deep_supervision: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
+    del train
+    nd = len(self.strides[0])
+    check_input(x, self.strides, nd)
+    skips = ResidualEncoder(self.features_per_stage, self.kernel_sizes, self.strides,
+                            self.n_blocks_per_stage, self.conv_bias, self.norm_eps,
+                            self.negative_slope, self.stem_channels, self.dtype,
+                            name="encoder")(x)
+    return UNetDecoder(self.features_per_stage, self.kernel_sizes, self.strides,
+                       self.n_conv_per_stage_decoder, self.conv_bias, self.norm_eps,
+                       self.negative_slope, self.num_classes, self.deep_supervision,
+                       dtype=self.dtype, name="decoder")(skips)
+
+
+def build(plan, num_classes: int, deep_supervision: bool = False,
+          dtype: Any = jnp.float32) -> nn.Module:
+  """The Flax network of an `NnUNetPlan` (config/nnunet_plans.py) with `num_classes` outputs."""
+  if plan.network not in NETWORKS:
+    raise errors.ConfigError(f"Network {plan.network!r} is not supported; supported: {NETWORKS}.")
+  if num_classes < 1:
+    raise errors.ConfigError(f"num_classes must be >= 1, got {num_classes}.")
+  cls = PlainConvUNet if plan.network == "PlainConvUNet" else ResidualEncoderUNet
+  return cls(**plan.arch, num_classes=num_classes, deep_supervision=deep_supervision, dtype=dtype)
