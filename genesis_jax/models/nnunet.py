@@ -49,7 +49,11 @@ def he_normal(fan_in: int, neg_slope: float = 1e-2):
   std = math.sqrt(2.0 / (1.0 + neg_slope ** 2)) / math.sqrt(max(fan_in, 1))
 
   def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-    return (std * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
+    # Drawn flat at the next power of two and cut: few distinct shapes to compile (iid normals,
+    # the same distribution).
+    size = math.prod(shape)
+    flat = jax.random.normal(key, (1 << max(size - 1, 0).bit_length(),), dtype)[:size]
+    return (std * flat).reshape(shape)
   return init
 
 

@@ -128,7 +128,7 @@ def export_state_dict(params: Any, plan) -> dict[str, np.ndarray]:
           f"params lack {'/'.join(path)} (for {key}): not the {plan.network} of "
           f"{plan.path} [{plan.configuration}].") from e
     perm = to_torch_perm(kind, value.ndim, plan)
-    out[key] = np.ascontiguousarray(value if perm is None else value.transpose(perm))
+    out[key] = np.array(value if perm is None else value.transpose(perm), order="C")
   return out
 
 
