@@ -22,7 +22,8 @@ One difference: each block is permuted by an independent uniform permutation per
 columns and slices shuffled; packed Fisher-Yates), a bijection of the block, instead of a uniform
 draw among all n! orders, which would need a sort per block. Each voxel's source is still uniform
 over its block, so the fraction changed is the original's (~78.5% at 64 x 64 x 32). Axes of 90
-voxels or more (blocks over 8 per axis) are not supported.
+voxels or more (blocks over 8 per axis, e.g. nnU-Net patch sizes) draw each block's permutation by
+sorting uniform keys instead of packing it, at the cost of one more gather per voxel and axis.
 """
 from __future__ import annotations
 
@@ -211,6 +212,16 @@ def _perm_codes(seed, stream: int, sizes: jax.Array, m: int) -> tuple[jax.Array,
   return code, bits
 
 
+def _perm_table(seed, stream: int, sizes: jax.Array, m: int) -> jax.Array:
+  """(blocks, m) int32: per block a uniform permutation of positions [0, size), positions past the
+  size fixed; for blocks too long to pack (`_perm_codes`). Sorting uniform keys gives a uniform
+  order; keys past the size are above every uniform, in position order, so those stay put."""
+  u = _hash_uniform(seed, sizes.shape + (m,), stream)
+  k = jnp.arange(m, dtype=jnp.int32)
+  keys = jnp.where(k < sizes[:, None], u, 2.0 + k.astype(jnp.float32))
+  return jnp.argsort(keys, axis=1).astype(jnp.int32)
+
+
 def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int = 10_000) -> jax.Array:
   """Shuffle voxels inside `num_blocks` random small blocks (size per axis uniform in 1..s//10).
 
@@ -256,19 +267,27 @@ def local_shuffle(key: jax.Array, x: jax.Array, num_blocks: int = 10_000) -> jax
   for a in range(rank):
     origin_word = origin_word | (origins[a] << shift)
     shift += obits[a]
-  codes = [_perm_codes(seed, 1 + a, sizes[a], bmax[a]) for a in range(rank)]
-  table = jnp.stack([origin_word] + [lax.bitcast_convert_type(c, jnp.int32) for c, _ in codes], 1)
-  rows = table.at[jnp.maximum(owner, 0)].get(mode="promise_in_bounds")  # (*spatial, 1 + rank)
+  packed = [bmax[a] * max(1, (bmax[a] - 1).bit_length()) <= 32 for a in range(rank)]
+  codes = [_perm_codes(seed, 1 + a, sizes[a], bmax[a]) if packed[a]
+           else (_perm_table(seed, 1 + a, sizes[a], bmax[a]), 0) for a in range(rank)]
+  table = jnp.stack([origin_word] + [lax.bitcast_convert_type(c, jnp.int32)
+                                     for a, (c, _) in enumerate(codes) if packed[a]], 1)
+  owner0 = jnp.maximum(owner, 0)
+  rows = table.at[owner0].get(mode="promise_in_bounds")  # (*spatial, 1 + packed axes)
+  column = {a: 1 + sum(packed[:a]) for a in range(rank) if packed[a]}
   src = jnp.zeros(spatial, jnp.int32)
   stride, shift = 1, sum(obits)
   for a in reversed(range(rank)):
     shift -= obits[a]
     i = lax.broadcasted_iota(jnp.int32, spatial, a)
     o = (rows[..., 0] >> shift) & ((1 << obits[a]) - 1)
-    bits = codes[a][1]
+    code, bits = codes[a]
     local = jnp.clip(i - o, 0, bmax[a] - 1)
-    moved = o + ((lax.bitcast_convert_type(rows[..., 1 + a], jnp.uint32)
-                  >> (local * bits).astype(jnp.uint32)) & ((1 << bits) - 1)).astype(jnp.int32)
+    if packed[a]:
+      moved = o + ((lax.bitcast_convert_type(rows[..., column[a]], jnp.uint32)
+                    >> (local * bits).astype(jnp.uint32)) & ((1 << bits) - 1)).astype(jnp.int32)
+    else:  # Long axis: the block's permutation from its own table, one more gather.
+      moved = o + code.reshape(-1).at[owner0 * bmax[a] + local].get(mode="promise_in_bounds")
     src = src + jnp.where(owner >= 0, moved, i) * stride
     stride *= spatial[a]
   flat = x.reshape(-1, x.shape[-1])

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import pathlib
 
-from genesis_jax.config.validate import validate
+from genesis_jax.config.validate import resolve_nnunet, validate
 
 
 def run(config, workdir: str | pathlib.Path) -> dict:
   """Validates `config` (nothing is written before), then runs its mode in `workdir`."""
   validate(config)
+  config = resolve_nnunet(config)  # model.kind='nnunet': crop and spacing from the plans.
   workdir = pathlib.Path(workdir)
   if config.mode == "pretrain":
     from genesis_jax.train import pretrain

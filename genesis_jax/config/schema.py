@@ -113,6 +113,13 @@ SECTIONS: dict[str, dict[str, Key]] = {
                                  "evaluation.", families=_P, resume=MAY),
     },
     "model": {
+        "kind": declare("genesis", "Network: genesis (the Models Genesis U-Net of the keys below) or "
+                   "nnunet (the network an nnU-Net v2 plans file describes: model.plans, "
+                   "model.configuration; data.crop and data.spacing then come from the plans).",
+                   choices=("genesis", "nnunet"), families=_P),
+        "plans": declare("", "kind=nnunet: path to nnUNetPlans.json (nnU-Net v2).", families=_P),
+        "configuration": declare("3d_fullres", "kind=nnunet: the plans' configuration to build "
+                            "(3d_fullres, 2d, 3d_lowres, ...).", families=_P),
         "variant": declare("pytorch", "U-Net flavour: pytorch (transposed-conv UNet3D) or keras "
                       "(nearest upsampling).", choices=("pytorch", "keras")),
         "width": declare(32, "Channels of the first conv; doubled per level (32, 64, ...).",

@@ -8,8 +8,10 @@ key and the way out.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import glob
+import os
 from typing import Any, Mapping
 
 from genesis_jax import errors
@@ -161,11 +163,13 @@ def validate(config) -> None:
 def _check_model_and_data(config, family: str) -> None:
   m, d = config.model, config.data
   crop, depth = tuple(d.crop), int(m.depth)
-  if len(crop) != int(m.spatial_dims):
+  if m.get("kind", "genesis") == "nnunet":
+    _check_nnunet(config)
+  elif len(crop) != int(m.spatial_dims):
     raise errors.ConfigError(f"config.data.crop={crop} has {len(crop)} entries but "
                              f"config.model.spatial_dims={m.spatial_dims}; give one size per "
                              f"spatial axis.")
-  if any(s % 2 ** depth for s in crop):
+  elif any(s % 2 ** depth for s in crop):
     raise errors.ConfigError(f"config.data.crop={crop}: every size must be divisible by "
                              f"{2 ** depth} (2**config.model.depth, depth={depth}).")
   for path, (lo, hi) in (("data.hu_window", d.hu_window), ("data.mri_percentiles",
@@ -190,6 +194,68 @@ def _check_model_and_data(config, family: str) -> None:
     raise errors.ConfigError(f"config.data.source={d.source!r} needs config.data.path.")
   if d.path and d.source != "phantom" and not glob.glob(d.path):
     raise errors.MissingPathError(f"config.data.path={d.path!r} does not exist.")
+
+
+# model.kind='nnunet': the Genesis U-Net's keys (left at their defaults), and the pre-training
+# additions that need the Genesis U-Net's skip connections (left off).
+GENESIS_ONLY = ("model.variant", "model.width", "model.depth", "model.bn", "model.init",
+                "pretrain.skip_drop_rate", "pretrain.bottleneck_loss_weight")
+
+
+def nnunet_values(config) -> dict[str, Any]:
+  """{dotted key: value} that model.kind='nnunet' takes from the plans: data.crop (the patch
+  size), model.spatial_dims and, for 3D configurations, data.spacing; all in (x, y, z) order.
+  Raises ConfigError (MissingPathError) for a missing, unreadable or unsupported plans file."""
+  m = config.model
+  if not m.plans:
+    raise errors.ConfigError("config.model.kind='nnunet' needs config.model.plans: the path to "
+                             "an nnU-Net v2 nnUNetPlans.json (in nnUNet_preprocessed/<dataset>/).")
+  if not os.path.isfile(m.plans):
+    raise errors.MissingPathError(f"config.model.plans={m.plans!r} does not exist; give the path "
+                                  f"to nnUNetPlans.json.")
+  from genesis_jax.config import nnunet_plans  # pylint: disable=import-outside-toplevel
+  plan = nnunet_plans.load_plans(m.plans, m.configuration)
+  out = {"data.crop": tuple(int(s) for s in plan.patch_size),
+         "model.spatial_dims": int(plan.spatial_dims)}
+  if len(plan.spacing) == 3:  # 2D plans give the in-plane spacing only: no resampling then.
+    out["data.spacing"] = tuple(float(s) for s in plan.spacing)
+  return out
+
+
+def _check_nnunet(config) -> None:
+  """kind='nnunet': the plans load, and the keys the plans decide are left at their defaults or
+  set to the plans' values (a different value is an error, not silently replaced)."""
+  for path in GENESIS_ONLY:
+    section, _, name = path.partition(".")
+    if section in config and name in config[section]:
+      value = config[section][name]
+      if value != schema.default(path):
+        raise errors.ConfigError(
+            f"config.{path}={value!r} applies to config.model.kind='genesis'; with kind='nnunet' "
+            f"the network comes from config.model.plans: leave it at its default "
+            f"({schema.default(path)!r}).")
+  for path, value in nnunet_values(config).items():
+    section, _, name = path.partition(".")
+    now = config[section][name]
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    if now != schema.default(path) and as_tuple(now) != as_tuple(value):
+      raise errors.ConfigError(
+          f"config.{path}={now!r} conflicts with the nnU-Net plans ({value!r} from "
+          f"config.model.plans={config.model.plans!r}, configuration "
+          f"{config.model.configuration!r}): with model.kind='nnunet' the plans decide it; leave "
+          f"config.{path} unset.")
+
+
+def resolve_nnunet(config):
+  """`config` with the values model.kind='nnunet' takes from the plans written in (a copy; the
+  config itself when kind is 'genesis'), so config.json and the data preparation see them."""
+  if "kind" not in config.get("model", {}) or config.model.kind != "nnunet":
+    return config
+  config = copy.deepcopy(config)
+  for path, value in nnunet_values(config).items():
+    section, _, name = path.partition(".")
+    config[section][name] = value
+  return config
 
 
 def _check_monitor(config, family: str) -> None:

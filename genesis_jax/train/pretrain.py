@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genesis_jax import corruptions
+from genesis_jax import corruptions, errors
+from genesis_jax.config import validate
 from genesis_jax.train import loop, optim
 from genesis_jax.train import step as step_lib
 from genesis_jax.train.state import TrainState
@@ -146,19 +147,21 @@ def write_restoration_samples(first: dict, path: pathlib.Path, max_rows: int = 4
 def train(config, workdir: str | pathlib.Path) -> dict:
   """Runs (or resumes) pre-training in `workdir`. Returns a summary dict (also summary.json)."""
   from genesis_jax.data import pipeline, prepare  # Data stays out of jitted code paths.
-  from genesis_jax.models import heads
 
+  config = validate.resolve_nnunet(config)  # model.kind='nnunet': crop, spacing from the plans.
   run = loop.start_run(config, workdir, "pre-training")
   dataset_dir = prepare.ensure_dataset(config.data, run.workdir, seed=config.seed)
   train_src = pipeline.CubeSource(dataset_dir, "train")
   val_src = pipeline.CubeSource(dataset_dir, "val")
   sample = np.asarray(train_src[0])
-  loop.check_sample_rank(sample.shape, config.model.spatial_dims, config.model.depth)
+  is_nnunet = config.model.get("kind", "genesis") == "nnunet"  # Shape checked against the plans.
+  loop.check_sample_rank(sample.shape, config.model.spatial_dims,
+                         0 if is_nnunet else config.model.depth)
   loader = pipeline.pretrain_loader(
       train_src, batch_size=run.per_process, seed=config.seed, shard_index=jax.process_index(),
       shard_count=jax.process_count(), worker_count=config.data.num_workers)
 
-  model = heads.build_model(config.model, task="restore", n_class=sample.shape[-1])
+  model = build_restoration_model(config.model, sample.shape)
   tx = optim.make_optimizer(config.train, global_batch=run.global_batch,
                             num_steps=config.num_steps)
   variables = step_lib.init_variables(model, sample.shape, config.seed)
@@ -177,6 +180,39 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if config.samples_every_eval and result.get("first") is not None:
       write_restoration_samples(result["first"], run.workdir / "samples" / f"step_{step:07d}.png")
 
-  return loop.finish(run, loop.run_training(
+  summary = loop.finish(run, loop.run_training(
       run, state=state, data_iter=iter(loader), train_step=train_step, evaluate=evaluate,
       on_eval=on_eval))
+  if is_nnunet and jax.process_index() == 0:
+    from genesis_jax.weights import nnunet_cli  # pylint: disable=import-outside-toplevel
+    out = run.workdir / nnunet_cli.EXPORT_NAME
+    nnunet_cli.export(run.workdir, out)
+    loop.log(f"nnU-Net checkpoint (best step): {out}; fine-tune with nnUNetv2_train ... "
+             f"-pretrained_weights {out}")
+  return summary
+
+
+def build_restoration_model(model_cfg, sample_shape: tuple[int, ...]):
+  """The restoration network: the Genesis U-Net (model.kind='genesis') or the nnU-Net plans'
+  network (kind='nnunet') with one output per input channel on its full-resolution decoder stage
+  and no deep supervision. Data whose cube shape or channel count the plans do not expect is a
+  DataError naming both."""
+  from genesis_jax.models import heads  # pylint: disable=import-outside-toplevel
+  if model_cfg.get("kind", "genesis") != "nnunet":
+    return heads.build_model(model_cfg, task="restore", n_class=sample_shape[-1])
+  from genesis_jax.config import nnunet_plans  # pylint: disable=import-outside-toplevel
+  from genesis_jax.models import nnunet  # pylint: disable=import-outside-toplevel
+  plan = nnunet_plans.load_plans(model_cfg.plans, model_cfg.configuration)
+  where = f"config.model.plans={model_cfg.plans!r} [{model_cfg.configuration}]"
+  if tuple(sample_shape[:-1]) != tuple(plan.patch_size):
+    raise errors.DataError(
+        f"the pre-training cubes are {tuple(sample_shape[:-1])} but {where} has patch size "
+        f"{tuple(plan.patch_size)} (x, y, z); prepare the data with the plans' patch size "
+        f"(leave config.data.crop unset with a folder or phantom source).")
+  if sample_shape[-1] != plan.n_input_channels:
+    raise errors.DataError(
+        f"the pre-training cubes have {sample_shape[-1]} channel(s) but {where} expects "
+        f"{plan.n_input_channels} input channels; the exported network would not load into "
+        f"nnU-Net. Pre-train for a single-channel (e.g. CT) plans file.")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
+  return nnunet.build(plan, num_classes=sample_shape[-1], deep_supervision=False, dtype=dtype)
