@@ -206,3 +206,24 @@ def test_export_refuses_a_genesis_workdir(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "genesis"}}))
   with pytest.raises(errors.ConfigError, match="only model.kind='nnunet' runs export"):
     nnunet_cli.export(tmp_path, tmp_path / "x.pth")
+
+
+def test_bench_runs_both_frameworks_from_the_same_weights(tmp_path, tiny_plans):
+  """bench/bench_nnunet.py (torch is a bench-only dependency: skipped without it) at tiny size:
+  both children run and start from the same loss (same weights, same batch)."""
+  pytest.importorskip("torch")
+  pytest.importorskip("dynamic_network_architectures")
+  import os
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  out = tmp_path / "bench.jsonl"
+  env = dict(os.environ, PYTHONPATH=str(repo))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "bench/bench_nnunet.py", "--plans", str(tiny_plans),
+                         "--steps", "1", "--warmup", "1", "--rounds", "1", "--out", str(out)],
+                        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  summary = json.loads(out.read_text().splitlines()[-1])
+  assert summary["jax_s_per_step"] > 0 and summary["torch_s_per_step"] > 0
+  assert abs(summary["first_loss"]["jax"] - summary["first_loss"]["torch"]) < 1e-4
