@@ -40,7 +40,7 @@ PRESETS = {
     "none": frozenset(),
 }
 MONITORS = {PRE: ("val_loss",), "classify": ("val_loss", "auc"),
-            "segment": ("val_loss", "dice", "iou")}
+            "segment": ("val_loss", "dice", "iou"), "multilabel": ("val_loss", "auc")}
 
 
 def transform_set(spec) -> frozenset[str]:
@@ -169,9 +169,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
                                      range=NON_NEGATIVE, families=_P),
     },
     "data": {
-        "source": declare("phantom", "Where the data comes from: phantom (built-in), folder (scans), "
-                     "prepared (a prepared dir) or npy (released cubes); fine-tuning reads "
-                     "phantom or folder.", choices=("phantom", "folder", "prepared", "npy")),
+        "source": declare("phantom", "Where the data comes from: phantom (built-in), phantom_xray "
+                     "(built-in radiographs: DRRs of the phantoms, 2D), folder (scans, or 2D "
+                     "images with model.spatial_dims=2), prepared (a prepared dir) or npy "
+                     "(released cubes); fine-tuning reads phantom, phantom_xray or folder.",
+                     choices=("phantom", "phantom_xray", "folder", "prepared", "npy")),
         "path": declare("", "A folder of scans, a prepared dataset dir or a glob of .npy cubes "
                    "(pre-training); the task folder (fine-tuning: MSD/nnU-Net layout for "
                    "segment, scans for classify); phantom: where the data is written."),
@@ -208,7 +210,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
                            range=NON_NEGATIVE),
         "phantom_shape": declare((128, 128, 96), "Built-in data: scan shape (x, y, z).", tuple,
                             item=int, range=POSITIVE, length=(3,)),
-        "candidates": declare("", "classify, folder data: the LUNA16-style candidates CSV.",
+        "candidates": declare("", "classify, folder data: the LUNA16-style candidates CSV; "
+                         "multilabel: the ChestX-ray8-style labels CSV (default "
+                         "<path>/labels.csv).",
                          families=_F),
         "train_cases": declare(8, "Labelled budget: training subjects (cases).", range=POSITIVE,
                           families=_F),
@@ -254,10 +258,12 @@ SECTIONS: dict[str, dict[str, Key]] = {
                       choices=("val_loss", "auc", "dice", "iou")),
     },
     "task": {
-        "kind": declare("classify", "classify (encoder + MLP head) or segment (encoder-decoder).",
-                   choices=("classify", "segment"), families=_F),
-        "n_class": declare(1, "1 = binary (sigmoid); more = softmax over classes.", range=POSITIVE,
-                      families=_F),
+        "kind": declare("classify", "classify (encoder + MLP head), multilabel (the same, one "
+                   "sigmoid + BCE per finding; per-class and mean AUC; 2D images) or segment "
+                   "(encoder-decoder).", choices=("classify", "segment", "multilabel"),
+                   families=_F),
+        "n_class": declare(1, "1 = binary (sigmoid); more = softmax over classes; multilabel: "
+                      "the number of findings.", range=POSITIVE, families=_F),
         "loss": declare("dice", "segment: dice or dice+ce (classify always uses BCE or CE).",
                    choices=("dice", "dice+ce"), families=_F),
         "feature_level": declare(-1, "classify: the encoder level whose global average pool feeds "

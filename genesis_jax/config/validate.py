@@ -182,9 +182,10 @@ def _check_model_and_data(config, family: str) -> None:
                                "(1.0,).")
     schema.transform_set(config.corruption.transforms)
   if family == FT:
-    if d.source not in ("phantom", "folder"):
+    if d.source not in ("phantom", "phantom_xray", "folder"):
       raise errors.ConfigError(f"config.data.source={d.source!r}: fine-tuning reads 'phantom' "
-                               f"or 'folder' (prepared cubes and .npy cubes are for pre-training).")
+                               f"or 'folder' (or 'phantom_xray', the built-in radiographs; "
+                               f"prepared cubes and .npy cubes are for pre-training).")
     if d.train_subset > d.train_cases:
       raise errors.ConfigError(f"config.data.train_subset={d.train_subset} must be in [0, "
                                f"train_cases={d.train_cases}] (0 = all training cases).")
@@ -192,7 +193,11 @@ def _check_model_and_data(config, family: str) -> None:
     return  # The data this run reads is the fine-tuning run's own (its config.json).
   if d.source in ("folder", "prepared", "npy") and not d.path:
     raise errors.ConfigError(f"config.data.source={d.source!r} needs config.data.path.")
-  if d.path and d.source != "phantom" and not glob.glob(d.path):
+  if d.source == "phantom_xray" and len(crop) != 2:
+    raise errors.ConfigError(f"config.data.source='phantom_xray' holds 2D radiographs: set "
+                             f"config.model.spatial_dims=2 and a 2-entry config.data.crop, got "
+                             f"{crop}.")
+  if d.path and d.source not in ("phantom", "phantom_xray") and not glob.glob(d.path):
     raise errors.MissingPathError(f"config.data.path={d.path!r} does not exist.")
 
 
@@ -277,8 +282,12 @@ def check_feature_level(level: int, depth: int, where: str = "") -> None:
 
 def _check_task(config) -> None:
   task = config.task
+  if task.kind == "multilabel" and config.data.source == "phantom":
+    raise errors.ConfigError("config.task.kind='multilabel' reads 2D images with a labels CSV: "
+                             "use config.data.source='phantom_xray' (built-in radiographs) or "
+                             "'folder'.")
   if task.feature_level != -1:
-    if task.kind != "classify":
+    if task.kind not in ("classify", "multilabel"):
       raise errors.ConfigError(
           f"config.task.feature_level={task.feature_level} applies to classification only "
           f"(task.kind={task.kind!r}); leave it at -1.")

@@ -320,12 +320,13 @@ def ensure_dataset(data_cfg: Any, workdir: str | os.PathLike, *, seed: int = 0,
                                     "of a prepared dataset (one holding manifest.json).")
     manifest_lib.validate_dataset(path)
     return pathlib.Path(path)
-  if source not in ("phantom", "folder", "npy"):
+  if source not in ("phantom", "phantom_xray", "folder", "npy"):
     raise errors.ConfigError(
-        f"config.data.source must be phantom|folder|prepared|npy, got {source!r}.")
+        f"config.data.source must be phantom|phantom_xray|folder|prepared|npy, got {source!r}.")
   if source in ("folder", "npy") and not path:
     raise errors.ConfigError(f"config.data.source={source!r} needs config.data.path.")
-  default_name = {"phantom": "data", "folder": "data", "npy": "data_npy"}[source]
+  default_name = {"phantom": "data", "phantom_xray": "data", "folder": "data",
+                  "npy": "data_npy"}[source]
   out_dir = pathlib.Path(prepared_dir) if prepared_dir else workdir / default_name
 
   process_index, _ = process_info()
@@ -334,6 +335,11 @@ def ensure_dataset(data_cfg: Any, workdir: str | os.PathLike, *, seed: int = 0,
     return out_dir
   if source == "npy":
     return prepare_npy_view(data_cfg, path, out_dir, seed=seed)
+  if source == "phantom_xray":  # Built-in radiographs (DRRs of the phantoms), 2D crops.
+    from genesis_jax.data.phantoms import xray_dataset  # pylint: disable=import-outside-toplevel
+    src, xray_cfg = xray_dataset.pretraining_source(
+        data_cfg, pathlib.Path(path) if path else workdir / "xrays", seed=seed)
+    return prepare(xray_cfg, src, out_dir, seed=seed)
   if source == "phantom":
     from genesis_jax.data import phantoms  # pylint: disable=import-outside-toplevel
     root = pathlib.Path(path) if path else workdir / "phantoms"

@@ -1,4 +1,5 @@
-"""Evaluation metrics for the target tasks: AUC (classification), Dice, IoU and HD95 (segmentation).
+"""Evaluation metrics for the target tasks: AUC (classification; per class and mean for
+multi-label), Dice, IoU and HD95 (segmentation).
 
 numpy in, python floats out. Masks are binary arrays (bool or {0, 1}) of any spatial shape,
 (x, y, z) for 3D or (x, y) for 2D. `dice` and `iou` pool every voxel they are given, so a stack
@@ -140,6 +141,29 @@ def auc(labels, scores) -> float:
     raise MetricInputError(
         f"AUC needs both classes present in labels, found {classes.tolist()}")
   return float(sk_metrics.roc_auc_score(y, s))
+
+
+def multilabel_auc(labels, scores) -> dict:
+  """Per-class and mean AUC of a multi-label task (ChestX-ray8's metric).
+
+  labels (N, K) 0/1, scores (N, K) real (e.g. sigmoid probabilities). Class k's AUC is
+  sklearn's `roc_auc_score` on column k, None when column k holds a single class (no AUC
+  defined); "mean" averages the defined ones (None if none is) and "n_defined" counts them.
+  """
+  y = np.asarray(labels)
+  s = np.asarray(scores, dtype=np.float64)
+  if y.ndim != 2 or s.shape != y.shape:
+    raise MetricInputError(f"multi-label AUC needs labels and scores of one (N, K) shape, got "
+                           f"{y.shape} and {s.shape}")
+  if not np.all(np.isfinite(s)):
+    raise MetricInputError("scores contain NaN or Inf")
+  if y.size and not np.all((y == 0) | (y == 1)):
+    raise MetricInputError("multi-label labels must be 0/1")
+  per_class = [float(sk_metrics.roc_auc_score(y[:, k], s[:, k]))
+               if np.unique(y[:, k]).size == 2 else None for k in range(y.shape[1])]
+  defined = [a for a in per_class if a is not None]
+  return {"per_class": per_class, "mean": float(np.mean(defined)) if defined else None,
+          "n_defined": len(defined)}
 
 
 def dice(pred, target) -> float:

@@ -30,7 +30,9 @@ from genesis_jax.train import step as step_lib
 from genesis_jax.train.state import TrainState
 from genesis_jax.weights import transfer
 
-KINDS = ("classify", "segment")
+KINDS = ("classify", "segment", "multilabel")
+# Multi-label classification: one sigmoid + BCE per class (n_class findings), per-class AUC.
+CLASSIFIERS = ("classify", "multilabel")
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -84,6 +86,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, n_class: int) -> jax.Arr
 
 
 def task_loss(kind: str, loss_name: str, n_class: int) -> Callable:
+  if kind == "multilabel":  # labels (N, K) 0/1: the mean of K independent BCEs.
+    return lambda logits, labels: cross_entropy(logits, labels, 1)
   if kind == "classify":
     return lambda logits, labels: cross_entropy(logits, labels, n_class)
   if loss_name == "dice":
@@ -122,13 +126,15 @@ def make_eval_step(apply_fn: Callable, kind: str, n_class: int) -> Callable:
   segmentation, the Dice statistics; padded rows weigh 0), and its rows' probabilities and labels
   for the task metrics."""
 
+  n_out = 1 if kind == "multilabel" else n_class  # Multi-label: a sigmoid per class.
+
   def eval_step(variables, batch: dict) -> dict:
     logits = apply_fn(variables, batch["image"], train=False)
     w = batch["weight"]
-    ce = cross_entropy_terms(logits, batch["label"], n_class)
+    ce = cross_entropy_terms(logits, batch["label"], n_out)
     ce = ce.reshape(ce.shape[0], -1)
     out = {"ce_sum": jnp.sum(ce * w[:, None]), "ce_count": jnp.sum(w) * ce.shape[1],
-           "probs": probabilities(logits, n_class), "label": batch["label"], "weight": w}
+           "probs": probabilities(logits, n_out), "label": batch["label"], "weight": w}
     if kind == "segment":
       out["dice_yp"], out["dice_y"], out["dice_p"] = dice_statistics(
           logits, batch["label"], n_class, w)
@@ -164,6 +170,14 @@ def split_metrics(config, sums: dict, probs: np.ndarray, labels: np.ndarray) -> 
   """The loss of the split from the eval step's sums; the task metric from its probabilities."""
   kind, n_class = config.task.kind, int(config.task.n_class)
   ce = float(sums["ce_sum"] / max(float(sums["ce_count"]), 1.0))
+  if kind == "multilabel":
+    out = {"val_loss": ce}
+    aucs = metrics_lib.multilabel_auc(labels.reshape(len(labels), -1),
+                                      probs.reshape(len(probs), -1))
+    if aucs["mean"] is not None:
+      out["auc"] = aucs["mean"]  # What train.monitor="auc" follows.
+      out["auc_per_class"] = aucs["per_class"]
+    return out
   if kind == "classify":
     out = {"val_loss": ce}
     y = labels.reshape(-1)
@@ -240,7 +254,8 @@ def _setup(config, workdir: pathlib.Path):
   data = task_data.load(config, workdir)
   sample_shape = data["train"][0].shape[1:]
   loop.check_sample_rank(sample_shape, config.model.spatial_dims, config.model.depth)
-  model = heads.build_model(config.model, task=kind, n_class=int(config.task.n_class),
+  model = heads.build_model(config.model, task="classify" if kind in CLASSIFIERS else kind,
+                            n_class=int(config.task.n_class),
                             feature_level=int(config.task.feature_level))
   return data, sample_shape, model
 
@@ -285,10 +300,12 @@ def _test(config, workdir, model, data, mesh, eval_step, per_process) -> dict:
   variables = _best_variables(workdir)
   kind = config.task.kind
   result: dict = {"kind": kind, "init": config.finetune.init or "scratch"}
-  if kind == "classify":
+  if kind in CLASSIFIERS:
     x, y = data["test"]
     result.update(evaluate_split(variables, eval_step, x, y, config, mesh, per_process))
     result["n"] = int(len(y))
+    if "classes" in data:  # Multi-label: the finding of each entry of auc_per_class.
+      result["classes"] = list(data["classes"])
   else:
     result.update(_segment_volumes(config, workdir, model, variables, data["test_volumes"]))
   if jax.process_index() == 0:

@@ -53,11 +53,15 @@ class Occupancy:
     self.items.append((np.asarray(c, np.float64), float(r)))
 
 
-def place_nodules(rng, grid, hu, tissue, lung, lung_idx, segs, edge, claimed):
-  """Draw nodules into hu; returns (mask, [(centre_mm, diameter_mm, kind)])."""
+def place_nodules(rng, grid, hu, tissue, lung, lung_idx, segs, edge, claimed, count=None):
+  """Draw nodules into hu; returns (mask, [(centre_mm, diameter_mm, kind)]).
+
+  `count` overrides the drawn number of nodules (1-4); the draw happens either way.
+  """
   mask = np.zeros(grid.shape, np.uint8)
   nodules = []
   n = int(rng.integers(1, 5))
+  n = n if count is None else int(count)
   # Widest lung's extent along x: nodules are capped to fit comfortably inside one lung.
   lung_width = float(np.sum(lung.any(axis=(1, 2)))) * grid.spacing[0] / 2
   vessel_segs = [s for s in segs if s.r0 >= 0.8]

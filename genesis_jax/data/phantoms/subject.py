@@ -28,15 +28,17 @@ class Phantom:
   tissue: np.ndarray | None = None
 
 
-def make_phantom(seed: int, shape=(128, 128, 96)) -> Phantom:
-  """One phantom subject, fully determined by `seed`; `shape` is (x, y, z) voxels."""
+def make_phantom(seed: int, shape=(128, 128, 96), n_nodules: int | None = None) -> Phantom:
+  """One phantom subject, fully determined by `seed`; `shape` is (x, y, z) voxels.
+
+  `n_nodules` replaces the drawn nodule count (0 = a nodule-free subject; None = as drawn)."""
   # One BLAS thread: the smooth fields are small matrix products, and a multi-threaded BLAS on
   # busy cores (data-loader workers, a training step) is many times slower than one thread.
   with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-    return _make_phantom(seed, shape)
+    return _make_phantom(seed, shape, n_nodules)
 
 
-def _make_phantom(seed: int, shape) -> Phantom:
+def _make_phantom(seed: int, shape, n_nodules: int | None = None) -> Phantom:
   shape = tuple(int(n) for n in shape)
   if len(shape) != 3 or min(shape) < 32:
     raise errors.ConfigError(f"Phantom shape must be 3 sizes >= 32 (x, y, z), got {shape}; set "
@@ -75,7 +77,8 @@ def _make_phantom(seed: int, shape) -> Phantom:
       branch_points += b
 
   claimed = Occupancy()
-  mask, nodules = place_nodules(rng, grid, hu, tissue, lung, lung_idx, segs, edge, claimed)
+  mask, nodules = place_nodules(rng, grid, hu, tissue, lung, lung_idx, segs, edge, claimed,
+                                n_nodules)
   fakes, extra = place_lookalikes(rng, grid, hu, tissue, lung, lung_idx, segs, branch_points, edge,
                              claimed)
   # Vessels last, from their own occupancy: nodules stay whole (a juxta-vascular nodule swallows

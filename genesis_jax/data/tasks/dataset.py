@@ -121,6 +121,9 @@ def load(config, workdir: pathlib.Path) -> dict[str, Any]:
   x: (N, *crop, 1) float32 in [0, 1]; y: (N,) int (classify) or (N, *crop, 1) uint8 (segment).
   Also "split" ({split: case ids}) and "case_ids" ({split: (N,) the case of each cube}).
   """
+  from genesis_jax.data.tasks import images2d_tasks  # pylint: disable=import-outside-toplevel
+  if config.task.kind == "multilabel" or images2d_tasks.is_image_task(config):  # 2D images.
+    return images2d_tasks.load(config, workdir, split_ids)
   root = _root(config, pathlib.Path(workdir))
   if config.task.kind == "segment":
     return _segmentation(config, root)
