@@ -171,9 +171,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "data": {
         "source": declare("phantom", "Where the data comes from: phantom (built-in), phantom_xray "
                      "(built-in radiographs: DRRs of the phantoms, 2D), folder (scans, or 2D "
-                     "images with model.spatial_dims=2), prepared (a prepared dir) or npy "
-                     "(released cubes); fine-tuning reads phantom, phantom_xray or folder.",
-                     choices=("phantom", "phantom_xray", "folder", "prepared", "npy")),
+                     "images with model.spatial_dims=2), prepared (a prepared dir), npy "
+                     "(released cubes) or images2d (a folder of 2D images, e.g. radiographs, "
+                     "for 2D pre-training); fine-tuning reads phantom, phantom_xray or folder.",
+                     choices=("phantom", "phantom_xray", "folder", "prepared", "npy",
+                              "images2d")),
         "path": declare("", "A folder of scans, a prepared dataset dir or a glob of .npy cubes "
                    "(pre-training); the task folder (fine-tuning: MSD/nnU-Net layout for "
                    "segment, scans for classify); phantom: where the data is written."),
@@ -203,6 +205,22 @@ SECTIONS: dict[str, dict[str, Key]] = {
                       choices=("anywhere", "lung_centred"), families=_P),
         "on_error": declare("skip", "Bulk prepare: skip (and report) or raise on a bad scan.",
                        choices=("skip", "raise"), families=_P),
+        "image_size": declare((), "images2d: every image is fitted to this (x, y) size first; "
+                         "empty = crop (the whole image is one sample); larger than crop: "
+                         "cubes_per_scan random crops per image.", tuple, item=int,
+                         range=POSITIVE, length=(0, 2), families=_P),
+        "image_fit": declare("letterbox", "images2d: letterbox (whole image, aspect kept, padded "
+                        "with 0) or crop (aspect kept, centre-cropped to fill).",
+                        choices=("letterbox", "crop"), families=_P),
+        "image_upscale": declare(False, "images2d: allow enlarging images smaller than image_size "
+                            "(else letterbox pads them at native size and crop skips them).",
+                            families=_P),
+        "image_norm": declare("percentile", "images2d: per-image intensity normalisation to "
+                         "[0, 1]: percentile (clip to image_percentiles) or minmax.",
+                         choices=("percentile", "minmax"), families=_P),
+        "image_percentiles": declare((0.5, 99.5), "images2d percentile: clip to these (lo, hi) "
+                                "percentiles.", tuple, item=float, range=Range(0.0, 100.0),
+                                length=(2,), families=_P),
         "num_workers": declare(0, "grain worker processes (0 = in-process).", range=NON_NEGATIVE),
         "phantom_subjects": declare(24, "Built-in data: number of phantom subjects.", range=POSITIVE,
                                families=_P),

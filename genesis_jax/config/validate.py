@@ -181,6 +181,8 @@ def _check_model_and_data(config, family: str) -> None:
       raise errors.ConfigError("config.data.scales is empty; give at least one factor, e.g. "
                                "(1.0,).")
     schema.transform_set(config.corruption.transforms)
+    if d.source == "images2d":
+      _check_images2d(d, crop)
   if family == FT:
     if d.source not in ("phantom", "phantom_xray", "folder"):
       raise errors.ConfigError(f"config.data.source={d.source!r}: fine-tuning reads 'phantom' "
@@ -191,7 +193,7 @@ def _check_model_and_data(config, family: str) -> None:
                                f"train_cases={d.train_cases}] (0 = all training cases).")
   if config.mode == "predict":
     return  # The data this run reads is the fine-tuning run's own (its config.json).
-  if d.source in ("folder", "prepared", "npy") and not d.path:
+  if d.source in ("folder", "prepared", "npy", "images2d") and not d.path:
     raise errors.ConfigError(f"config.data.source={d.source!r} needs config.data.path.")
   if d.source == "phantom_xray" and len(crop) != 2:
     raise errors.ConfigError(f"config.data.source='phantom_xray' holds 2D radiographs: set "
@@ -199,6 +201,25 @@ def _check_model_and_data(config, family: str) -> None:
                              f"{crop}.")
   if d.path and d.source not in ("phantom", "phantom_xray") and not glob.glob(d.path):
     raise errors.MissingPathError(f"config.data.path={d.path!r} does not exist.")
+
+
+def _check_images2d(d, crop: tuple) -> None:
+  """data.source='images2d' (a folder of 2D images, data/prepare2d.py)."""
+  if len(crop) != 2:
+    raise errors.ConfigError(f"config.data.source='images2d' reads 2D images: set "
+                             f"config.model.spatial_dims=2 and a 2-entry config.data.crop, got "
+                             f"{crop}.")
+  size = tuple(d.image_size) or crop
+  if len(size) != 2 or any(s < c for s, c in zip(size, crop)):
+    raise errors.ConfigError(f"config.data.image_size={tuple(d.image_size)} must be empty or two "
+                             f"sizes (x, y), each >= config.data.crop={crop}.")
+  if tuple(d.scales) != (1.0,):
+    raise errors.ConfigError(f"config.data.scales={tuple(d.scales)}: zoomed crops are for scans; "
+                             "with source='images2d' set config.data.image_size (every image is "
+                             "fitted to it) and leave scales at (1.0,).")
+  if not d.image_percentiles[0] < d.image_percentiles[1]:
+    raise errors.ConfigError(f"config.data.image_percentiles={tuple(d.image_percentiles)} must be "
+                             "(lo, hi) with lo < hi.")
 
 
 # model.kind='nnunet': the Genesis U-Net's keys (left at their defaults), and the pre-training

@@ -304,7 +304,8 @@ def ensure_dataset(data_cfg: Any, workdir: str | os.PathLike, *, seed: int = 0,
 
   source="phantom": phantom scans in <workdir>/phantoms (or data.path), then prepared;
   "folder": data.path prepared into data.prepared_dir (default <workdir>/data);
-  "prepared": data.path validated as complete; "npy": a view over released .npy cubes.
+  "prepared": data.path validated as complete; "npy": a view over released .npy cubes;
+  "images2d": a folder of 2D images (radiographs) prepared by `prepare2d.prepare_images`.
   In multi-process runs only process 0 writes; the others wait for its manifest.
   """
   workdir = pathlib.Path(workdir)
@@ -320,13 +321,13 @@ def ensure_dataset(data_cfg: Any, workdir: str | os.PathLike, *, seed: int = 0,
                                     "of a prepared dataset (one holding manifest.json).")
     manifest_lib.validate_dataset(path)
     return pathlib.Path(path)
-  if source not in ("phantom", "phantom_xray", "folder", "npy"):
-    raise errors.ConfigError(
-        f"config.data.source must be phantom|phantom_xray|folder|prepared|npy, got {source!r}.")
-  if source in ("folder", "npy") and not path:
+  if source not in ("phantom", "phantom_xray", "folder", "npy", "images2d"):
+    raise errors.ConfigError(f"config.data.source must be phantom|phantom_xray|folder|prepared|"
+                             f"npy|images2d, got {source!r}.")
+  if source in ("folder", "npy", "images2d") and not path:
     raise errors.ConfigError(f"config.data.source={source!r} needs config.data.path.")
-  default_name = {"phantom": "data", "phantom_xray": "data", "folder": "data",
-                  "npy": "data_npy"}[source]
+  default_name = {"phantom": "data", "phantom_xray": "data", "folder": "data", "npy": "data_npy",
+                  "images2d": "data_images2d"}[source]
   out_dir = pathlib.Path(prepared_dir) if prepared_dir else workdir / default_name
 
   process_index, _ = process_info()
@@ -340,6 +341,12 @@ def ensure_dataset(data_cfg: Any, workdir: str | os.PathLike, *, seed: int = 0,
     src, xray_cfg = xray_dataset.pretraining_source(
         data_cfg, pathlib.Path(path) if path else workdir / "xrays", seed=seed)
     return prepare(xray_cfg, src, out_dir, seed=seed)
+  if source == "images2d":
+    from genesis_jax.data import prepare2d  # pylint: disable=import-outside-toplevel
+    if not os.path.isdir(path):
+      raise errors.MissingPathError(f"config.data.path={path!r}: no such folder; give the folder "
+                                    "of 2D images to prepare.")
+    return prepare2d.prepare_images(data_cfg, path, out_dir, seed=seed)
   if source == "phantom":
     from genesis_jax.data import phantoms  # pylint: disable=import-outside-toplevel
     root = pathlib.Path(path) if path else workdir / "phantoms"

@@ -94,11 +94,11 @@ def write_dicom(path, rows, *, photometric="MONOCHROME2", bits=12, pixels=True, 
   """A DX radiograph written with pydicom: 16-bit allocated, `bits` stored, unsigned."""
   pydicom = pytest.importorskip("pydicom")
   from pydicom.dataset import FileMetaDataset  # pylint: disable=g-import-not-at-top
-  from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # pylint: disable=g-import-not-at-top
+  from pydicom import uid  # pylint: disable=g-import-not-at-top
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage.
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+  meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
   ds = pydicom.Dataset()
   ds.file_meta = meta
   ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -121,7 +121,8 @@ def test_dicom_plain_and_spacing(tmp_path):
   assert im.spacing == pytest.approx((0.15, 0.2))
   assert im.meta["modality"] == "DX" and im.meta["spacing_source"] == "PixelSpacing"
   im = images2d.read_image(write_dicom(tmp_path / "b.dcm", ROWS, ImagerPixelSpacing=[0.3, 0.3]))
-  assert im.spacing == pytest.approx((0.3, 0.3)) and im.meta["spacing_source"] == "ImagerPixelSpacing"
+  assert im.spacing == pytest.approx((0.3, 0.3))
+  assert im.meta["spacing_source"] == "ImagerPixelSpacing"
 
 
 def test_dicom_without_suffix_is_found_and_read(tmp_path):
