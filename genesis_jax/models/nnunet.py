@@ -14,7 +14,10 @@ and a norm where the channels change), and the nonlin after the sum.
 Arrays are channels-last in our axis order: (N, x, y, z, C) in 3D, (N, x, y, C) in 2D; kernel
 sizes and strides are in our order too (`NnUNetPlan.arch`). Every spatial size must be divisible
 by the product of the strides along its axis. There is no batch statistic (InstanceNorm), so the
-variables are `params` only and `train` changes nothing (kept for the U-Net's call signature).
+variables are `params` only and `train` changes nothing; `skip_keep` scales the skips per sample
+as in the U-Net (models/unet.py), both kept for its call signature. Stride-1 3D convs with 3 taps
+along x use the U-Net's unfold conv where `conv_impl` resolves to it (`kernels.py`), the others
+XLA's conv with PyTorch's padding.
 
 Parameter tree (names used by `weights/nnunet.py`, which maps them to the PyTorch state_dict):
   PlainConvUNet:        encoder/stage_{s}/conv_{j}/{conv,norm}
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from genesis_jax import errors
+from genesis_jax.models import kernels
 
 NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")
 
@@ -74,13 +78,24 @@ def check_input(x: jax.Array, strides: Sequence[Sequence[int]], spatial_dims: in
           f"divisible by {total} (the product of its strides); use the plans' patch size.")
 
 
-class Conv(nn.Module):
+class Settings(nn.Module, kw_only=True):
+  """What every module takes (keyword only) and hands down unchanged (`settings`): dtype, the
+  compute dtype (parameters stay float32); conv_impl, `kernels.CONV_IMPLS` ("auto": the unfold
+  conv on CPU and GPU), used by stride-1 3D convs whose kernel has 3 taps along x."""
+  dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+
+
+def settings(module: Settings) -> dict[str, Any]:
+  return {"dtype": module.dtype, "conv_impl": module.conv_impl}
+
+
+class Conv(Settings):
   """ConvNd as PyTorch: kernel (*k, C_in, C_out), stride, padding (k-1)//2, optional bias."""
   features: int
   kernel_size: tuple[int, ...]
   strides: tuple[int, ...]
   use_bias: bool = True
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -89,8 +104,12 @@ class Conv(nn.Module):
     kernel = self.param("kernel", he_normal(fan_in),
                         tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.strides):
+    stride_1 = all(s == 1 for s in self.strides)
+    impl, _, tile = kernels.resolve_conv_impl(self.conv_impl).partition(":")
+    if all(k == 1 for k in self.kernel_size) and stride_1:
       y = jnp.einsum("...c,co->...o", x, kernel.reshape(kernel.shape[-2:]))
+    elif impl == "unfold" and nd == 3 and stride_1 and self.kernel_size[0] == 3:
+      y = kernels.conv_unfold_3d(x, kernel, int(tile) if tile else None)
     else:
       spatial = "DHW"[-nd:]
       dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
@@ -103,12 +122,11 @@ class Conv(nn.Module):
     return y
 
 
-class TransposedConv(nn.Module):
+class TransposedConv(Settings):
   """ConvTransposeNd with kernel = stride (non-overlapping): kernel (*stride, C_in, C_out)."""
   features: int
   strides: tuple[int, ...]
   use_bias: bool = True
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -151,7 +169,7 @@ class InstanceNorm(nn.Module):
     return ((x32 - mean) * mul + bias).astype(self.dtype)
 
 
-class ConvNormAct(nn.Module):
+class ConvNormAct(Settings):
   """ConvDropoutNormReLU: conv -> norm -> nonlin (nonlin_first: conv -> nonlin -> norm).
   negative_slope None: no nonlin."""
   features: int
@@ -162,11 +180,10 @@ class ConvNormAct(nn.Module):
   negative_slope: float | None
   nonlin_first: bool = False
   zero_norm: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv(self.features, self.kernel_size, self.strides, self.use_bias, self.dtype,
+    x = Conv(self.features, self.kernel_size, self.strides, self.use_bias, **settings(self),
              name="conv")(x)
     norm = InstanceNorm(self.norm_eps, self.zero_norm, self.dtype, name="norm")
     if self.negative_slope is None:
@@ -180,7 +197,7 @@ def ones(nd: int) -> tuple[int, ...]:
   return (1,) * nd
 
 
-class StackedConvs(nn.Module):
+class StackedConvs(Settings):
   """StackedConvBlocks: n ConvNormAct `conv_{j}` with one kernel size, the first one strided."""
   n: int
   features: int
@@ -190,19 +207,18 @@ class StackedConvs(nn.Module):
   norm_eps: float
   negative_slope: float
   nonlin_first: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for j in range(self.n):
       x = ConvNormAct(self.features, self.kernel_size,
                       self.strides if j == 0 else ones(x.ndim - 2), self.conv_bias, self.norm_eps,
-                      self.negative_slope, self.nonlin_first, dtype=self.dtype,
+                      self.negative_slope, self.nonlin_first, **settings(self),
                       name=f"conv_{j}")(x)
     return x
 
 
-class PlainConvEncoder(nn.Module):
+class PlainConvEncoder(Settings):
   """PlainConvEncoder: one StackedConvs `stage_{s}` per stage; returns every stage's output."""
   features_per_stage: tuple[int, ...]
   kernel_sizes: tuple[tuple[int, ...], ...]
@@ -212,7 +228,6 @@ class PlainConvEncoder(nn.Module):
   norm_eps: float
   negative_slope: float
   nonlin_first: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -220,12 +235,24 @@ class PlainConvEncoder(nn.Module):
     for s, feats in enumerate(self.features_per_stage):
       x = StackedConvs(self.n_conv_per_stage[s], feats, self.kernel_sizes[s], self.strides[s],
                        self.conv_bias, self.norm_eps, self.negative_slope, self.nonlin_first,
-                       self.dtype, name=f"stage_{s}")(x)
+                       **settings(self), name=f"stage_{s}")(x)
       skips.append(x)
     return skips
 
 
-class UNetDecoder(nn.Module):
+def keep_skips(skips: list[jax.Array], skip_keep: jax.Array | None) -> list[jax.Array]:
+  """Every skip but the bottleneck times skip_keep[n] for sample n (None: unchanged); the U-Net's
+  skip dropout (models/unet.py)."""
+  if skip_keep is None:
+    return skips
+  if skip_keep.shape != skips[0].shape[:1]:
+    raise ValueError(f"skip_keep must have shape ({skips[0].shape[0]},) (one value per sample), "
+                     f"got {skip_keep.shape}.")
+  scale = [skip_keep.reshape((-1,) + (1,) * (s.ndim - 1)).astype(s.dtype) for s in skips[:-1]]
+  return [s * k for s, k in zip(skips[:-1], scale)] + [skips[-1]]
+
+
+class UNetDecoder(Settings):
   """UNetDecoder: from the bottleneck up, transposed conv to the skip's channels, concat
   [up, skip], n_conv_per_stage_decoder convs, and a 1x1 seg layer per stage."""
   features_per_stage: tuple[int, ...]
@@ -238,7 +265,6 @@ class UNetDecoder(nn.Module):
   num_classes: int
   deep_supervision: bool = False
   nonlin_first: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, skips: Sequence[jax.Array]) -> jax.Array | list[jax.Array]:
@@ -248,13 +274,13 @@ class UNetDecoder(nn.Module):
     n = len(self.features_per_stage)
     for d in range(n - 1):
       skip_feats = self.features_per_stage[-(d + 2)]
-      x = TransposedConv(skip_feats, self.strides[-(d + 1)], self.conv_bias, self.dtype,
+      x = TransposedConv(skip_feats, self.strides[-(d + 1)], self.conv_bias, **settings(self),
                          name=f"transpconv_{d}")(x)
       x = jnp.concatenate([x, skips[-(d + 2)].astype(x.dtype)], axis=-1)
       x = StackedConvs(self.n_conv_per_stage_decoder[d], skip_feats, self.kernel_sizes[-(d + 2)],
                        ones(nd), self.conv_bias, self.norm_eps, self.negative_slope,
-                       self.nonlin_first, self.dtype, name=f"stage_{d}")(x)
-      seg = Conv(self.num_classes, ones(nd), ones(nd), True, self.dtype, name=f"seg_{d}")
+                       self.nonlin_first, **settings(self), name=f"stage_{d}")(x)
+      seg = Conv(self.num_classes, ones(nd), ones(nd), True, **settings(self), name=f"seg_{d}")
       # Every seg layer gets parameters at init, as PyTorch builds them all.
       if self.deep_supervision or d == n - 2 or self.is_initializing():
         outputs.append(seg(x).astype(jnp.float32))
@@ -263,11 +289,11 @@ class UNetDecoder(nn.Module):
     return outputs[-1]
 
 
-class PlainConvUNet(nn.Module):
+class PlainConvUNet(Settings):
   """dynamic_network_architectures' PlainConvUNet (nnU-Net's default network).
 
   Fields as `NnUNetPlan.arch` for this class, plus num_classes, deep_supervision (a list of
-  logits, full resolution first) and dtype (compute dtype; parameters stay float32).
+  logits, full resolution first), dtype and conv_impl (`Settings`). skip_keep: as the U-Net's.
   """
   n_stages: int
   features_per_stage: tuple[int, ...]
@@ -281,20 +307,21 @@ class PlainConvUNet(nn.Module):
   nonlin_first: bool = False
   num_classes: int = 1
   deep_supervision: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False,
+               skip_keep: jax.Array | None = None) -> jax.Array | list[jax.Array]:
     del train  # No dropout, no batch statistics.
     check_input(x, self.strides, len(self.strides[0]))
     skips = PlainConvEncoder(self.features_per_stage, self.kernel_sizes, self.strides,
                              self.n_conv_per_stage, self.conv_bias, self.norm_eps,
-                             self.negative_slope, self.nonlin_first, self.dtype,
+                             self.negative_slope, self.nonlin_first, **settings(self),
                              name="encoder")(x)
     return UNetDecoder(self.features_per_stage, self.kernel_sizes, self.strides,
                        self.n_conv_per_stage_decoder, self.conv_bias, self.norm_eps,
                        self.negative_slope, self.num_classes, self.deep_supervision,
-                       self.nonlin_first, self.dtype, name="decoder")(skips)
+                       self.nonlin_first, **settings(self), name="decoder")(
+                           keep_skips(skips, skip_keep))
 
 
 def avg_pool(x: jax.Array, strides: Sequence[int]) -> jax.Array:
@@ -309,7 +336,7 @@ def avg_pool(x: jax.Array, strides: Sequence[int]) -> jax.Array:
       x.dtype)
 
 
-class BasicBlockD(nn.Module):
+class BasicBlockD(Settings):
   """ResNet-D basic block: conv1 (strided, norm, nonlin), conv2 (norm), skip (avg pool by the
   stride, then 1x1 conv + norm where channels change), nonlin after the sum."""
   features: int
@@ -318,7 +345,6 @@ class BasicBlockD(nn.Module):
   conv_bias: bool
   norm_eps: float
   negative_slope: float
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -326,17 +352,17 @@ class BasicBlockD(nn.Module):
     residual = avg_pool(x, self.strides)
     if x.shape[-1] != self.features:
       residual = ConvNormAct(self.features, ones(nd), ones(nd), False, self.norm_eps, None,
-                             dtype=self.dtype, name="skip")(residual)
+                             **settings(self), name="skip")(residual)
     out = ConvNormAct(self.features, self.kernel_size, self.strides, self.conv_bias,
-                      self.norm_eps, self.negative_slope, dtype=self.dtype, name="conv1")(x)
+                      self.norm_eps, self.negative_slope, **settings(self), name="conv1")(x)
     out = ConvNormAct(self.features, self.kernel_size, ones(nd), self.conv_bias, self.norm_eps,
-                      None, zero_norm=True, dtype=self.dtype, name="conv2")(out)
+                      None, zero_norm=True, **settings(self), name="conv2")(out)
     return leaky_relu(out + residual.astype(out.dtype), self.negative_slope)
 
 
-class ResidualEncoder(nn.Module):
-  """ResidualEncoder: StackedConvs `stem` (1 conv, stride 1), then BasicBlockD `block_{b}` per
-  stage `stage_{s}`; returns every stage's output."""
+class ResidualEncoder(Settings):
+  """ResidualEncoder: StackedConvs `stem` (1 conv, stride 1), then per stage `stage_{s}` its
+  BasicBlockD `block_{b}`; returns every stage's output."""
   features_per_stage: tuple[int, ...]
   kernel_sizes: tuple[tuple[int, ...], ...]
   strides: tuple[tuple[int, ...], ...]
@@ -345,24 +371,23 @@ class ResidualEncoder(nn.Module):
   norm_eps: float
   negative_slope: float
   stem_channels: int | None = None
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     nd = x.ndim - 2
     x = StackedConvs(1, self.stem_channels or self.features_per_stage[0], self.kernel_sizes[0],
                      ones(nd), self.conv_bias, self.norm_eps, self.negative_slope,
-                     dtype=self.dtype, name="stem")(x)
+                     **settings(self), name="stem")(x)
     skips = []
     for s, feats in enumerate(self.features_per_stage):
       x = ResidualStage(self.n_blocks_per_stage[s], feats, self.kernel_sizes[s], self.strides[s],
-                        self.conv_bias, self.norm_eps, self.negative_slope, self.dtype,
+                        self.conv_bias, self.norm_eps, self.negative_slope, **settings(self),
                         name=f"stage_{s}")(x)
       skips.append(x)
     return skips
 
 
-class ResidualStage(nn.Module):
+class ResidualStage(Settings):
   """StackedResidualBlocks: n BasicBlockD `block_{b}`, the first one strided."""
   n: int
   features: int
@@ -371,21 +396,20 @@ class ResidualStage(nn.Module):
   conv_bias: bool
   norm_eps: float
   negative_slope: float
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for b in range(self.n):
       x = BasicBlockD(self.features, self.kernel_size,
                       self.strides if b == 0 else ones(x.ndim - 2), self.conv_bias, self.norm_eps,
-                      self.negative_slope, self.dtype, name=f"block_{b}")(x)
+                      self.negative_slope, **settings(self), name=f"block_{b}")(x)
     return x
 
 
-class ResidualEncoderUNet(nn.Module):
+class ResidualEncoderUNet(Settings):
   """dynamic_network_architectures' ResidualEncoderUNet (nnU-Net ResEnc presets): stem conv,
   BasicBlockD stages, the plain UNetDecoder. Fields as `NnUNetPlan.arch` plus num_classes,
-  deep_supervision, dtype."""
+  deep_supervision, dtype, conv_impl; skip_keep as the U-Net's."""
   n_stages: int
   features_per_stage: tuple[int, ...]
   kernel_sizes: tuple[tuple[int, ...], ...]
@@ -398,29 +422,30 @@ class ResidualEncoderUNet(nn.Module):
   stem_channels: int | None = None
   num_classes: int = 1
   deep_supervision: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False,
+               skip_keep: jax.Array | None = None) -> jax.Array | list[jax.Array]:
     del train
-    nd = len(self.strides[0])
-    check_input(x, self.strides, nd)
+    check_input(x, self.strides, len(self.strides[0]))
     skips = ResidualEncoder(self.features_per_stage, self.kernel_sizes, self.strides,
                             self.n_blocks_per_stage, self.conv_bias, self.norm_eps,
-                            self.negative_slope, self.stem_channels, self.dtype,
+                            self.negative_slope, self.stem_channels, **settings(self),
                             name="encoder")(x)
     return UNetDecoder(self.features_per_stage, self.kernel_sizes, self.strides,
                        self.n_conv_per_stage_decoder, self.conv_bias, self.norm_eps,
                        self.negative_slope, self.num_classes, self.deep_supervision,
-                       dtype=self.dtype, name="decoder")(skips)
+                       **settings(self), name="decoder")(keep_skips(skips, skip_keep))
 
 
-def build(plan, num_classes: int, deep_supervision: bool = False,
-          dtype: Any = jnp.float32) -> nn.Module:
+def build(plan, num_classes: int, deep_supervision: bool = False, dtype: Any = jnp.float32,
+          conv_impl: str = "auto") -> nn.Module:
   """The Flax network of an `NnUNetPlan` (config/nnunet_plans.py) with `num_classes` outputs."""
   if plan.network not in NETWORKS:
     raise errors.ConfigError(f"Network {plan.network!r} is not supported; supported: {NETWORKS}.")
   if num_classes < 1:
     raise errors.ConfigError(f"num_classes must be >= 1, got {num_classes}.")
+  kernels.check_conv_impl(conv_impl)
   cls = PlainConvUNet if plan.network == "PlainConvUNet" else ResidualEncoderUNet
-  return cls(**plan.arch, num_classes=num_classes, deep_supervision=deep_supervision, dtype=dtype)
+  return cls(**plan.arch, num_classes=num_classes, deep_supervision=deep_supervision, dtype=dtype,
+             conv_impl=conv_impl)

@@ -199,3 +199,20 @@ def test_bfloat16_compute_stays_close():
   assert y16.dtype == jnp.float32
   ref = to_ours(data["y"], plan)
   assert np.abs(np.asarray(y16) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_conv_impls_and_skip_keep():
+  plan = plan_of("plain_3d")
+  params = nnunet_weights.load_state_dict(torch_pickle.load(FIXTURES / "plain_3d.pt"), plan)
+  x = to_ours(np.load(FIXTURES / "plain_3d.npz")["x"], plan)
+  out = {impl: jax.jit(nnunet.build(plan, 3, conv_impl=impl).apply)({"params": params}, x)
+         for impl in ("native", "unfold")}
+  np.testing.assert_allclose(np.asarray(out["native"]), np.asarray(out["unfold"]), atol=1e-4)
+  model = nnunet.build(plan, 3, conv_impl="native")
+  apply = jax.jit(lambda keep: model.apply({"params": params}, x, skip_keep=keep))
+  kept, dropped = apply(jnp.ones(2)), apply(jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(np.asarray(kept), np.asarray(out["native"]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dropped[0]), np.asarray(kept[0]), atol=1e-5)
+  assert np.abs(np.asarray(dropped[1]) - np.asarray(kept[1])).max() > 1e-2
+  with pytest.raises(errors.ConfigError, match="conv_impl"):
+    nnunet.build(plan, 3, conv_impl="fft")
