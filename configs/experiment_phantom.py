@@ -62,6 +62,12 @@ fix. REGISTERED on 2026-12-01 before any of its trials ran; reported whatever it
   and 4 labelled training subjects (`data.train_subset`), 5 trials each, same rule; the 6-subject
   points are the `:faithful` NCC arms, reused.
 
+Variant ":faithful_gpu" (issue 17, item 6; a new workdir, a GPU): `:faithful` at the original's
+scale where a phantom allows it: the full-width network (model.width 32), 64x64x32 cubes for
+pre-training and both tasks, bfloat16 compute, 3,000 pre-training steps per pre-training, NCS at
+the task's 200 steps and 8 test subjects. Run it with `bench/gpu_experiment.sh`, which bounds the
+wall time and collects the report (it can be run again: finished work is reused).
+
 Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
 (1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
@@ -126,10 +132,12 @@ def get_config(variant: str = ""):
     c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain"),
                          "scratch_dice": arm("", dice), "genesis_dice": arm("@pretrain", dice)}
     c.experiment.compare = (("genesis", "scratch"), ("genesis_dice", "scratch_dice"))
-  elif variant in ("faithful", "faithful_budget"):
+  elif variant in ("faithful", "faithful_budget", "faithful_gpu"):
     faithful_setup(c)
     if variant == "faithful_budget":
       faithful_budget(c)
+    if variant == "faithful_gpu":
+      faithful_gpu(c)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = NCC
@@ -138,7 +146,7 @@ def get_config(variant: str = ""):
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
                              f"(known: diagnose, budget, levels, ncs_dice, long, faithful, "
-                             f"faithful_budget).")
+                             f"faithful_budget, faithful_gpu).")
   return c
 
 
@@ -182,3 +190,14 @@ def faithful_budget(c) -> None:
     pairs.append((f"{FAITHFUL_BUDGET_ARM}{suffix}", f"scratch{suffix}"))
   c.experiment.arms = arms
   c.experiment.compare = tuple(pairs)
+
+
+def faithful_gpu(c) -> None:
+  """`:faithful` at full width, 64x64x32 cubes and bfloat16 (a GPU run)."""
+  c.experiment.report = "results_faithful_gpu"
+  scale = {"model.width": 32, "model.dtype": "bfloat16", "data.crop": (64, 64, 32)}
+  c.experiment.overrides = nest(scale)
+  c.experiment.pretrain_overrides = nest({**scale, "num_steps": 3000, "eval_every": 500,
+                                          "checkpoint_every": 500,
+                                          "train.decay_every": 40 * 500})
+  c.experiment.tasks.finetune_ncs.overrides = nest({"train.early_stop_patience": 10})
