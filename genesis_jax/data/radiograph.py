@@ -5,7 +5,7 @@ with a recorded transform, so that predictions map back to the original pixel gr
   fit(array, (256, 256), mode="letterbox")      -> (fitted array, FitTransform)
   to_original(prediction, transform)            a mask/probability map on the original grid
   transform.to_original_points(points)          landmark coordinates on the original grid
-  preprocess(image2d, size, ...)                normalise then fit one `images2d.Image2D`
+  preprocess(image2d, size, ...)                scale, normalise and place one `images2d.Image2D`
 
 Fit modes (both keep the aspect ratio, in mm when the pixels are not square):
   letterbox  scale so the whole image fits, centre it, pad the rest with `fill` (0 = black).
@@ -71,6 +71,29 @@ class FitTransform:
                offset=tuple(int(v) for v in d["offset"]), mode=str(d["mode"]))
 
 
+# Integer-valued images spanning at most this many values get exact percentiles from a histogram.
+_MAX_HISTOGRAM_BINS = 1 << 20
+
+
+def percentiles_of(array: np.ndarray, qs: Sequence[float]) -> tuple[float, ...]:
+  """np.percentile(array, qs) (its default "linear" method), exactly; for integer-valued images
+  (8/16-bit files, DICOM stored values) from a histogram, which is several times faster than the
+  sorts np.percentile does on a 1024 x 1024 image."""
+  flat = np.asarray(array).ravel()
+  lo, hi = float(flat.min()), float(flat.max())
+  if hi - lo >= _MAX_HISTOGRAM_BINS or not np.array_equal(flat, np.floor(flat)):
+    return tuple(float(q) for q in np.percentile(flat, qs))
+  counts = np.cumsum(np.bincount((flat - lo).astype(np.int64)))
+  out = []
+  for q in qs:
+    h = (flat.size - 1) * float(q) / 100.0
+    k = int(np.floor(h))
+    # The value at sorted rank r is the first bin whose cumulative count exceeds r.
+    v0, v1 = np.searchsorted(counts, [k, min(k + 1, flat.size - 1)], side="right") + lo
+    out.append(float(v0 + (h - k) * (v1 - v0)))
+  return tuple(out)
+
+
 def normalise(array: np.ndarray, method: str = "percentile",
               percentiles: Sequence[float] = (0.5, 99.5), *, name: str = "") -> np.ndarray:
   """float32 in [0, 1]: clip to the (lo, hi) percentiles and map linearly ("percentile"), or map
@@ -85,7 +108,7 @@ def normalise(array: np.ndarray, method: str = "percentile",
     p_lo, p_hi = (float(p) for p in percentiles)
     if not 0.0 <= p_lo < p_hi <= 100.0:
       raise errors.ConfigError(f"percentiles {tuple(percentiles)}: need 0 <= lo < hi <= 100.")
-    q_lo, q_hi = (float(q) for q in np.percentile(array, (p_lo, p_hi)))
+    q_lo, q_hi = percentiles_of(array, (p_lo, p_hi))
     if q_hi > q_lo:  # Else (mostly one value) min..max, which is still informative.
       lo, hi = q_lo, q_hi
   out = (array - np.float32(lo)) * np.float32(1.0 / (hi - lo))
@@ -154,11 +177,20 @@ def fit(array: np.ndarray, size: Sequence[int], *, mode: str = "letterbox",
   array = np.asarray(array, np.float32)
   if array.ndim != 2:
     raise errors.DataError(f"{name or '<image>'}: expected an (x, y) image, got {array.shape}.")
+  return _fit(array, size, mode, spacing, upscale, fill, name, None)
+
+
+def _fit(array, size, mode, spacing, upscale, fill, name, on_resized
+         ) -> tuple[np.ndarray, FitTransform]:
+  """`fit`, with `on_resized` (if any) applied to the scaled image before it is placed."""
   size = (int(size[0]), int(size[1]))
   shape = (int(array.shape[0]), int(array.shape[1]))
   resized_shape, offset = _plan(shape, size, (float(spacing[0]), float(spacing[1])), mode,
                                 upscale, name)
-  out = _place(_resize(array, resized_shape, nearest=False), size, offset, fill)
+  resized = _resize(array, resized_shape, nearest=False)
+  if on_resized is not None:
+    resized = on_resized(resized)
+  out = _place(resized, size, offset, fill)
   scale = (resized_shape[0] / shape[0], resized_shape[1] / shape[1])
   return out, FitTransform(original_shape=shape, shape=size, resized_shape=resized_shape,
                            scale=scale, offset=offset, mode=mode)
@@ -196,8 +228,14 @@ def to_original(prediction: np.ndarray, transform: FitTransform, *, nearest: boo
 def preprocess(image: Any, size: Sequence[int], *, mode: str = "letterbox", upscale: bool = False,
                norm: str = "percentile", percentiles: Sequence[float] = (0.5, 99.5)
                ) -> tuple[np.ndarray, FitTransform]:
-  """An `images2d.Image2D` -> (float32 (x, y) of `size` in [0, 1], transform): the intensities are
-  normalised on the whole original image, then it is fitted (padding is 0)."""
-  unit = normalise(image.array, norm, percentiles, name=image.path)
-  return fit(unit, size, mode=mode, spacing=image.spacing, upscale=upscale, fill=0.0,
-             name=image.path)
+  """An `images2d.Image2D` -> (float32 (x, y) of `size` in [0, 1], transform).
+
+  The image is scaled first, then normalised (the percentiles are those of the scaled image,
+  the one the network sees, padding excluded), then placed; the padding is 0. Normalising the
+  scaled image rather than the original also keeps the cost of a 2048 x 2500 radiograph's
+  percentiles small.
+  """
+  if mode not in FIT_MODES:
+    raise errors.ConfigError(f"fit mode {mode!r}: expected one of {FIT_MODES}.")
+  return _fit(np.asarray(image.array, np.float32), size, mode, image.spacing, upscale, 0.0,
+              image.path, lambda a: normalise(a, norm, percentiles, name=image.path))

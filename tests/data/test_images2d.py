@@ -175,6 +175,19 @@ def test_dicom_window_linear(tmp_path):
   assert 0 < np.count_nonzero((im.array > 0) & (im.array < 4095))  # Some pixels inside.
 
 
+@pytest.mark.parametrize("slope,intercept", [(1, 0), (2, -1000), (0.5, 0.25)])
+def test_dicom_window_equals_pydicom_applied_directly(tmp_path, slope, intercept):
+  pydicom = pytest.importorskip("pydicom")
+  pixels = pytest.importorskip("pydicom.pixels")  # pydicom >= 3.
+  path = write_dicom(tmp_path / "w.dcm", ROWS, RescaleSlope=slope, RescaleIntercept=intercept,
+                     WindowCenter=[1500.0, 40.0], WindowWidth=[2000.0, 400.0],
+                     VOILUTFunction="SIGMOID")
+  ds = pydicom.dcmread(path)
+  direct = pixels.apply_voi_lut(pixels.apply_modality_lut(ds.pixel_array, ds), ds,
+                                prefer_lut=False)
+  np.testing.assert_allclose(images2d.read_image(path).array, direct.T, rtol=1e-6, atol=1e-3)
+
+
 def test_dicom_without_pixel_data_names_the_file(tmp_path):
   path = write_dicom(tmp_path / "nopix.dcm", ROWS, pixels=False)
   with pytest.raises(images2d.ImageReadError, match=r"nopix\.dcm: DICOM file without pixel data"):

@@ -25,6 +25,15 @@ def test_percentile_normalisation_clips_outliers_and_minmax_does_not():
     radiograph.normalise(np.full((4, 4), 7.0), name="flat.png")
 
 
+def test_percentiles_of_equals_numpy():
+  rng = np.random.default_rng(0)
+  for a in (rng.integers(0, 4096, (64, 48)).astype(np.float32),  # Integer-valued: histogram.
+            rng.integers(-1024, 3000, (5, 7)).astype(np.float32),
+            rng.normal(0.0, 1.0, (30, 20)).astype(np.float32)):  # Floats: np.percentile.
+    for qs in ((0.5, 99.5), (0.0, 100.0), (37.0, 50.0)):
+      assert radiograph.percentiles_of(a, qs) == tuple(float(q) for q in np.percentile(a, qs))
+
+
 def test_letterbox_keeps_aspect_and_pads():
   a = np.ones((300, 200), np.float32)
   out, t = radiograph.fit(a, (64, 64))
