@@ -100,6 +100,13 @@ def _is_dicom_part10(path: pathlib.Path) -> bool:
     return False
 
 
+def _is_io_error(e: Exception) -> bool:
+  """An operating-system error (permissions, I/O, a vanished file: errno set), as opposed to bad
+  content (Pillow's "truncated" and "cannot identify" OSErrors have no errno). I/O errors are
+  re-raised as they are, so a bulk prepare retries the file next time instead of marking it bad."""
+  return isinstance(e, OSError) and e.errno is not None
+
+
 def read_image(path: str | pathlib.Path, *, voi: bool = True) -> Image2D:
   """Reads one 2D image file as a grey float32 (x, y) `Image2D`.
 
@@ -167,6 +174,8 @@ def _read_pil(path: pathlib.Path) -> tuple[np.ndarray, tuple[float, float], dict
   except Image.DecompressionBombError as e:
     raise ImageReadError(f"{path}: {e}") from e
   except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
+    if _is_io_error(e):
+      raise
     raise ImageReadError(f"{path}: cannot read the image, truncated or corrupt file? "
                          f"({type(e).__name__}: {e}).") from e
   return array, (1.0, 1.0), meta
@@ -255,6 +264,8 @@ def _read_dicom2d(path: pathlib.Path, voi: bool) -> tuple[np.ndarray, tuple[floa
   try:
     ds = pydicom.dcmread(str(path), force=path.suffix.lower() in DICOM_SUFFIXES)
   except Exception as e:  # pydicom raises many types (InvalidDicomError, EOFError, struct.error).
+    if _is_io_error(e):
+      raise
     raise ImageReadError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e}).") from e
   if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
     raise ImageReadError(
@@ -344,6 +355,8 @@ def _read_nifti2d(path: pathlib.Path) -> tuple[np.ndarray, tuple[float, float], 
     if raw[:2] == b"\x1f\x8b":
       raw = gzip.decompress(raw)
   except (OSError, EOFError, zlib.error) as e:
+    if _is_io_error(e):
+      raise
     raise ImageReadError(f"{path}: cannot read or decompress the file ({e}).") from e
   if len(raw) < 348:
     raise ImageReadError(f"{path}: {len(raw)} bytes, too short to be a NIfTI file.")

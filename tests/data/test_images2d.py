@@ -59,6 +59,16 @@ def test_truncated_png_names_the_file(tmp_path):
     images2d.read_image(tmp_path / "junk.png")
 
 
+def test_io_errors_are_not_taken_for_bad_content(tmp_path, monkeypatch):
+  Image.fromarray((ROWS % 256).astype(np.uint8)).save(tmp_path / "a.png")
+
+  def denied(path, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+  monkeypatch.setattr(Image, "open", denied)
+  with pytest.raises(PermissionError, match=r"a\.png"):  # Not an ImageReadError: retried later.
+    images2d.read_image(tmp_path / "a.png")
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
 def test_16_bit_tiff(tmp_path, mode):
   if mode == "I":

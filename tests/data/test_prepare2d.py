@@ -192,6 +192,24 @@ def test_rerun_reuses_shards_and_a_changed_image_redoes_only_its_shard(tmp_path,
   assert len(done) == 7
 
 
+def test_io_error_skips_the_image_for_this_run_only(tmp_path, monkeypatch):
+  src = _write_images(tmp_path / "src")
+  real = images2d.read_image
+
+  def flaky(path, **kw):
+    if pathlib.Path(path).name == "cxr_02.png":
+      raise PermissionError(13, "Permission denied", str(path))
+    return real(path, **kw)
+  monkeypatch.setattr(images2d, "read_image", flaky)
+  out = _prepare(_config(), src, tmp_path / "ds")
+  skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+  assert [pathlib.Path(s["path"]).name for s in skipped] == ["cxr_02.png"]
+  assert "Permission denied" in skipped[0]["reason"]
+  monkeypatch.setattr(images2d, "read_image", real)
+  out = _prepare(_config(), src, tmp_path / "ds")  # Retried, not remembered as bad.
+  assert not json.loads((out / "manifest.json").read_text())["skipped"]
+
+
 def test_split_is_per_image_and_stable_when_images_are_added():
   rels = [f"img_{i:04d}.png" for i in range(200)]
   split = prepare2d.split_images(rels, 0.2, seed=3)
