@@ -197,3 +197,11 @@ def test_phantom_xray_pretraining_prepares_2d_crops_of_the_radiographs(tmp_path)
   c.lung_filter = True
   with pytest.raises(errors.ConfigError, match="lung_filter is for CT scans"):
     prepare.ensure_dataset(c, tmp_path / "b", seed=0)
+
+
+def test_cli_writes_the_radiograph_set(tmp_path, capsys):
+  from genesis_jax.data import phantoms
+  phantoms.main(["--out", str(tmp_path / "xr"), "--subjects", "2", "--shape", "48", "48", "32",
+                 "--xray"])
+  assert "4 radiographs of 2 subjects" in capsys.readouterr().out
+  assert (tmp_path / "xr" / "labelsTr" / "phantom_001_lateral.png").is_file()

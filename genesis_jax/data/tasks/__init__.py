@@ -6,6 +6,8 @@ Modules:
   cubes         crop sizes, stacking and centred extraction shared by both.
   dataset       `load(config, workdir)`: the train / val / test arrays of a fine-tuning run, split
                 by case; the phantom tasks are written in the same layouts first.
+  images2d_tasks  2D images (radiographs): multi-label classification from a ChestX-ray8-style
+                CSV and 2D segmentation (MSD / nnU-Net 2D), letterboxed to the crop.
 
 Cubes are channels-last: images (N, x, y, z, 1) float32 in [0, 1]; a 2-entry crop (x, y) gives
 2D slices (N, x, y, 1) taken at the same centres.
