@@ -14,7 +14,8 @@ Pixel values:
   - Palette ('P') images: read through the palette when the palette is grey (R = G = B, an index
     -> intensity table); a colour palette is an error (false colour has no single intensity).
   - Multi-page TIFFs and animated PNGs are an error unless they hold one frame.
-  - EXIF orientation (JPEG/TIFF) is applied, so the array is the image as meant to be viewed.
+  - EXIF orientation (JPEG) is applied, so the array is the image as meant to be viewed; a TIFF
+    with an Orientation tag other than 1 is an error (Pillow decodes those inconsistently).
   - DICOM, as PS3.3 C.11 orders it: stored values -> Modality LUT (Modality LUT Sequence, else
     RescaleSlope/RescaleIntercept) -> VOI LUT (VOI LUT Sequence, else WindowCenter/WindowWidth
     with VOILUTFunction; the first of several) -> MONOCHROME1 inverted within the output range,
@@ -160,11 +161,17 @@ def _read_pil(path: pathlib.Path) -> tuple[np.ndarray, tuple[float, float], dict
         raise ImageReadError(
             f"{path}: {frames} pages/frames in one {fmt} file; expected a single 2D image. Save "
             "each page as its own file (e.g. PIL: img.seek(k); img.save(...)).")
+      # Read before load(): Pillow's TIFF loader acts on (and drops) the tag while loading.
+      orientation = img.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "MPO") else 1
       img.load()
       meta = {"format": fmt, "mode": img.mode, "modality": "", "photometric": ""}
       if "dpi" in img.info:
         meta["dpi"] = [float(d) for d in img.info["dpi"]]
-      orientation = img.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "MPO") else 1
+      if fmt == "TIFF" and orientation not in (None, 1):
+        raise ImageReadError(
+            f"{path}: TIFF Orientation tag {orientation} (rotated/flipped storage) is not "
+            "supported: Pillow decodes such files inconsistently. Save the image in its display "
+            "orientation (Orientation 1), e.g. as PNG.")
       if orientation not in (None, 1):
         img = ImageOps.exif_transpose(img)
         meta["exif_orientation"] = int(orientation)

@@ -89,12 +89,21 @@ def test_multipage_tiff_is_an_error(tmp_path):
     images2d.read_image(tmp_path / "m.tif")
 
 
-def test_jpeg_is_read(tmp_path):
+def test_jpeg_is_read_with_its_exif_orientation(tmp_path):
   a8 = np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (8, 1))
   Image.fromarray(a8).save(tmp_path / "j.jpg", quality=100)
   im = images2d.read_image(tmp_path / "j.jpg")
   assert im.shape == (16, 8)
   np.testing.assert_allclose(im.array, a8.T, atol=4)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Stored rotated: display = rotate 90 degrees clockwise.
+  Image.fromarray(a8).save(tmp_path / "r.jpg", quality=100, exif=exif)
+  im = images2d.read_image(tmp_path / "r.jpg")
+  np.testing.assert_allclose(im.array, np.rot90(a8, -1).T, atol=4)
+  assert im.meta["exif_orientation"] == 6
+  Image.fromarray(a8).save(tmp_path / "r.tif", exif=exif)
+  with pytest.raises(images2d.ImageReadError, match=r"r\.tif: TIFF Orientation tag 6"):
+    images2d.read_image(tmp_path / "r.tif")
 
 
 # --- DICOM -------------------------------------------------------------------------------------
