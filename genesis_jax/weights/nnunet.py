@@ -150,15 +150,21 @@ def strip_prefixes(state_dict: dict) -> dict:
 
 
 def load_state_dict(state_dict: dict, plan, num_classes: int | None = None,
-                    source: str = "state_dict") -> dict:
+                    source: str = "state_dict", seg_layers: bool = True) -> dict:
   """Our params from a PyTorch state_dict of the plan's network (keys with or without 'module.' /
-  '_orig_mod.'). num_classes None: the checkpoint's seg layers decide.
+  '_orig_mod.'). num_classes None: the checkpoint's seg layers decide. seg_layers False: as
+  nnU-Net's loader, the seg layers are neither read nor required and the params lack
+  decoder/seg_* (for a network with other classes: merge into its init).
 
   Raises CheckpointError naming the first missing key, the first key whose shape does not match
   the plans, or keys the plans' network does not have.
   """
   sd = strip_prefixes(state_dict)
   layout = torch_layout(plan)
+  if not seg_layers:
+    layout = [e for e in layout if SEG_LAYERS not in "." + e[0]]
+    sd = {k: v for k, v in sd.items() if SEG_LAYERS not in "." + k}
+    num_classes = num_classes or 1
   if num_classes is None:
     seg = sd.get(f"decoder.seg_layers.{plan.arch['n_stages'] - 2}.weight")
     if seg is None:
@@ -214,10 +220,11 @@ def write_nnunet_checkpoint(path: str | os.PathLike, params: Any, plan,
                     os.fspath(path))
 
 
-def import_nnunet_checkpoint(path: str | os.PathLike, plan,
-                             num_classes: int | None = None) -> dict:
+def import_nnunet_checkpoint(path: str | os.PathLike, plan, num_classes: int | None = None,
+                             seg_layers: bool = True) -> dict:
   """Our params from an nnU-Net checkpoint (`checkpoint_final.pth`: its 'network_weights'; a
-  bare state_dict or {'state_dict': ...} also works). num_classes None: the checkpoint's."""
+  bare state_dict or {'state_dict': ...} also works). num_classes None: the checkpoint's;
+  seg_layers as `load_state_dict`."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise errors.MissingPathError(f"nnU-Net checkpoint {path} does not exist.")
@@ -231,4 +238,4 @@ def import_nnunet_checkpoint(path: str | os.PathLike, plan,
     obj = obj["state_dict"]
   if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
     raise errors.CheckpointError(f"{path}: no 'network_weights' state_dict in this checkpoint.")
-  return load_state_dict(obj, plan, num_classes, source=path)
+  return load_state_dict(obj, plan, num_classes, source=path, seg_layers=seg_layers)

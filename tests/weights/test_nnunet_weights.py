@@ -119,6 +119,16 @@ def test_nnunet_checkpoint_final_imports():
   np.testing.assert_allclose(np.asarray(y), to_ours(data["y"], plan), atol=1e-4, rtol=0)
 
 
+def test_import_without_seg_layers_for_other_classes():
+  plan = plan_of("resenc_3d")
+  full = nnunet_weights.import_nnunet_checkpoint(FIXTURES / "checkpoint_final.pth", plan)
+  body = nnunet_weights.import_nnunet_checkpoint(FIXTURES / "checkpoint_final.pth", plan,
+                                                 num_classes=5, seg_layers=False)
+  assert set(full["decoder"]) - set(body["decoder"]) == {"seg_0", "seg_1"}
+  np.testing.assert_array_equal(body["encoder"]["stem"]["conv_0"]["conv"]["kernel"],
+                                full["encoder"]["stem"]["conv_0"]["conv"]["kernel"])
+
+
 def test_ddp_and_compile_prefixes_are_stripped():
   plan = plan_of("plain_2d")
   sd = torch_pickle.load(FIXTURES / "plain_2d.pt")
