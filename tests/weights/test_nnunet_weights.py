@@ -170,7 +170,7 @@ def test_checkpoints_of_other_plans_are_named(tmp_path):
     nnunet_weights.import_nnunet_checkpoint(junk, plain)
 
 
-def test_export_loads_strictly_into_pytorch():
+def test_export_loads_strictly_into_pytorch(tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("dynamic_network_architectures")
   plan = plan_of("plain_3d")
@@ -188,3 +188,17 @@ def test_export_loads_strictly_into_pytorch():
     y_torch = net(torch.from_numpy(x)).numpy()
   y = jax.jit(model.apply)({"params": params}, to_ours(x, plan))
   np.testing.assert_allclose(np.asarray(y), to_ours(y_torch, plan), atol=1e-4, rtol=0)
+  # The written file as nnU-Net's load_pretrained_weights reads it (torch.load, default
+  # weights_only=True too), into its 3-class network: everything but the seg layers.
+  path = tmp_path / "pretrained.pth"
+  nnunet_weights.write_nnunet_checkpoint(path, params, plan)
+  seg_net = pydoc.locate(plan.network_class_name)(input_channels=2, num_classes=3, **arch)
+  model_dict = seg_net.state_dict()
+  pretrained = torch.load(path)["network_weights"]
+  pretrained = {k: v for k, v in pretrained.items() if ".seg_layers." not in k}
+  assert all(pretrained[k].shape == v.shape for k, v in model_dict.items()
+             if ".seg_layers." not in k)
+  model_dict.update(pretrained)
+  seg_net.load_state_dict(model_dict)
+  key = "encoder.stages.0.0.convs.0.conv.weight"
+  np.testing.assert_array_equal(seg_net.state_dict()["decoder." + key].numpy(), sd[key])
