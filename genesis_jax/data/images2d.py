@@ -22,8 +22,8 @@ Pixel values:
     so that a higher value is always brighter (MONOCHROME2 sense). pydicom's apply_modality_lut
     and apply_voi_lut do the first two steps. `read_image(path, voi=False)` keeps the
     modality values (e.g. for a CT slice in HU); MONOCHROME1 is inverted in both cases. A
-    Presentation LUT Shape of INVERSE on a MONOCHROME1 image repeats what MONOCHROME1 says (DX
-    requires that pair) and is not applied a second time.
+    Presentation LUT Shape of INVERSE on a MONOCHROME1 image is the same inversion (DX requires
+    that pair, PS3.3 C.8.11.6.1.2) and is not applied twice; on a MONOCHROME2 image it inverts.
   - NIfTI: shape (x, y) or (x, y, 1), the voxel order of the file (no reorientation: a radiograph
     has no RAS frame), scl_slope/scl_inter applied; the affine is kept in `meta`.
 
@@ -317,7 +317,9 @@ def _read_dicom2d(path: pathlib.Path, voi: bool) -> tuple[np.ndarray, tuple[floa
       raise ImageReadError(f"{path}: unusable window ({e}); read it with voi=False.") from e
     meta["voi"] = f"window ({ds.get('VOILUTFunction', 'LINEAR')})"
   values = np.asarray(values, np.float64)
-  if photometric == "MONOCHROME1":
+  shape = str(ds.get("PresentationLUTShape", "") or "").upper()
+  meta["presentation_lut_shape"] = shape or "none"
+  if photometric == "MONOCHROME1" or shape == "INVERSE":
     values = (lo + hi) - values  # Inverted within the output range: higher = brighter.
   meta["range"] = [lo, hi]
   return values, _dicom_spacing(ds, meta), meta

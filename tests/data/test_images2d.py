@@ -151,8 +151,17 @@ def test_dicom_without_suffix_is_found_and_read(tmp_path):
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
+  inverted = (2**12 - 1) - ROWS.T.astype(np.float32)
   im = images2d.read_image(write_dicom(tmp_path / "m1.dcm", ROWS, photometric="MONOCHROME1"))
-  np.testing.assert_array_equal(im.array, (2**12 - 1) - ROWS.T.astype(np.float32))
+  np.testing.assert_array_equal(im.array, inverted)
+  # DX pairs MONOCHROME1 with Presentation LUT Shape INVERSE: one inversion, not two.
+  path = write_dicom(tmp_path / "m1i.dcm", ROWS, photometric="MONOCHROME1",
+                     PresentationLUTShape="INVERSE")
+  np.testing.assert_array_equal(images2d.read_image(path).array, inverted)
+  path = write_dicom(tmp_path / "m2i.dcm", ROWS, PresentationLUTShape="INVERSE")
+  np.testing.assert_array_equal(images2d.read_image(path).array, inverted)
+  path = write_dicom(tmp_path / "m2.dcm", ROWS, PresentationLUTShape="IDENTITY")
+  np.testing.assert_array_equal(images2d.read_image(path).array, ROWS.T)
 
 
 def test_dicom_rescale_slope_intercept(tmp_path):
