@@ -1,4 +1,4 @@
-"""nnU-Net v2 plans files (`nnUNetPlans.json`): the network one configuration describes, in our axes.
+"""nnU-Net v2 plans files (`nnUNetPlans.json`): the network a configuration describes, in our axes.
 
 `load_plans(path, configuration)` reads a plans file, resolves the configuration (its
 `inherits_from` chain, and the older v2 layout without an `architecture` entry, as nnU-Net's own

@@ -93,6 +93,16 @@ def test_older_v2_layout_is_rebuilt(tmp_path):
   assert old.arch == plan_of("plain_3d").arch
 
 
+def test_input_channels_from_dataset_json(tmp_path):
+  plans = fixture_plans()
+  del plans["foreground_intensity_properties_per_channel"]
+  path = write_plans(tmp_path, plans)
+  assert nnunet_plans.load_plans(path, "2d").n_input_channels == 1
+  (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC",
+                                                                        "2": "DWI"}}))
+  assert nnunet_plans.load_plans(path, "2d").n_input_channels == 3
+
+
 def bad_plans(tmp_path, edit) -> pathlib.Path:
   plans = fixture_plans()
   edit(plans, plans["configurations"]["3d_fullres"]["architecture"])
@@ -130,7 +140,8 @@ def test_other_versions_and_missing_configurations(tmp_path):
   text.write_text("not json")
   with pytest.raises(errors.ConfigError, match="not a JSON"):
     nnunet_plans.load_plans(text, "3d_fullres")
-  with pytest.raises(errors.ConfigError, match=r"'3d_lowres' does not exist.*\['2d', '3d_fullres'\]"):
+  with pytest.raises(errors.ConfigError,
+                     match=r"'3d_lowres' does not exist.*\['2d', '3d_fullres'\]"):
     nnunet_plans.load_plans(FIXTURES / "plain_plans.json", "3d_lowres")
 
 
