@@ -12,8 +12,11 @@ an error. The restoration head is a 1-channel output on the full-resolution deco
 deep supervision. The corruptions scale per axis with the patch size as they do with any cube
 (docs/method.md, "Sizes for other crop shapes"). An nnU-Net raw dataset folder is a folder of
 scans: its imagesTr/ and imagesTs/ scans are pre-trained on and labelsTr/ is skipped (single-
-channel data such as CT; plans of a multi-channel dataset are refused). At the end the best
-checkpoint is written as <workdir>/nnunet_pretrained.pth; any other checkpoint with
+channel data such as CT; plans of a multi-channel dataset are refused). So is a preprocessed
+configuration folder (--config.data.path=$nnUNet_preprocessed/Dataset003_Liver/
+nnUNetPlans_3d_fullres): its .npz, unpacked .npy or, with the blosc2 package, .b2nd cases,
+read back to HU and already at the plans' spacing (data/nnunet_preprocessed.py). At the end the
+best checkpoint is written as <workdir>/nnunet_pretrained.pth; any other checkpoint with
 `python -m genesis_jax.weights.nnunet_cli export --workdir W --out FILE.pth [--which latest]`.
 
 CPU-scale defaults: phantom CT and configs/nnunet_plans_phantom.json, a small PlainConvUNet plans

@@ -27,7 +27,7 @@ import numpy as np
 
 from genesis_jax import errors
 from genesis_jax.data import manifest as manifest_lib
-from genesis_jax.data import sampling
+from genesis_jax.data import nnunet_preprocessed, sampling
 from genesis_jax.data import store
 
 
@@ -55,7 +55,10 @@ def process_scan(path: pathlib.Path, scan_id: str, settings: sampling.CubeSettin
   from genesis_jax.data import preprocess as preprocess_lib
   from genesis_jax.data import readers  # pylint: disable=import-outside-toplevel
 
-  volume = readers.load_volume(path)
+  if path.suffix in nnunet_preprocessed.SUFFIXES:  # Listed only from a preprocessed folder.
+    volume = nnunet_preprocessed.load_case(path)
+  else:
+    volume = readers.load_volume(path)
   readers.check_volume(volume)  # NaN/Inf or constant scans; size is checked after preprocessing.
   raw_shape, raw_spacing = volume.shape, volume.spacing
   volume = preprocess_lib.preprocess(volume, data_cfg)
@@ -156,10 +159,12 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
   val_fraction = float(sampling.config_field(data_cfg, "val_fraction", 0.2))
   src_folder = pathlib.Path(src_folder).absolute()
   out_dir = pathlib.Path(out_dir)
-  # Label maps of Decathlon/nnU-Net style folders (labelsTr/, labelsTs/) are not images.
-  scans = sorted(p for p in (pathlib.Path(p).absolute() for p in readers.find_scans(src_folder))
-                 if not any(part.lower().startswith("labels")
-                            for part in p.relative_to(src_folder).parts[:-1]))
+  if nnunet_preprocessed.plans_of(src_folder) is not None:  # nnU-Net preprocessed cases.
+    scans = nnunet_preprocessed.find_cases(src_folder)
+  else:  # Label maps of Decathlon/nnU-Net style folders (labelsTr/, labelsTs/) are not images.
+    scans = sorted(p for p in (pathlib.Path(p).absolute() for p in readers.find_scans(src_folder))
+                   if not any(part.lower().startswith("labels")
+                              for part in p.relative_to(src_folder).parts[:-1]))
   if not scans:
     raise PrepareError(f"{src_folder}: no scans found.")
   manifest_path = out_dir / manifest_lib.MANIFEST

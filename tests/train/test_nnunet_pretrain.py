@@ -31,7 +31,8 @@ def write_plans(path: pathlib.Path, patch, features=(4, 8, 16), kernels=None, st
   strides = strides or [[1] * dims] + [[2] * dims] * (n - 1)
   arch = {"n_stages": n, "features_per_stage": list(features),
           "conv_op": f"torch.nn.modules.conv.Conv{dims}d", "kernel_sizes": kernels,
-          "strides": strides, "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
+          "strides": strides, "n_conv_per_stage": [2] * n,
+          "n_conv_per_stage_decoder": [2] * (n - 1),
           "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dims}d",
           "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
           "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
@@ -75,7 +76,8 @@ def test_config_errors(tmp_path, tiny_plans):
   c.model.configuration = "3d_lowres"
   with pytest.raises(errors.ConfigError, match="'3d_lowres' does not exist.*3d_fullres"):
     validate.validate(c)
-  with pytest.raises(errors.ConfigError, match=r"data.crop=\(32, 32, 16\) conflicts.*\(16, 16, 8\)"):
+  with pytest.raises(errors.ConfigError,
+                     match=r"data.crop=\(32, 32, 16\) conflicts.*\(16, 16, 8\)"):
     validate.validate(nnunet_config(tiny_plans, crop=(32, 32, 16)))
   with pytest.raises(errors.ConfigError, match=r"data.spacing=\(1.0, 1.0, 1.0\) conflicts"):
     validate.validate(nnunet_config(tiny_plans, spacing=(1.0, 1.0, 1.0)))
@@ -155,6 +157,56 @@ def test_nnunet_raw_dataset_folder_is_a_folder_of_scans(tmp_path, tiny_plans):
   assert all(s["prepared_spacing"] == [1.0, 1.0, 2.0] for s in m["shards"])
   cubes = np.load(out / m["shards"][0]["file"])
   assert cubes.shape[1:4] == (16, 16, 8)
+
+
+def test_nnunet_preprocessed_folder_is_read_back_to_hu(tmp_path):
+  """nnUNet_preprocessed/<dataset>/nnUNetPlans_3d_fullres/<case>.npz (and unpacked .npy): channel
+  0, plans' (z, y, x) -> our (x, y, z), spacing from the plans, CTNormalization undone to HU; the
+  _seg files are skipped."""
+  from genesis_jax.data import nnunet_preprocessed
+  root = tmp_path / "Dataset999_Tiny"
+  root.mkdir()
+  plans_path = write_plans(root / "nnUNetPlans.json", [8, 16, 16], spacing=[2.5, 0.5, 0.75])
+  plans = json.loads(plans_path.read_text())
+  cfg = plans["configurations"]["3d_fullres"]
+  cfg["data_identifier"] = "nnUNetPlans_3d_fullres"
+  cfg["normalization_schemes"] = ["CTNormalization"]
+  plans["foreground_intensity_properties_per_channel"] = {"0": {"mean": 40.0, "std": 200.0}}
+  plans_path.write_text(json.dumps(plans))
+  folder = root / "nnUNetPlans_3d_fullres"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  hu = {c: rng.uniform(-1000, 1000, (36, 30, 20)).astype(np.float32) for c in ("a", "b")}
+  zyx = lambda v: ((v - 40.0) / 200.0).transpose(2, 1, 0)[None]  # (C, z, y, x), z-scored
+  np.savez(folder / "a.npz", data=zyx(hu["a"]), seg=np.zeros((1, 20, 30, 36), np.int8))
+  np.save(folder / "b.npy", zyx(hu["b"]))
+  np.save(folder / "b_seg.npy", np.zeros((1, 20, 30, 36), np.int8))
+  assert [p.name for p in nnunet_preprocessed.find_cases(folder)] == ["a.npz", "b.npy"]
+  vol = nnunet_preprocessed.load_case(folder / "a.npz")
+  np.testing.assert_allclose(vol.data, hu["a"], atol=1e-3)
+  assert vol.spacing == (0.75, 0.5, 2.5)
+  c = nnunet_config(plans_path, source="folder", path=str(folder), cubes_per_scan=2)
+  validate.validate(c)
+  out = prepare.ensure_dataset(validate.resolve_nnunet(c).data, tmp_path / "work", seed=0)
+  m = manifest.load_manifest(out)
+  assert sorted(pathlib.Path(s["source"]).name for s in m["shards"]) == ["a.npz", "b.npy"]
+  assert np.load(out / m["shards"][0]["file"]).shape[1:4] == (16, 16, 8)
+  assert nnunet_preprocessed.plans_of(root) is None  # A dataset folder is not a case folder.
+
+
+def test_nnunet_preprocessed_b2nd(tmp_path):
+  """nnU-Net 2.5+ writes <case>.b2nd (blosc2, an optional dependency: skipped without it)."""
+  blosc2 = pytest.importorskip("blosc2")
+  from genesis_jax.data import nnunet_preprocessed
+  plans_path = write_plans(tmp_path / "nnUNetPlans.json", [8, 16, 16])
+  plans = json.loads(plans_path.read_text())
+  plans["configurations"]["3d_fullres"]["data_identifier"] = "nnUNetPlans_3d_fullres"
+  plans_path.write_text(json.dumps(plans))
+  (tmp_path / "nnUNetPlans_3d_fullres").mkdir()
+  data = np.random.default_rng(0).normal(size=(1, 10, 12, 14)).astype(np.float32)
+  blosc2.asarray(data, urlpath=str(tmp_path / "nnUNetPlans_3d_fullres" / "c.b2nd"), mode="w")
+  vol = nnunet_preprocessed.load_case(tmp_path / "nnUNetPlans_3d_fullres" / "c.b2nd")
+  np.testing.assert_array_equal(vol.data, data[0].transpose(2, 1, 0))  # No CTNormalization.
 
 
 def test_local_shuffle_on_long_axes():
