@@ -23,6 +23,7 @@ import optax
 
 from genesis_jax import errors
 from genesis_jax.config import schema
+from genesis_jax.data import store
 from genesis_jax.data import tasks as task_data
 from genesis_jax.eval import metrics as metrics_lib
 from genesis_jax.train import loop, optim, sharding
@@ -242,7 +243,8 @@ def _initial_variables(config, model, sample_shape, workdir):
       adapt_input_channels=ft.adapt_input_channels)
   loop.log(report.summary())
   if jax.process_index() == 0:
-    (workdir / "transfer_report.json").write_text(json.dumps(report.to_json(), indent=1))
+    store.write_bytes(workdir / "transfer_report.json",
+                      json.dumps(report.to_json(), indent=1).encode())
   return merged, report
 
 
@@ -309,7 +311,7 @@ def _test(config, workdir, model, data, mesh, eval_step, per_process) -> dict:
   else:
     result.update(_segment_volumes(config, workdir, model, variables, data["test_volumes"]))
   if jax.process_index() == 0:
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2, default=float))
+    store.write_bytes(workdir / "eval.json", json.dumps(result, indent=2, default=float).encode())
   loop.log("test: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
   return result
 

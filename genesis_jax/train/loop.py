@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from genesis_jax import errors
+from genesis_jax.data import store
 from genesis_jax.train import checkpoints as ckpt_lib
 from genesis_jax.train import metric_writers, optim, preemption, sharding
 from genesis_jax.train import step as step_lib
@@ -297,7 +298,8 @@ def finish(run: Run, summary: dict) -> dict:
   returns `summary`."""
   try:
     if jax.process_index() == 0:
-      (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+      store.write_bytes(run.workdir / "summary.json",
+                        json.dumps(summary, indent=2, default=str).encode())
   finally:
     if run.lock is not None:
       run.lock.release()
