@@ -111,6 +111,11 @@ def last_name(dotted: Any) -> str | None:
 def read_json(path: str) -> dict:
   if not os.path.exists(path):
     raise errors.MissingPathError(f"nnU-Net plans file {path} does not exist (model.plans).")
+  if os.path.isdir(path):
+    raise errors.ConfigError(
+        f"{path} is a folder; model.plans takes the plans file itself, e.g. "
+        f"{os.path.join(path, 'nnUNetPlans.json')} (found there: "
+        f"{sorted(n for n in os.listdir(path) if 'plans' in n.lower() and n.endswith('.json'))}).")
   if path.endswith(".pkl"):
     raise errors.ConfigError(
         f"{path} is a pickle: nnU-Net v1 plans (nnUNetPlansv2.1_plans_3D.pkl). Only nnU-Net v2 "

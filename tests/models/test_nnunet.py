@@ -129,6 +129,8 @@ def test_unsupported_networks_are_named(tmp_path, edit, match):
 def test_other_versions_and_missing_configurations(tmp_path):
   with pytest.raises(errors.MissingPathError, match="does not exist"):
     nnunet_plans.load_plans(tmp_path / "nope.json", "3d_fullres")
+  with pytest.raises(errors.ConfigError, match=r"folder.*plain_plans.json.*resenc_plans.json"):
+    nnunet_plans.load_plans(FIXTURES, "3d_fullres")
   v1 = write_plans(tmp_path, {"plans_per_stage": {"0": {}}, "num_stages": 1}, "v1.json")
   with pytest.raises(errors.ConfigError, match="nnU-Net v1"):
     nnunet_plans.load_plans(v1, "3d_fullres")
