@@ -181,6 +181,13 @@ def _check_model_and_data(config, family: str) -> None:
       raise errors.ConfigError("config.data.scales is empty; give at least one factor, e.g. "
                                "(1.0,).")
     schema.transform_set(config.corruption.transforms)
+    lung_rules = [k for k, on in (("data.lung_filter", d.lung_filter),
+                                  ("data.sampler='lung_centred'", d.sampler == "lung_centred"))
+                  if on]
+    if lung_rules and d.modality != "ct":
+      raise errors.ConfigError(f"config.{lung_rules[0]} reads Hounsfield units and needs "
+                               f"config.data.modality='ct', got {d.modality!r}; turn it off for "
+                               f"MRI.")
     if d.source == "images2d":
       _check_images2d(d, crop)
   if family == FT:

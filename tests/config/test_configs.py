@@ -80,6 +80,16 @@ def test_pretrain_variants(monkeypatch):
     loading.load_config_file("configs/experiment_phantom.py:faithful_budget")
 
 
+def test_lung_rules_need_ct():
+  from genesis_jax.config import schema
+  for key, value in (("lung_filter", True), ("sampler", "lung_centred")):
+    c = schema.pretrain_config()
+    c.data.modality = "mri"
+    c.data[key] = value
+    with pytest.raises(ValueError, match=rf"config.data.{key}.* needs config.data.modality='ct'"):
+      validate.validate(c)
+
+
 def test_conv_impl_values(monkeypatch):
   monkeypatch.chdir(REPO)
   config = loading.load_config_file("configs/pretrain_phantom.py")
