@@ -5,10 +5,10 @@
       --config.finetune.init=runs/pretrain_xray2d
 
 The ChestX-ray8-style task on phantom radiographs (genesis_jax/data/phantoms/drr.py): PA and
-lateral DRRs of 40 phantom subjects (phantom_seed 1, as the 3D target tasks; a quarter drawn
+lateral DRRs of 120 phantom subjects (phantom_seed 1, as the 3D target tasks; a quarter drawn
 without nodules), labels from each phantom's own nodules: Nodule, Multiple_Nodules, Large_Nodule,
-Small_Nodule, Right_Nodule, Left_Nodule ("No Finding" = none). Split by subject: 24 train, 6
-validation, 10 test. Images letterboxed to 64 x 64; a 2D Genesis encoder (width 8) + GAP ->
+Small_Nodule, Right_Nodule, Left_Nodule ("No Finding" = none). Split by subject: 64 train, 16
+validation, 40 test. Images letterboxed to 64 x 64; a 2D Genesis encoder (width 8) + GAP ->
 Dense 1024 -> ReLU -> Dense 6, a sigmoid + BCE per finding; Adam 1e-3, early stop on mean AUC.
 
 Use a folder of your radiographs instead with --config.data.source=folder
@@ -29,9 +29,9 @@ def get_config(variant: str = ""):
   c.data.phantom_seed = 1
   c.data.phantom_shape = (128, 128, 96)
   c.data.crop = (64, 64)
-  c.data.train_cases = 24
-  c.data.val_cases = 6
-  c.data.test_cases = 10
+  c.data.train_cases = 64
+  c.data.val_cases = 16
+  c.data.test_cases = 40
   c.train.batch_size = 16
   c.train.monitor = "auc"
   c.num_steps = 300

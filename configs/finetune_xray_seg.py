@@ -4,9 +4,9 @@
   python -m genesis_jax.main --config configs/finetune_xray_seg.py --workdir runs/xray_seg_genesis \
       --config.finetune.init=runs/pretrain_xray2d
 
-PA and lateral DRRs of 40 phantom subjects (phantom_seed 1) with their 2D nodule masks (a pixel is
+PA and lateral DRRs of 120 phantom subjects (phantom_seed 1) with their 2D nodule masks (a pixel is
 nodule when its ray crosses a nodule voxel), in the MSD / nnU-Net 2D layout (imagesTr/<case>_0000
-.png, labelsTr/<case>.png). Split by subject: 24 train, 6 validation, 10 test; images letterboxed
+.png, labelsTr/<case>.png). Split by subject: 64 train, 16 validation, 40 test; images letterboxed
 to 64 x 64; the 2D Genesis U-Net (width 8), sigmoid + soft Dice, Adam 1e-3, early stop on
 validation loss; test Dice and IoU per image.
 
@@ -26,9 +26,9 @@ def get_config(variant: str = ""):
   c.data.phantom_seed = 1
   c.data.phantom_shape = (128, 128, 96)
   c.data.crop = (64, 64)
-  c.data.train_cases = 24
-  c.data.val_cases = 6
-  c.data.test_cases = 10
+  c.data.train_cases = 64
+  c.data.val_cases = 16
+  c.data.test_cases = 40
   c.train.batch_size = 16
   c.num_steps = 300
   c.eval_every = 25
