@@ -115,7 +115,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "model": {
         "kind": declare("genesis", "Network: genesis (the Models Genesis U-Net of the keys below) or "
                    "nnunet (the network an nnU-Net v2 plans file describes: model.plans, "
-                   "model.configuration; data.crop and data.spacing then come from the plans).",
+                   "model.configuration; data.crop and data.spacing then come from the plans, "
+                   "and corruption.local_blocks, left at its default, scales with the patch).",
                    choices=("genesis", "nnunet"), families=_P),
         "plans": declare("", "kind=nnunet: path to nnUNetPlans.json (nnU-Net v2).", families=_P),
         "configuration": declare("3d_fullres", "kind=nnunet: the plans' configuration to build "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
+import math
 import os
 from typing import Any, Mapping
 
@@ -237,13 +238,14 @@ GENESIS_ONLY = ("model.variant", "model.width", "model.depth", "model.bn", "mode
 
 def nnunet_values(config) -> dict[str, Any]:
   """{dotted key: value} that model.kind='nnunet' takes from the plans: data.crop (the patch
-  size), model.spatial_dims and, for 3D configurations, data.spacing; all in (x, y, z) order.
+  size), model.spatial_dims and, for 3D configurations, data.spacing (all in (x, y, z) order)
+  and, when left at its default, corruption.local_blocks scaled to the patch (local_blocks_for).
   Raises ConfigError (MissingPathError) for a missing, unreadable or unsupported plans file."""
   m = config.model
   if not m.plans:
     raise errors.ConfigError("config.model.kind='nnunet' needs config.model.plans: the path to "
                              "an nnU-Net v2 nnUNetPlans.json (in nnUNet_preprocessed/<dataset>/).")
-  if not os.path.isfile(m.plans):
+  if not os.path.exists(m.plans):  # A folder: load_plans names the plans files in it.
     raise errors.MissingPathError(f"config.model.plans={m.plans!r} does not exist; give the path "
                                   f"to nnUNetPlans.json.")
   from genesis_jax.config import nnunet_plans  # pylint: disable=import-outside-toplevel
@@ -252,7 +254,30 @@ def nnunet_values(config) -> dict[str, Any]:
          "model.spatial_dims": int(plan.spatial_dims)}
   if len(plan.spacing) == 3:  # 2D plans give the in-plane spacing only: no resampling then.
     out["data.spacing"] = tuple(float(s) for s in plan.spacing)
+    corruption = config.get("corruption")  # Pre-training only.
+    if corruption is not None and corruption.local_blocks == schema.default(
+        "corruption.local_blocks"):
+      out["corruption.local_blocks"] = local_blocks_for(out["data.crop"])
   return out
+
+
+def local_blocks_for(crop, blocks: int | None = None, reference=(64, 64, 32)) -> int:
+  """The local-shuffle block count that covers a `crop` cube as often as `blocks` (default
+  corruption.local_blocks, the original's 10,000) cover the original's 64 x 64 x 32 cube.
+
+  Block sizes scale with the axes (uniform in 1 .. s//10, docs/method.md "Sizes for other crop
+  shapes") but the count does not, so a fixed count shuffles less of a larger patch (about 70%
+  of the voxels of a 128^3 patch against 78% of 64 x 64 x 32). Expected cover = count x mean
+  block volume / cube volume, the mean block size per axis being (max(1, s//10) + 1) / 2."""
+  blocks = schema.default("corruption.local_blocks") if blocks is None else blocks
+  def mean_block(c):
+    out = 1.0
+    for s in c:
+      out *= (max(1, int(s) // 10) + 1) / 2
+    return out
+  volume = lambda c: float(math.prod(int(s) for s in c))
+  cover = blocks * mean_block(reference) / volume(reference)
+  return max(1, round(cover * volume(crop) / mean_block(crop)))
 
 
 def _check_nnunet(config) -> None:

@@ -100,6 +100,12 @@ def test_plans_set_patch_spacing_and_dims(tmp_path):
   r = validate.resolve_nnunet(c)
   assert tuple(r.data.crop) == (16, 32, 8) and tuple(r.data.spacing) == (0.7, 0.5, 3.0)
   assert tuple(c.data.crop) == schema.default("data.crop")  # The given config is left as it was.
+  # The block count keeps the original's cover of 64 x 64 x 32 (block sizes scale per axis).
+  assert validate.local_blocks_for((64, 64, 32)) == 10_000
+  assert r.corruption.local_blocks == validate.local_blocks_for((16, 32, 8)) < 10_000
+  assert validate.local_blocks_for((128, 128, 128)) > 10_000
+  c.corruption.local_blocks = 500  # Set by the user: kept.
+  assert validate.resolve_nnunet(c).corruption.local_blocks == 500
   plans2d = write_plans(tmp_path / "p2.json", [32, 16], features=(4, 8), spacing=[0.5, 0.7],
                         configuration="2d")
   c = nnunet_config(plans2d)
@@ -108,6 +114,7 @@ def test_plans_set_patch_spacing_and_dims(tmp_path):
   r = validate.resolve_nnunet(c)
   assert tuple(r.data.crop) == (16, 32) and r.model.spatial_dims == 2
   assert tuple(r.data.spacing) == ()  # 2D plans give no slice spacing: no resampling.
+  assert r.corruption.local_blocks == schema.default("corruption.local_blocks")
   g = schema.pretrain_config()
   assert validate.resolve_nnunet(g) is g
 
@@ -232,6 +239,7 @@ def test_pretrain_export_reimport(tmp_path, tiny_dataset, tiny_plans):
   c.model.width = schema.default("model.width")
   c.model.kind = "nnunet"
   c.model.plans = str(tiny_plans)
+  c.corruption.transforms = "nonlinear"  # The cheapest to compile: this test is about the network.
   validate.validate(c)
   work = tmp_path / "run"
   pretrain.train(c, work)
