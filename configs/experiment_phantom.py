@@ -138,6 +138,8 @@ def get_config(variant: str = ""):
       faithful_budget(c)
     if variant == "faithful_gpu":
       faithful_gpu(c)
+  elif variant == "nnunet":
+    nnunet_setup(c)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = NCC
@@ -146,7 +148,7 @@ def get_config(variant: str = ""):
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
                              f"(known: diagnose, budget, levels, ncs_dice, long, faithful, "
-                             f"faithful_budget, faithful_gpu).")
+                             f"faithful_budget, faithful_gpu, nnunet).")
   return c
 
 
@@ -201,3 +203,39 @@ def faithful_gpu(c) -> None:
                                           "checkpoint_every": 500,
                                           "train.decay_every": 40 * 500})
   c.experiment.tasks.finetune_ncs.overrides = nest({"train.early_stop_patience": 10})
+
+
+def nnunet_setup(c) -> None:
+  """`:nnunet` (issue 20; a new workdir): Scratch vs Genesis with the network of an nnU-Net plans
+  file, on the phantom NCS task, fine-tuned with genesis_jax.
+
+    python -m genesis_jax.main --config configs/experiment_phantom.py:nnunet \\
+        --workdir runs/experiment_nnunet   # table in <workdir>/results_nnunet.{md,json,png}
+
+  Both arms fine-tune model.kind='nnunet' with configs/nnunet_plans_phantom.json (PlainConvUNet,
+  4 stages, 8/16/32/64 features, anisotropic first stage, patch 32 x 32 x 16, spacing
+  0.85 x 0.85 x 1.75 mm); the genesis arm starts from configs/pretrain_nnunet.py's pre-training
+  of that network (Genesis corruptions, 1-channel restoration head) in <workdir>/pretrain, with
+  every layer but the segmentation outputs loaded. The plans decide the crop and spacing, set
+  here explicitly so that a finished trial's saved config matches on a rerun. NCS as the main
+  experiment: 100 steps, 4 test subjects, selection on validation loss; 5 trials per arm."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from genesis_jax.config import nnunet_plans  # pylint: disable=import-outside-toplevel
+  plans = str(pathlib.Path(__file__).resolve().parent / "nnunet_plans_phantom.json")
+  plan = nnunet_plans.load_plans(plans, "3d_fullres")
+  c.experiment.report = "results_nnunet"
+  c.experiment.tasks = NCS_CPU
+  c.experiment.pretrain_config = "configs/pretrain_nnunet.py"
+  # The pre-training at the main experiment's scale of data (24 subjects), batch 4, 600 steps.
+  c.experiment.pretrain_overrides = nest({
+      "model.plans": plans, "data.phantom_subjects": 24, "data.cubes_per_scan": 32,
+      "data.val_fraction": 0.15, "train.batch_size": 4, "num_steps": 600, "eval_every": 200,
+      "checkpoint_every": 200, "log_every": 25})
+  # model.width back at its default: the phantom tasks' width 8 is the Genesis U-Net's.
+  c.experiment.overrides = nest({
+      "model.kind": "nnunet", "model.plans": plans, "model.configuration": "3d_fullres",
+      "model.width": defaults.default("model.width", defaults.FT),
+      "data.crop": tuple(plan.patch_size), "data.spacing": tuple(plan.spacing)})
+  c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain")}
+  c.experiment.compare = (("genesis", "scratch"),)
+  c.experiment.trials = 5

@@ -53,11 +53,15 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   if jax.process_count() > 1:
     raise PredictError("mode=predict runs in one process; start it without the multi-host "
                        "launcher.")
-  run_cfg = run_config(workdir)
+  if p.checkpoint:  # An nnU-Net checkpoint_final.pth with its plans, no run of ours.
+    run_cfg, apply = nnunet_checkpoint_predictor(config)
+  else:
+    run_cfg = run_config(workdir)
   kind, n_class = str(run_cfg.task.kind), int(run_cfg.task.n_class)
   out_dir = pathlib.Path(p.output) if p.output else workdir / "predict"
   inputs = by_scan_id(find_inputs(str(p.input)))  # Before loading or writing anything.
-  apply = _apply_fn(run_cfg, workdir, str(p.which))
+  if not p.checkpoint:
+    apply = _apply_fn(run_cfg, workdir, str(p.which))
   out_dir.mkdir(parents=True, exist_ok=True)
   result: dict[str, Any] = {"written": [], "kept": [], "failed": []}
   try:
@@ -71,7 +75,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
                     stopped=f"{type(e).__name__}: {e}")
       store.write_bytes(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
     raise
-  result.update(workdir=str(workdir), checkpoint=str(p.which), kind=kind)
+  result.update(workdir=str(workdir), checkpoint=str(p.checkpoint or p.which), kind=kind)
   store.write_bytes(out_dir / "predictions.json", json.dumps(result, indent=2).encode())
   print(f"predict: wrote {out_dir / 'predictions.json'}", flush=True)
   return result
@@ -92,17 +96,58 @@ def run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 
 def _apply_fn(run_cfg, workdir: pathlib.Path, which: str) -> Callable:
   """batch (B, *window, C) -> probabilities (B, *window, K) or (B, K), with the run's weights."""
-  from genesis_jax.models import heads
   from genesis_jax.train import finetune
   from genesis_jax.weights import transfer
   n_class = int(run_cfg.task.n_class)
-  model = heads.build_model(run_cfg.model, task=str(run_cfg.task.kind), n_class=n_class,
-                            feature_level=int(run_cfg.task.get("feature_level", -1)))
+  model = finetune.build_task_model(run_cfg.model, str(run_cfg.task.kind), n_class,
+                                    int(run_cfg.task.get("feature_level", -1)))
   variables, _ = transfer.load_pretrained(str(workdir), which=which)
   # The variables are an argument, not a closure constant, which jit would bake into the program.
   apply_jit = jax.jit(lambda v, x: finetune.probabilities(model.apply(v, x, train=False), n_class))
   return functools.partial(apply_jit, {"params": variables["params"],
                                        "batch_stats": variables.get("batch_stats", {})})
+
+
+def nnunet_checkpoint_predictor(config) -> tuple[ml_collections.ConfigDict, Callable]:
+  """(run config, apply) for `predict.checkpoint`, an nnU-Net checkpoint_final.pth of the network
+  of `model.plans` [`model.configuration`]: task.n_class is the checkpoint's class count
+  (softmax; the output is nnU-Net's label map), scans are resampled to the plans' spacing (set by
+  resolve_nnunet) and windows are the plans' patch size. Intensities: nnU-Net's CTNormalization
+  (clip to the plans' foreground 0.5 / 99.5 percentiles, subtract the mean, divide by the std),
+  reproduced exactly as data.hu_window = those percentiles followed by the affine map from [0, 1]
+  inside `apply`; other schemes are refused."""
+  from genesis_jax.config import nnunet_plans
+  from genesis_jax.train import finetune
+  from genesis_jax.weights import transfer
+  m = config.model
+  plan = nnunet_plans.load_plans(m.plans, m.configuration)
+  path = str(config.predict.checkpoint)
+  if not os.path.isfile(path):
+    raise errors.MissingPathError(f"config.predict.checkpoint={path!r} does not exist; give "
+                                  f"nnU-Net's fold_<k>/checkpoint_final.pth.")
+  schemes = tuple(plan.normalization_schemes)
+  if schemes != ("CTNormalization",) or plan.n_input_channels != 1:
+    raise PredictError(f"{m.plans} [{m.configuration}]: input normalisation {list(schemes)}; "
+                       f"predict with an nnU-Net checkpoint reproduces a single-channel "
+                       f"CTNormalization only.")
+  props = plan.plans.get("foreground_intensity_properties_per_channel", {}).get("0")
+  if not props:
+    raise PredictError(f"{m.plans}: no foreground_intensity_properties_per_channel['0'], which "
+                       f"CTNormalization needs.")
+  lo, hi = float(props["percentile_00_5"]), float(props["percentile_99_5"])
+  mean, std = float(props["mean"]), max(float(props["std"]), 1e-8)
+  loaded, info = transfer.load_nnunet_checkpoint(path, plan)
+  run_cfg = ml_collections.ConfigDict(config.to_dict())
+  run_cfg.task.kind, run_cfg.task.n_class = "segment", int(info["classes"])
+  run_cfg.data.modality, run_cfg.data.hu_window = "ct", (lo, hi)
+  model = finetune.build_task_model(run_cfg.model, "segment", int(info["classes"]))
+  n_class = int(info["classes"])
+  scale, shift = (hi - lo) / std, (lo - mean) / std  # [0, 1] of the window -> nnU-Net's z.
+  apply_jit = jax.jit(lambda v, x: finetune.probabilities(
+      model.apply(v, x * scale + shift, train=False), n_class))
+  print(f"predict: {path} ({n_class} classes) on {plan.network} of {m.plans} "
+        f"[{m.configuration}]", flush=True)
+  return run_cfg, functools.partial(apply_jit, {"params": loaded["params"]})
 
 
 def find_inputs(spec: str) -> list[pathlib.Path]:

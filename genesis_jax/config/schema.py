@@ -117,10 +117,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
                    "nnunet (the network an nnU-Net v2 plans file describes: model.plans, "
                    "model.configuration; data.crop and data.spacing then come from the plans, "
                    "and corruption.local_blocks, left at its default, scales with the patch).",
-                   choices=("genesis", "nnunet"), families=_P),
-        "plans": declare("", "kind=nnunet: path to nnUNetPlans.json (nnU-Net v2).", families=_P),
+                   choices=("genesis", "nnunet"), families=(PRE, FT)),
+        "plans": declare("", "kind=nnunet: path to nnUNetPlans.json (nnU-Net v2).",
+                    families=(PRE, FT)),
         "configuration": declare("3d_fullres", "kind=nnunet: the plans' configuration to build "
-                            "(3d_fullres, 2d, 3d_lowres, ...).", families=_P),
+                            "(3d_fullres, 2d, 3d_lowres, ...).", families=(PRE, FT)),
         "variant": declare("pytorch", "U-Net flavour: pytorch (transposed-conv UNet3D) or keras "
                       "(nearest upsampling).", choices=("pytorch", "keras")),
         "width": declare(32, "Channels of the first conv; doubled per level (32, 64, ...).",
@@ -334,6 +335,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
                         families=_F),
         "on_error": declare("raise", "An unreadable scan: raise, or skip (listed in the json).",
                        choices=("raise", "skip"), families=_F),
+        "checkpoint": declare("", "segment: an nnU-Net checkpoint (checkpoint_final.pth) to "
+                         "predict with instead of the workdir's run; needs model.kind='nnunet' "
+                         "and the model.plans / model.configuration it was trained with.",
+                         families=_F),
     },
     "probe": {
         "pretrain_dir": declare("", "mode=probe: the pre-training workdir to analyse (its "

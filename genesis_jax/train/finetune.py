@@ -23,6 +23,7 @@ import optax
 
 from genesis_jax import errors
 from genesis_jax.config import schema
+from genesis_jax.config.validate import resolve_nnunet
 from genesis_jax.data import store
 from genesis_jax.data import tasks as task_data
 from genesis_jax.eval import metrics as metrics_lib
@@ -233,11 +234,16 @@ def _initial_variables(config, model, sample_shape, workdir):
   ft = config.finetune
   if not ft.init:
     return init_vars, None
-  loaded, _ = transfer.load_pretrained(ft.init, which=ft.which,
-                                       step=None if ft.step < 0 else int(ft.step))
   dont_load = list(ft.dont_load)
-  if config.task.kind == "segment" and not ft.keep_head:
-    dont_load.append("*/out/*")
+  if is_nnunet(config.model):
+    loaded, keep_seg = _nnunet_pretrained(config)
+    if not keep_seg:
+      dont_load.append(transfer.SEG_PATTERN)
+  else:
+    loaded, _ = transfer.load_pretrained(ft.init, which=ft.which,
+                                         step=None if ft.step < 0 else int(ft.step))
+    if config.task.kind == "segment" and not ft.keep_head:
+      dont_load.append("*/out/*")
   merged, report = transfer.merge_params(
       init_vars, loaded, source=str(ft.init), dont_load=dont_load,
       adapt_input_channels=ft.adapt_input_channels)
@@ -248,17 +254,74 @@ def _initial_variables(config, model, sample_shape, workdir):
   return merged, report
 
 
+def is_nnunet(model_cfg) -> bool:
+  """Whether `config.model` is the network of an nnU-Net plans file (model.kind='nnunet')."""
+  return model_cfg.get("kind", "genesis") == "nnunet"
+
+
+def build_task_model(model_cfg, kind: str, n_class: int, feature_level: int = -1):
+  """The fine-tuning network of `config.model` for task `kind`: the Genesis U-Net's
+  (models/heads.py), or for model.kind='nnunet' the plans' network with `n_class` outputs on its
+  full-resolution decoder stage, without deep supervision (segmentation only: nnU-Net plans
+  describe segmentation networks)."""
+  if not is_nnunet(model_cfg):
+    from genesis_jax.models import heads  # pylint: disable=import-outside-toplevel
+    return heads.build_model(model_cfg, task="classify" if kind in CLASSIFIERS else kind,
+                             n_class=n_class, feature_level=feature_level)
+  if kind != "segment":
+    raise errors.ConfigError(NNUNET_SEGMENT_ONLY.format(kind=kind))
+  from genesis_jax.config import nnunet_plans  # pylint: disable=import-outside-toplevel
+  from genesis_jax.models import nnunet  # pylint: disable=import-outside-toplevel
+  plan = nnunet_plans.load_plans(model_cfg.plans, model_cfg.configuration)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
+  return nnunet.build(plan, num_classes=n_class, deep_supervision=False, dtype=dtype,
+                      conv_impl=model_cfg.get("conv_impl", "auto"))
+
+
+NNUNET_SEGMENT_ONLY = (
+    "config.task.kind={kind!r} with config.model.kind='nnunet': an nnU-Net plans file describes a "
+    "segmentation network, so only task.kind='segment' fine-tunes it; classify with the Genesis "
+    "U-Net (model.kind='genesis').")
+
+
+def _nnunet_pretrained(config) -> tuple[dict, bool]:
+  """(variables, keep the seg layers) of finetune.init for the plans' network: an nnU-Net .pth
+  (its seg layers kept when their class count is task.n_class; a genesis_jax export's
+  restoration head never) or a model.kind='nnunet' pre-training workdir (seg layers, i.e. the
+  restoration head, re-initialised unless finetune.keep_head)."""
+  from genesis_jax.config import nnunet_plans  # pylint: disable=import-outside-toplevel
+  ft, m = config.finetune, config.model
+  plan = nnunet_plans.load_plans(m.plans, m.configuration)
+  path = pathlib.Path(ft.init)
+  if path.is_file():
+    loaded, info = transfer.load_nnunet_checkpoint(path, plan, int(config.task.n_class))
+    if not info["seg_loaded"]:
+      loop.log(f"{ft.init}: segmentation layers re-initialised ("
+               + ("a genesis_jax pre-training export" if info["genesis_export"] else
+                  f"{info['classes']} classes in the checkpoint, task.n_class="
+                  f"{config.task.n_class}") + ")")
+    return loaded, info["seg_loaded"]
+  loaded, model_cfg = transfer.load_pretrained(ft.init, which=ft.which,
+                                               step=None if ft.step < 0 else int(ft.step))
+  if model_cfg is not None and not is_nnunet(model_cfg):
+    raise transfer.TransferError(
+        f"config.finetune.init={ft.init!r} is a pre-training of the Genesis U-Net "
+        f"(model.kind={model_cfg.get('kind', 'genesis')!r}), not of an nnU-Net plans' network; "
+        f"give a model.kind='nnunet' pre-training or an nnU-Net .pth, or fine-tune with "
+        f"model.kind='genesis'.")
+  return loaded, bool(ft.keep_head)
+
+
 def _setup(config, workdir: pathlib.Path):
-  from genesis_jax.models import heads
   kind = config.task.kind
   if kind not in KINDS:
     raise errors.ConfigError(f"config.task.kind={kind!r}: expected one of {KINDS}.")
   data = task_data.load(config, workdir)
   sample_shape = data["train"][0].shape[1:]
-  loop.check_sample_rank(sample_shape, config.model.spatial_dims, config.model.depth)
-  model = heads.build_model(config.model, task="classify" if kind in CLASSIFIERS else kind,
-                            n_class=int(config.task.n_class),
-                            feature_level=int(config.task.feature_level))
+  loop.check_sample_rank(sample_shape, config.model.spatial_dims,
+                         0 if is_nnunet(config.model) else config.model.depth)
+  model = build_task_model(config.model, kind, int(config.task.n_class),
+                           int(config.task.feature_level))
   return data, sample_shape, model
 
 
@@ -267,6 +330,7 @@ def train(config, workdir) -> dict:
   summary (also summary.json), its test metrics under "test" (also eval.json)."""
   from genesis_jax.data import pipeline
   kind, n_class = config.task.kind, int(config.task.n_class)
+  config = resolve_nnunet(config)  # model.kind='nnunet': crop and spacing from the plans.
   run = loop.start_run(config, workdir, f"fine-tuning ({kind})")
   data, sample_shape, model = _setup(config, run.workdir)
   variables, report = _initial_variables(config, model, sample_shape, run.workdir)

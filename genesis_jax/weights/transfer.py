@@ -225,3 +225,53 @@ def _restore_run_checkpoint(ckdir: pathlib.Path, workdir: pathlib.Path, which: s
     model_cfg = json.loads(cfg_file.read_text()).get("model")
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   return variables, model_cfg
+
+
+# ------------------------------------------------------------- nnU-Net networks (kind=nnunet)
+SEG_PATTERN = "params/decoder/seg_*"  # The segmentation outputs of an nnU-Net network.
+
+
+def load_nnunet_checkpoint(path: str | pathlib.Path, plan,
+                           n_class: int | None = None) -> tuple[dict, dict]:
+  """Variables of the plans' network from an nnU-Net checkpoint (.pth: `checkpoint_final.pth`,
+  or a genesis_jax pre-training export), and what its segmentation layers are.
+
+  The seg layers are read when they are a segmentation head of `n_class` outputs (None: the
+  checkpoint's own count); otherwise, and for a genesis_jax export (whose seg layers are the
+  1-channel restoration head), they are left out for the caller to re-initialise. Returns
+  (variables, info): info["classes"] is the checkpoint's seg output count (None without seg
+  layers), info["seg_loaded"] whether they were read, info["genesis_export"] whether the file was
+  written by genesis_jax's pre-training. A checkpoint whose shapes do not fit the plans is a
+  CheckpointError naming the first key that differs.
+  """
+  from genesis_jax.weights import nnunet, torch_pickle  # pylint: disable=import-outside-toplevel
+  path = str(path)
+  try:
+    obj = torch_pickle.load(path)
+  except torch_pickle.TorchFileError as e:
+    raise errors.CheckpointError(str(e)) from e
+  meta = obj.get("genesis_jax") if isinstance(obj, dict) else None
+  sd = obj
+  for key in ("network_weights", "state_dict"):
+    if isinstance(sd, dict) and key in sd:
+      sd = sd[key]
+      break
+  if not isinstance(sd, dict) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+    raise errors.CheckpointError(f"{path}: no 'network_weights' state_dict in this checkpoint; "
+                                 f"give nnU-Net's checkpoint_final.pth (or a genesis_jax export).")
+  sd = nnunet.strip_prefixes(sd)
+  seg = sd.get(f"decoder.seg_layers.{int(plan.arch['n_stages']) - 2}.weight")
+  classes = None if seg is None else int(np.shape(seg)[0])
+  genesis_export = isinstance(meta, dict) and meta.get("writer") == "genesis_jax"
+  if n_class is None:
+    if classes is None or genesis_export:
+      what = ("a genesis_jax pre-training export has no segmentation head" if genesis_export
+              else "no decoder.seg_layers in the checkpoint")
+      raise errors.CheckpointError(f"{path}: {what}; give an nnU-Net checkpoint trained for "
+                                   f"segmentation (checkpoint_final.pth).")
+    n_class = classes
+  seg_loaded = classes == n_class and not genesis_export
+  params = nnunet.load_state_dict(sd, plan, n_class if seg_loaded else None, source=path,
+                                  seg_layers=seg_loaded)
+  return ({"params": params, "batch_stats": {}},
+          {"classes": classes, "seg_loaded": seg_loaded, "genesis_export": genesis_export})
