@@ -96,7 +96,7 @@ def run_jax(args) -> dict:
   from genesis_jax.models import nnunet
   plan, x, params = batch_and_weights(args)
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  model = nnunet.build(plan, num_classes=1, dtype=dtype)
+  model = nnunet.build(plan, num_classes=1, dtype=dtype, conv_impl=args.conv_impl)
   tx = optax.sgd(1e-2, momentum=0.99, nesterov=True)
 
   def step(params, opt_state, x):
@@ -187,7 +187,8 @@ def child_args(args, framework: str) -> list[str]:
   return [sys.executable, os.path.abspath(__file__), "--child", framework, "--plans", args.plans,
           "--configuration", args.configuration, "--batch", str(args.batch), "--steps",
           str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-          "--device", args.device, "--dtype", args.dtype, "--torch_format", args.torch_format] + (
+          "--device", args.device, "--dtype", args.dtype, "--torch_format", args.torch_format,
+          "--conv_impl", args.conv_impl] + (
               ["--torch_compile"] if args.torch_compile else [])
 
 
@@ -206,6 +207,8 @@ def main() -> None:
                   help="gpu: jax on its GPU backend, torch on cuda")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="compute dtype (torch: autocast); parameters stay float32")
+  ap.add_argument("--conv_impl", default="auto", help="genesis_jax's 3D convs (model.conv_impl: "
+                  "auto, native, unfold, ...)")
   ap.add_argument("--torch_format", default="contiguous", choices=("contiguous", "channels_last"))
   ap.add_argument("--torch_compile", action="store_true", help="torch.compile the network "
                   "(nnU-Net does on GPU)")
@@ -245,6 +248,7 @@ def main() -> None:
       "network": plan.network, "patch_size_xyz": list(plan.patch_size), "batch": args.batch,
       "threads": args.threads or os.cpu_count(), "device": args.device, "dtype": args.dtype,
       "torch_format": args.torch_format, "torch_compile": args.torch_compile,
+      "conv_impl": args.conv_impl,
       "jax_s_per_step": med["jax"], "torch_s_per_step": med["torch"],
       "jax_patches_per_s": args.batch / med["jax"],
       "torch_patches_per_s": args.batch / med["torch"],
@@ -255,7 +259,8 @@ def main() -> None:
   }
   print(f"{plan.network} {args.configuration} patch {tuple(plan.patch_size)} (x, y, z) batch "
         f"{args.batch} | {args.device} {args.dtype} | threads {summary['threads']}")
-  print(f"genesis_jax (jax {summary['versions']['jax']}): {med['jax']:.3f} s/step, "
+  print(f"genesis_jax (jax {summary['versions']['jax']}, conv_impl {args.conv_impl}): "
+        f"{med['jax']:.3f} s/step, "
         f"{summary['jax_patches_per_s']:.2f} patches/s")
   print(f"PyTorch ({summary['versions']['torch']}, {args.torch_format}"
         f"{', compiled' if args.torch_compile else ''}): {med['torch']:.3f} s/step, "

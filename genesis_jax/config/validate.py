@@ -230,10 +230,9 @@ def _check_images2d(d, crop: tuple) -> None:
                              "(lo, hi) with lo < hi.")
 
 
-# model.kind='nnunet': the Genesis U-Net's keys (left at their defaults), and the pre-training
-# additions that need the Genesis U-Net's skip connections (left off).
-GENESIS_ONLY = ("model.variant", "model.width", "model.depth", "model.bn", "model.init",
-                "pretrain.skip_drop_rate", "pretrain.bottleneck_loss_weight")
+# model.kind='nnunet': the Genesis U-Net's shape keys, left at their defaults (model.dtype and
+# model.conv_impl apply to the plans' network too, and so do the skip-mask pre-training options).
+GENESIS_ONLY = ("model.variant", "model.width", "model.depth", "model.bn", "model.init")
 
 
 def nnunet_values(config) -> dict[str, Any]:
@@ -345,17 +344,6 @@ def _check_task(config) -> None:
           f"config.task.feature_level={task.feature_level} applies to classification only "
           f"(task.kind={task.kind!r}); leave it at -1.")
     check_feature_level(task.feature_level, int(config.model.depth), "config.")
-  nnunet = config.model.get("kind", "genesis") == "nnunet"
-  if nnunet and task.kind != "segment":
-    raise errors.ConfigError(
-        f"config.task.kind={task.kind!r} with config.model.kind='nnunet': an nnU-Net plans file "
-        f"describes a segmentation network, so only task.kind='segment' fine-tunes it; classify "
-        f"with the Genesis U-Net (model.kind='genesis').")
-  if config.predict.checkpoint and not nnunet:
-    raise errors.ConfigError(
-        f"config.predict.checkpoint={config.predict.checkpoint!r} is an nnU-Net checkpoint: set "
-        f"config.model.kind='nnunet' and config.model.plans (with model.configuration) to the "
-        f"plans it was trained with.")
   if config.mode == "predict" and not config.predict.input:
     raise errors.ConfigError("mode=predict needs config.predict.input: a scan, a folder of "
                              "scans or a glob.")

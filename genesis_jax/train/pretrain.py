@@ -215,4 +215,5 @@ def build_restoration_model(model_cfg, sample_shape: tuple[int, ...]):
         f"{plan.n_input_channels} input channels; the exported network would not load into "
         f"nnU-Net. Pre-train for a single-channel (e.g. CT) plans file.")
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
-  return nnunet.build(plan, num_classes=sample_shape[-1], deep_supervision=False, dtype=dtype)
+  return nnunet.build(plan, num_classes=sample_shape[-1], deep_supervision=False, dtype=dtype,
+                      conv_impl=model_cfg.get("conv_impl", "auto"))
