@@ -344,6 +344,17 @@ def _check_task(config) -> None:
           f"config.task.feature_level={task.feature_level} applies to classification only "
           f"(task.kind={task.kind!r}); leave it at -1.")
     check_feature_level(task.feature_level, int(config.model.depth), "config.")
+  nnunet = config.model.get("kind", "genesis") == "nnunet"
+  if nnunet and task.kind != "segment":
+    raise errors.ConfigError(
+        f"config.task.kind={task.kind!r} with config.model.kind='nnunet': an nnU-Net plans file "
+        f"describes a segmentation network, so only task.kind='segment' fine-tunes it; classify "
+        f"with the Genesis U-Net (model.kind='genesis').")
+  if config.predict.checkpoint and not nnunet:
+    raise errors.ConfigError(
+        f"config.predict.checkpoint={config.predict.checkpoint!r} is an nnU-Net checkpoint: set "
+        f"config.model.kind='nnunet' and config.model.plans (with model.configuration) to the "
+        f"plans it was trained with.")
   if config.mode == "predict" and not config.predict.input:
     raise errors.ConfigError("mode=predict needs config.predict.input: a scan, a folder of "
                              "scans or a glob.")
