@@ -23,11 +23,11 @@ from genesis_jax.weights import torch_pickle, transfer
 
 from conftest import tiny_pretrain_config, tiny_task_config
 
-N_STAGES = 3
+N_STAGES = 2
 
 
-def write_plans(path: pathlib.Path, features=(4, 8, 16)) -> pathlib.Path:
-  """A tiny nnU-Net v2 plans file: PlainConvUNet, 3 stages, patch (x, y, z) 16 x 16 x 8 (plans
+def write_plans(path: pathlib.Path, features=(4, 8)) -> pathlib.Path:
+  """A tiny nnU-Net v2 plans file: PlainConvUNet, 2 stages, patch (x, y, z) 16 x 16 x 8 (plans
   order [8, 16, 16]), spacing 1 x 1 x 2 mm, CTNormalization."""
   n = len(features)
   arch = {"n_stages": n, "features_per_stage": list(features),
@@ -70,6 +70,7 @@ def task_config(plans, phantoms, init=""):
   c = tiny_task_config("segment", phantoms, init)
   c.model.kind, c.model.plans = "nnunet", str(plans)
   c.model.width = 32  # The Genesis U-Net's key at its default: the plans decide the network.
+  c.model.conv_impl = "native"  # XLA's conv: the shortest compile
   c.data.phantom_shape = (48, 48, 32)
   c.data.train_cases, c.data.val_cases, c.data.test_cases = 3, 2, 1
   c.data.cubes_per_case = 4
@@ -146,7 +147,7 @@ def test_pth_seg_layers_of_another_class_count_or_a_genesis_export_are_fresh(tmp
   assert not any(k.startswith("seg_") for k in loaded["params"]["decoder"])
   # Own class count (predict): the seg layers are read.
   loaded, info = transfer.load_nnunet_checkpoint(three, plan)
-  assert info["seg_loaded"] and loaded["params"]["decoder"]["seg_1"]["kernel"].shape[-1] == 3
+  assert info["seg_loaded"] and loaded["params"]["decoder"]["seg_0"]["kernel"].shape[-1] == 3
   # A genesis_jax pre-training export: its 1-channel restoration head never becomes the task's.
   export = tmp_path / "nnunet_pretrained.pth"
   nnunet_weights.write_nnunet_checkpoint(export, random_params(plan, 1), plan)
@@ -173,15 +174,17 @@ def test_finetune_from_nnunet_pretraining(tmp_path, tiny_dataset, plans, phantom
   assert all("/decoder/seg_" in p for p in report["fresh"])
 
 
-def test_pth_of_other_plans_is_an_error_naming_the_key(tmp_path, plans, phantoms):
-  other = nnunet_plans.load_plans(write_plans(tmp_path / "other.json", (4, 8, 32)), "3d_fullres")
+def test_pth_of_other_plans_is_an_error_naming_the_key(tmp_path, plans):
+  """What finetune.init=PATH.pth reads (transfer.load_nnunet_checkpoint) refuses a checkpoint of
+  other plans, naming the first key whose shape differs."""
+  other = nnunet_plans.load_plans(write_plans(tmp_path / "other.json", (4, 16)), "3d_fullres")
   pth = tmp_path / "other.pth"
   torch_pickle.save({"network_weights": nnunet_weights.export_state_dict(
       random_params(other, 1), other)}, str(pth))
-  config = task_config(plans, phantoms, pth)
-  with pytest.raises(errors.CheckpointError, match=r"encoder\.stages\.2\.0\.convs\.0\.conv\.weight "
-                     r"has shape \(32, 8, 3, 3, 3\)"):
-    finetune.train(config, tmp_path / "run")
+  plan = nnunet_plans.load_plans(plans, "3d_fullres")
+  with pytest.raises(errors.CheckpointError, match=r"encoder\.stages\.1\.0\.convs\.0\.conv\.weight "
+                     r"has shape \(16, 4, 3, 3, 3\)"):
+    transfer.load_nnunet_checkpoint(pth, plan, 1)
 
 
 def test_config_errors(plans, phantoms):
