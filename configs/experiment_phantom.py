@@ -140,6 +140,8 @@ def get_config(variant: str = ""):
       faithful_gpu(c)
   elif variant == "nnunet":
     nnunet_setup(c)
+  elif variant == "2d3d":
+    setup_2d3d(c)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = NCC
@@ -148,7 +150,7 @@ def get_config(variant: str = ""):
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
                              f"(known: diagnose, budget, levels, ncs_dice, long, faithful, "
-                             f"faithful_budget, faithful_gpu, nnunet).")
+                             f"faithful_budget, faithful_gpu, nnunet, 2d3d).")
   return c
 
 
@@ -238,4 +240,62 @@ def nnunet_setup(c) -> None:
       "data.crop": tuple(plan.patch_size), "data.spacing": tuple(plan.spacing)})
   c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain")}
   c.experiment.compare = (("genesis", "scratch"),)
+  c.experiment.trials = 5
+
+
+# `:2d3d`: weights for the arm "user_2d" (a 2D encoder you supply), or "" for no such arm. They
+# must be in this 2D U-Net's layout (model.spatial_dims=2, depth 3): a genesis_jax 2D
+# pre-training workdir, a converted dir (python -m genesis_jax.weights.convert) or a Models
+# Genesis-layout .pt/.h5 file; weights of another architecture (e.g. an ImageNet ResNet) do not
+# map onto it: loading them fails naming the parameter paths that do not match. Weights of
+# another width need it in USER_2D_OVERRIDES, e.g. {"model.width": 32}.
+USER_2D_WEIGHTS = ""
+USER_2D_OVERRIDES: dict = {}
+# The 2D arms' input: axial slices with the 3D cube's in-plane size (data.crop (32, 32) of the
+# tasks' (32, 32, 16)); segmentation trains on the cases' axial slices and is tested slice by
+# slice over each whole test volume; classification sees each candidate's central axial slice.
+TWO_D = {"model.spatial_dims": 2, "data.crop": (32, 32)}
+
+
+def setup_2d3d(c) -> None:
+  """`:2d3d` (issue 19; the main workdir, whose "scratch" and "genesis" trials and pre-training it
+  reuses): the paper's 3D-vs-2D comparison (poster Result 2) on the phantom NCC and NCS tasks.
+
+    python -m genesis_jax.main --config configs/experiment_phantom.py:2d3d \\
+        --workdir runs/experiment   # table and bar chart: <workdir>/results_2d3d{.md,.json,
+                                    # .png,_bars.png}
+
+  Arms: scratch_2d; genesis_ct_2d (2D Genesis on axial slices of the pre-training phantoms' CT:
+  configs/pretrain_phantom.py with model.spatial_dims=2, 64 x 64 crops, batch 16 and the 2D
+  local_blocks of configs/pretrain_xray2d.py, in <workdir>/pretrain_ct2d: the X-ray recipe, the
+  same 1,536 crops, on CT instead of radiographs); genesis_xray_2d
+  (configs/pretrain_xray2d.py: the phantoms' radiographs, in <workdir>/pretrain_xray2d);
+  scratch (Scratch 3D) and genesis (Genesis CT 3D: configs/pretrain_phantom.py), the main
+  experiment's arms; user_2d when USER_2D_WEIGHTS is set. The 2D arms apply a 2D model the way
+  the paper does: classification on the candidate's central axial slice (data.slices='axial';
+  'orthogonal' gives the three orthogonal central slices as 3 channels instead), segmentation
+  slice by slice along z, the predictions stacked into the volume's mask. Tests: each 2D arm
+  against scratch_2d, genesis against scratch (Welch and Mann-Whitney, two-sided); 5 trials.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  c.experiment.report = "results_2d3d"
+  c.experiment.tasks = {**NCC, **NCS_CPU}
+  c.experiment.pretrain_variants = {
+      "ct2d": nest({"model.spatial_dims": 2, "data.crop": (64, 64), "train.batch_size": 16,
+                    "corruption.local_blocks": 625}),
+      "xray2d": {"config": "configs/pretrain_xray2d.py", "overrides": {}}}
+  arms = {"scratch_2d": arm("", TWO_D), "genesis_ct_2d": arm("@pretrain:ct2d", TWO_D),
+          "genesis_xray_2d": arm("@pretrain:xray2d", TWO_D),
+          "scratch": arm(""), "genesis": arm("@pretrain")}
+  pairs = [("genesis_ct_2d", "scratch_2d"), ("genesis_xray_2d", "scratch_2d"),
+           ("genesis", "scratch")]
+  if USER_2D_WEIGHTS:
+    if not os.path.exists(USER_2D_WEIGHTS):
+      raise errors.ConfigError(f"configs/experiment_phantom.py: USER_2D_WEIGHTS="
+                               f"{USER_2D_WEIGHTS!r} does not exist; give 2D weights in this "
+                               f"U-Net's layout, or '' for no user_2d arm.")
+    arms["user_2d"] = arm(os.path.abspath(USER_2D_WEIGHTS), {**TWO_D, **USER_2D_OVERRIDES})
+    pairs.append(("user_2d", "scratch_2d"))
+  c.experiment.arms = arms
+  c.experiment.compare = tuple(pairs)
   c.experiment.trials = 5

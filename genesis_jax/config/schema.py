@@ -244,6 +244,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
                              families=_F),
         "fg_fraction": declare(0.75, "segment: share of training cubes centred on foreground.",
                           range=PROBABILITY, families=_F),
+        "slices": declare("axial", "A 2D model (2-entry crop) on 3D scans, classify: axial (the "
+                     "candidate's axial slice, 1 channel) or orthogonal (its axial, coronal and "
+                     "sagittal slices as 3 channels; a 1-channel init needs "
+                     "finetune.adapt_input_channels). Segmentation is always axial, slice by "
+                     "slice.", choices=("axial", "orthogonal"), families=_F),
     },
     "train": {
         "batch_size": declare(per(6, 16), "Per device; global batch = batch_size * device count.",
@@ -375,7 +380,9 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "pretrain_overrides": declare({}, "Overrides of the pre-training config, keyed like the "
                                  "config: {'num_steps': 1200}.", dict, families=_E),
         "pretrain_variants": declare({}, "Further pre-trainings: name -> overrides of the "
-                                "pre-training config (after pretrain_overrides); an arm with init "
+                                "pre-training config (after pretrain_overrides), or {config: "
+                                "another pre-training config file, overrides: {...}} (that file "
+                                "and its own overrides only); an arm with init "
                                 "'@pretrain:<name>' starts from the one run in "
                                 "<workdir>/pretrain_<name>.", dict, families=_E),
         "overrides": declare({}, "Overrides of every task config: {'num_steps': 200}.", dict,

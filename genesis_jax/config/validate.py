@@ -338,6 +338,14 @@ def _check_task(config) -> None:
     raise errors.ConfigError("config.task.kind='multilabel' reads 2D images with a labels CSV: "
                              "use config.data.source='phantom_xray' (built-in radiographs) or "
                              "'folder'.")
+  crop = tuple(config.data.crop)
+  if config.data.get("slices", "axial") == "orthogonal" and (
+      task.kind != "classify" or len(crop) != 2 or crop[0] != crop[1]
+      or config.data.source not in ("phantom", "folder")):
+    raise errors.ConfigError(f"config.data.slices='orthogonal' (3 central slices of a 3D "
+                             f"candidate) needs task.kind='classify' on 3D scans with a square "
+                             f"2-entry config.data.crop (model.spatial_dims=2), got kind "
+                             f"{task.kind!r}, crop {crop}, source {config.data.source!r}.")
   if task.feature_level != -1:
     if task.kind not in ("classify", "multilabel"):
       raise errors.ConfigError(
@@ -396,6 +404,13 @@ def _check_experiment(exp) -> None:
     if not hasattr(exp.pretrain_variants[name], "keys"):
       raise errors.ConfigError(f"config.experiment.pretrain_variants.{name} must be a dict of "
                                f"overrides keyed like the pre-training config.")
+    entry = exp.pretrain_variants[name]
+    if "config" in entry and (not isinstance(entry["config"], str) or not entry["config"]
+                              or set(entry.keys()) - {"config", "overrides"}
+                              or not hasattr(entry.get("overrides", {}), "keys")):
+      raise errors.ConfigError(f"config.experiment.pretrain_variants.{name}: a variant with its "
+                               f"own config file is {{'config': 'configs/<file>.py[:variant]', "
+                               f"'overrides': {{...}}}}, got {entry!r}.")
   arms = set(exp.arms.keys())
   for pair in exp.compare:
     if len(pair) != 2 or not set(pair) <= arms:

@@ -228,6 +228,88 @@ def draw_chart(summary: dict) -> Image.Image:
   return img
 
 
+# Significance marks of the bar chart: (p below, mark), the most significant first.
+MARKS = ((0.001, "***"), (0.01, "**"), (0.05, "*"))
+
+
+def significance_mark(p: float | None) -> str:
+  """'***', '**', '*' for p < .001, .01, .05; '' otherwise or when the test is undefined."""
+  if p is None:
+    return ""
+  return next((mark for level, mark in MARKS if p < level), "")
+
+
+def draw_bars(summary: dict, test: str = "welch") -> Image.Image:
+  """The poster's Result 2 style: one panel per task, a bar per arm at its mean, a whisker of
+  ± one std, and above it the significance mark of the arm's first comparison (`test`: welch or
+  mannwhitney p) against its baseline (experiment.compare, else the task's baseline arm). The
+  footer names each arm's baseline. The value axis starts below the lowest mean - std, not at 0,
+  so that differences of a few points stay visible; it is labelled at the left."""
+  tasks = list(summary["tasks"].items())
+  widths = [max(PANEL_W, MARGIN_L + 12 + 95 * len(entry["arms"])) for _, entry in tasks]
+  starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+  footer = 20 + 16 * len(tasks)
+  img = Image.new("RGB", (int(starts[-1]), PANEL_H + footer), "white")
+  d = ImageDraw.Draw(img)
+  font, small = visualize.font(14), visualize.font(11)
+  colour = {arm: COLOURS[i % len(COLOURS)] for i, arm in enumerate(summary["arms"])}
+  for p, (task, entry) in enumerate(tasks):
+    s = entry["scale"]
+    x0, x1 = int(starts[p]) + MARGIN_L, int(starts[p + 1]) - 12
+    y0, y1 = MARGIN_T + 16, PANEL_H - MARGIN_B
+    lo = min(a["mean"] - a["std"] for a in entry["arms"].values()) * s
+    hi = max(a["mean"] + a["std"] for a in entry["arms"].values()) * s
+    pad = (hi - lo) * 0.15 or max(abs(hi) * 0.05, 1e-3)
+    lo, hi = lo - pad, hi + pad * 0.5
+    to_y = lambda v: y1 - (v * s - lo) / (hi - lo) * (y1 - y0)
+    d.text(((x0 + x1) / 2, 8), f"{task} ({entry['metric']})", fill="black", font=font, anchor="mt")
+    d.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
+    for t in np.linspace(lo, hi, 6)[1:-1]:
+      y = y1 - (t - lo) / (hi - lo) * (y1 - y0)
+      d.line([(x0 - 4, y), (x0, y)], fill="black")
+      d.text((x0 - 6, y), f"{t:.4g}", fill="black", font=small, anchor="rm")
+    marks = {}
+    for c in entry["comparisons"]:
+      marks.setdefault(c["arm"], (significance_mark(c[f"{test}_p"]), c["vs"]))
+    arms = list(entry["arms"].items())
+    slot = (x1 - x0) / len(arms)
+    for i, (arm, st) in enumerate(arms):
+      cx = x0 + slot * (i + 0.5)
+      half = min(slot * 0.3, 30)
+      top = to_y(st["mean"])
+      d.rectangle([cx - half, top, cx + half, y1 - 1], fill=colour[arm])
+      ylo, yhi = to_y(st["mean"] - st["std"]), to_y(st["mean"] + st["std"])
+      d.line([(cx, ylo), (cx, yhi)], fill="black", width=2)
+      for yy in (ylo, yhi):
+        d.line([(cx - half / 3, yy), (cx + half / 3, yy)], fill="black", width=2)
+      mark = marks.get(arm, ("", ""))[0]
+      if mark:
+        d.text((cx, yhi - 4), mark, fill="black", font=font, anchor="mb")
+      d.text((cx, y1 + 6), arm, fill="black", font=small, anchor="mt")
+      d.text((cx, y1 + 22), f"{st['mean'] * s:.2f}±{st['std'] * s:.2f}", fill="black",
+             font=small, anchor="mt")
+  name = {"welch": "two-sided Welch's t-test", "mannwhitney": "two-sided Mann-Whitney U"}[test]
+  d.text((8, PANEL_H + 2), f"* p < .05, ** p < .01, *** p < .001 ({name}, n trials per arm); "
+         f"bars: mean, whiskers: ± 1 std", fill="black", font=small)
+  for p, (task, entry) in enumerate(tasks):
+    vs = ", ".join(f"{c['arm']} vs {c['vs']}" for c in entry["comparisons"]) or "none"
+    d.text((8, PANEL_H + 18 + 16 * p), f"{task}: {vs}", fill="black", font=small)
+  return img
+
+
+def write_bar_chart(summary: dict, out_dir: str | os.PathLike, name: str = "results",
+                    test: str = "welch") -> str:
+  """Writes `draw_bars` to <out_dir>/<name>_bars.png; returns its path."""
+  import io  # pylint: disable=import-outside-toplevel
+  from genesis_jax.data import store  # pylint: disable=import-outside-toplevel
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}_bars.png")
+  buf = io.BytesIO()
+  draw_bars(summary, test).save(buf, format="PNG")
+  store.write_bytes(path, buf.getvalue())  # Complete or absent.
+  return path
+
+
 def _json_safe(x):
   if isinstance(x, float) and not math.isfinite(x):
     return None

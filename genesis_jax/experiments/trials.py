@@ -40,11 +40,33 @@ def task_config(exp, task_file: str, task_overrides, arm_overrides):
   return config
 
 
+def own_config_file(entry) -> str | None:
+  """The config file a pre-training variant names ({'config': file, 'overrides': {...}}), or None
+  for a variant that is overrides of experiment.pretrain_config (the pre-training configs have
+  no top-level key 'config', so the two forms cannot be confused)."""
+  if hasattr(entry, "keys") and "config" in entry and set(entry.keys()) <= {"config", "overrides"}:
+    return str(entry["config"])
+  return None
+
+
+def pretrain_file(exp, variant: str = "") -> str:
+  """The config file of the experiment's pre-training or of one of its variants."""
+  own = own_config_file(exp.pretrain_variants[variant]) if variant else None
+  return own or str(exp.pretrain_config)
+
+
 def pretrain_config(exp, variant: str = ""):
-  """The pre-training config: the file, experiment.pretrain_overrides, then the variant's."""
+  """The pre-training config: the file, experiment.pretrain_overrides, then the variant's.
+
+  A variant naming its own config file ({'config': file, 'overrides': {...}}) is that file with
+  its own overrides only (experiment.pretrain_overrides are for experiment.pretrain_config)."""
+  entry = exp.pretrain_variants[variant] if variant else None
+  own = own_config_file(entry) if variant else None
+  if own is not None:
+    return apply_overrides(load_config_file(own), entry.get("overrides"))
   config = apply_overrides(load_config_file(exp.pretrain_config), exp.pretrain_overrides)
   if variant:
-    apply_overrides(config, exp.pretrain_variants[variant])
+    apply_overrides(config, entry)
   return config
 
 
@@ -88,7 +110,8 @@ def check_trial_configs(config) -> None:
       validate(pretrain_config(exp, variant))
     except errors.ConfigError as e:
       which = f"variant {variant!r} of " if variant else ""
-      raise type(e)(f"experiment pre-training ({which}{exp.pretrain_config}): {e}") from None
+      where = f"{which}{pretrain_file(exp, variant)}"
+      raise type(e)(f"experiment pre-training ({where}): {e}") from None
 
 
 def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
@@ -182,5 +205,6 @@ def run_locked(config, workdir: pathlib.Path) -> dict:
   pairs = [tuple(p) for p in exp.compare] or None
   summary = report.summarize_trials(results, metric_names, pairs=pairs)
   md, js, png = report.write_report(summary, workdir, exp.report)
+  report.write_bar_chart(summary, workdir, exp.report)  # <report>_bars.png: bars with p marks.
   print(pathlib.Path(md).read_text(), flush=True)
   return summary

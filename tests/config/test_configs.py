@@ -10,7 +10,7 @@ from genesis_jax.experiments import trials
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long",
-                                      "faithful", "faithful_gpu", "nnunet"],
+                                      "faithful", "faithful_gpu", "nnunet", "2d3d"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
             "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"]}
 CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))

@@ -89,13 +89,19 @@ def classification_cubes(scans: Mapping[str, Volume], candidates: Sequence[Candi
 
   Args:
     missing: "raise" (default) or "skip" candidates whose scan id is not in `scans`.
-  Returns images (N, *crop, 1) float32 in [0, 1] and labels (N,) int32, in candidate order.
+  Returns images (N, *crop, 1) float32 in [0, 1] ((N, x, x, 3) for orthogonal slices) and
+  labels (N,) int32, in candidate order.
   Raises VolumeReadError when a candidate's centre lies outside its scan, the usual sign of an
   LPS/RAS mix-up.
   """
   if missing not in ("raise", "skip"):
     raise ValueError(f"missing must be 'raise' or 'skip', got {missing!r}.")
   crop3, is_2d = as_3d_crop(crop)
+  # A 2D model's input: the candidate's central axial slice (x, y), or with cfg.slices
+  # "orthogonal" its axial (x, y), coronal (x, z) and sagittal (y, z) slices as 3 channels.
+  orthogonal = is_2d and getattr(cfg, "slices", "axial") == "orthogonal"
+  if orthogonal and crop3[0] != crop3[1]:
+    raise VolumeReadError(f"orthogonal slices need a square crop, got {tuple(crop)}.")
   by_scan: dict[str, list[int]] = {}
   for i, c in enumerate(candidates):
     by_scan.setdefault(c.scan_id, []).append(i)
@@ -115,11 +121,26 @@ def classification_cubes(scans: Mapping[str, Volume], candidates: Sequence[Candi
             f"{vol.source or sid}: candidate {i} at {candidates[i].world_xyz_mm} mm (RAS) maps to"
             f" voxel {np.round(ijk, 1)}, outside the volume {vol.shape}; wrong coordinate frame"
             " (LUNA16 CSVs are LPS) or wrong scan?")
-      cubes[i] = extract_cube(vol.data, center, crop3, pad_value=0.0)
+      if orthogonal:
+        cubes[i] = orthogonal_slices(vol.data, center, crop3[0])
+      else:
+        cubes[i] = extract_cube(vol.data, center, crop3, pad_value=0.0)
   order = sorted(cubes)
-  images = stack_cubes([cubes[i] for i in order], np.float32, is_2d)
+  if orthogonal:
+    images = np.stack([cubes[i] for i in order]).astype(np.float32) if order else np.zeros(
+        (0, crop3[0], crop3[0], 3), np.float32)
+  else:
+    images = stack_cubes([cubes[i] for i in order], np.float32, is_2d)
   labels = np.array([candidates[i].label for i in order], dtype=np.int32)
   return images, labels
+
+
+def orthogonal_slices(data: np.ndarray, center, size: int) -> np.ndarray:
+  """(size, size, 3): the axial (x, y), coronal (x, z) and sagittal (y, z) slices of the
+  size^3 cube around `center` (padded with 0 off the volume) through its centre voxel."""
+  cube = extract_cube(data, center, (size,) * 3, pad_value=0.0)
+  c = size // 2  # extract_cube puts `center` at index size // 2.
+  return np.stack([cube[:, :, c], cube[:, c, :], cube[c, :, :]], axis=-1)
 
 
 class LazyScans(dict):
