@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from genesis_jax import errors
 from genesis_jax.config import schema
@@ -197,17 +198,20 @@ def split_metrics(config, sums: dict, probs: np.ndarray, labels: np.ndarray) -> 
 
 # -------------------------------------------------------------------------------- the run
 def _optimizer(config, report: transfer.TransferReport | None, global_batch: int):
-  pretrained = set()
+  pretrained = set()  # Parameter paths ("encoder/.../kernel") that were loaded, leaf by leaf.
   if report is not None:
-    pretrained = {p.split("/")[1] for p in report.loaded if p.startswith("params/")}
+    pretrained = {p.split("/", 1)[1] for p in report.loaded if p.startswith("params/")}
   ft = config.finetune
   # freeze_encoder also applies to a scratch init (the random-features baseline of a probe).
   if not ft.freeze_encoder and (not pretrained or ft.pretrained_lr_mult == 1.0):
     return optim.make_optimizer(config.train, global_batch=global_batch, num_steps=config.num_steps)
 
+  def by_leaf(params, name):  # name(top-level key, leaf path) -> label, for every leaf
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict({k: name(k.split("/")[0], k) for k in flat}, sep="/")
+
   def label(params):
-    return {k: jax.tree.map(lambda _: "pretrained" if k in pretrained else "new", v)
-            for k, v in params.items()}
+    return by_leaf(params, lambda _, path: "pretrained" if path in pretrained else "new")
 
   def wrap(make_opt):
     if ft.freeze_encoder:
@@ -216,9 +220,8 @@ def _optimizer(config, report: transfer.TransferReport | None, global_batch: int
       pre = optax.chain(make_opt(), optax.scale(float(ft.pretrained_lr_mult)))
 
       def label_frozen(params):
-        return {k: jax.tree.map(lambda _: ("frozen" if k == "encoder" else
-                                           "pretrained" if k in pretrained else "new"), v)
-                for k, v in params.items()}
+        return by_leaf(params, lambda top, path: ("frozen" if top == "encoder" else
+                                                  "pretrained" if path in pretrained else "new"))
       return optax.multi_transform({"frozen": frozen, "pretrained": pre, "new": make_opt()},
                                    label_frozen)
     return optax.multi_transform(

@@ -18,6 +18,7 @@ from genesis_jax import errors, predict
 from genesis_jax.config import nnunet_plans, validate
 from genesis_jax.models import nnunet
 from genesis_jax.train import finetune, pretrain
+from genesis_jax.train import step as step_lib
 from genesis_jax.weights import nnunet as nnunet_weights
 from genesis_jax.weights import torch_pickle, transfer
 
@@ -165,13 +166,24 @@ def test_finetune_from_nnunet_pretraining(tmp_path, tiny_dataset, plans, phantom
   pre.data.crop = (16, 16, 8)
   pre.data.spacing = (1.0, 1.0, 2.0)
   pretrain.train(pre, tmp_path / "pre")
-  summary = finetune.train(task_config(plans, phantoms, tmp_path / "pre"), tmp_path / "ft")
+  config = task_config(plans, phantoms, tmp_path / "pre")
+  config.finetune.pretrained_lr_mult = 0.0  # loaded leaves stay; the fresh seg layers train
+  summary = finetune.train(config, tmp_path / "ft")
   assert math.isfinite(summary["final_train_loss"])
   report = json.loads((tmp_path / "ft" / "transfer_report.json").read_text())
   plan = nnunet_plans.load_plans(plans, "3d_fullres")
   assert len(report["loaded"]) == n_params(plan) - seg_leaves()
   assert len(report["fresh"]) == seg_leaves()
   assert all("/decoder/seg_" in p for p in report["fresh"])
+  pre_params = flat(transfer.load_pretrained(str(tmp_path / "pre"))[0]["params"])
+  best = flat(transfer.load_pretrained(str(tmp_path / "ft"), which="latest")[0]["params"])
+  for k in report["loaded"]:
+    np.testing.assert_array_equal(best[k.split("/", 1)[1]], pre_params[k.split("/", 1)[1]])
+  # The fresh output layer trained: it moved from the run's own initialisation.
+  model = finetune.build_task_model(config.model, "segment", 1)
+  init = flat(step_lib.init_variables(model, (16, 16, 8, 1), config.seed)["params"])
+  seg = f"decoder/seg_{N_STAGES - 2}/kernel"
+  assert init[seg].shape == best[seg].shape and not np.allclose(best[seg], init[seg])
 
 
 def test_pth_of_other_plans_is_an_error_naming_the_key(tmp_path, plans):
