@@ -12,6 +12,8 @@ only in how XLA sees the computation. `layers.py` wraps them in Flax modules.
   (`winograd_tile`), else by stacking x-shifted copies on channels. The Winograd transforms and
   the x shifts carry hand-written gradients (their transposes), and `_in_memory` is the
   `lax.cond` fusion barrier that keeps XLA:CPU from recomputing them inside each consumer.
+* `conv_space_to_depth`: a strided conv as space-to-depth + a stride-1 conv (the mirror of the
+  next item), for the same reason: XLA:CPU's gradient of a strided conv is very slow.
 * `upconv_depth_to_space`: the 2x2x2 stride-2 transposed conv as one matmul followed by a
   depth-to-space reshape. XLA's gradient of a strided `conv_transpose` is very slow (CPU and
   CUDA); the matmul's is not. Kernels are in flax `nn.ConvTranspose` layout (spatially flipped,
@@ -359,6 +361,40 @@ def upconv_depth_to_space(x: jax.Array, kernel: jax.Array) -> jax.Array:
   # (n, p1.., pd, i1.., id, o) -> (n, p1, i1, .., pd, id, o)
   perm = [0] + [a for d in range(nd) for a in (1 + d, 1 + nd + d)] + [1 + 2 * nd]
   return jnp.transpose(y, perm).reshape(n, *(2 * s for s in spatial), o)
+
+
+def conv_space_to_depth(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+  """Strided conv (zero padding (lo, hi) per axis) as space-to-depth + a stride-1 conv.
+
+  Per axis (stride s, k taps): output o reads input s*o + t - lo = s*(o + q) + r, 0 <= r < s. Each
+  run of s input voxels moves onto channels (index (r.., c)); the kernel (*k, C_in, C_out), zero-
+  padded along each axis and split as (q, r), becomes a stride-1 kernel over q. Same values as
+  `lax.conv_general_dilated` with strides; XLA's gradient of a strided conv (an lhs-dilated conv)
+  is very slow on CPU, the stride-1 conv's is not.
+  """
+  nd = x.ndim - 2
+  xs, kpad, cpad, outer, inner = [x.shape[0]], [], [], [], []
+  for size, k, s, (lo, hi) in zip(x.shape[1:-1], kernel.shape[:nd], strides, padding):
+    q_min, q_max = -lo // s, (k - 1 - lo) // s
+    taps, shift, m = q_max - q_min + 1, s * q_min + lo, -(-size // s)
+    kpad.append((-shift, s * taps - k + shift))  # kernel index s*q' + r = t - shift
+    cpad.append((-q_min, (size + lo + hi - k) // s + taps - m + q_min))
+    xs += [m, s]
+    outer.append(taps)
+    inner.append(s)
+  x = jnp.pad(x, [(0, 0)] + [(0, m * s - n) for m, s, n in zip(xs[1::2], xs[2::2], x.shape[1:-1])]
+              + [(0, 0)])
+  c, o = x.shape[-1], kernel.shape[-1]
+  x = x.reshape(*xs, c).transpose(0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)
+  x = x.reshape(*x.shape[:nd + 1], -1)
+  k = jnp.pad(kernel, kpad + [(0, 0), (0, 0)])
+  k = k.reshape(*[a for t, s in zip(outer, inner) for a in (t, s)], c, o)
+  k = k.transpose(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1)
+  k = k.reshape(*outer, -1, o)
+  spatial = "DHW"[-nd:]
+  dn = lax.conv_dimension_numbers(x.shape, k.shape,
+                                  (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+  return lax.conv_general_dilated(x, k, (1,) * nd, cpad, dimension_numbers=dn)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:

@@ -15,9 +15,11 @@ Arrays are channels-last in our axis order: (N, x, y, z, C) in 3D, (N, x, y, C) 
 sizes and strides are in our order too (`NnUNetPlan.arch`). Every spatial size must be divisible
 by the product of the strides along its axis. There is no batch statistic (InstanceNorm), so the
 variables are `params` only and `train` changes nothing; `skip_keep` scales the skips per sample
-as in the U-Net (models/unet.py), both kept for its call signature. Stride-1 3D convs with 3 taps
-along x use the U-Net's unfold conv where `conv_impl` resolves to it (`kernels.py`), the others
-XLA's conv with PyTorch's padding.
+as in the U-Net (models/unet.py), both kept for its call signature. Where `conv_impl` resolves to
+"unfold" (`kernels.py`), stride-1 3D convs with 3 taps along x use the U-Net's unfold conv and
+strided convs `kernels.conv_space_to_depth` (same parameters and values; XLA:CPU's gradient of a
+strided conv is slow); the others, and every conv under "native", XLA's conv with PyTorch's
+padding.
 
 Parameter tree (names used by `weights/nnunet.py`, which maps them to the PyTorch state_dict):
   PlainConvUNet:        encoder/stage_{s}/conv_{j}/{conv,norm}
@@ -81,7 +83,8 @@ def check_input(x: jax.Array, strides: Sequence[Sequence[int]], spatial_dims: in
 class Settings(nn.Module, kw_only=True):
   """What every module takes (keyword only) and hands down unchanged (`settings`): dtype, the
   compute dtype (parameters stay float32); conv_impl, `kernels.CONV_IMPLS` ("auto": the unfold
-  conv on CPU and GPU), used by stride-1 3D convs whose kernel has 3 taps along x."""
+  conv on CPU and GPU), used by stride-1 3D convs whose kernel has 3 taps along x; with it,
+  strided convs run as space-to-depth + a stride-1 conv."""
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
 
@@ -111,11 +114,14 @@ class Conv(Settings):
     elif impl == "unfold" and nd == 3 and stride_1 and self.kernel_size[0] == 3:
       y = kernels.conv_unfold_3d(x, kernel, int(tile) if tile else None)
     else:
-      spatial = "DHW"[-nd:]
-      dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                      (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
       pad = [((k - 1) // 2, (k - 1) // 2) for k in self.kernel_size]
-      y = lax.conv_general_dilated(x, kernel, tuple(self.strides), pad, dimension_numbers=dn)
+      if impl == "unfold" and not stride_1:
+        y = kernels.conv_space_to_depth(x, kernel, tuple(self.strides), pad)
+      else:
+        spatial = "DHW"[-nd:]
+        dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                        (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+        y = lax.conv_general_dilated(x, kernel, tuple(self.strides), pad, dimension_numbers=dn)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
           y.dtype)

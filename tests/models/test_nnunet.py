@@ -14,7 +14,7 @@ import pytest
 
 from genesis_jax import errors
 from genesis_jax.config import nnunet_plans
-from genesis_jax.models import nnunet
+from genesis_jax.models import kernels, nnunet
 from genesis_jax.weights import nnunet as nnunet_weights
 from genesis_jax.weights import torch_pickle
 
@@ -229,3 +229,39 @@ def test_conv_impls_and_skip_keep():
   assert np.abs(np.asarray(dropped[1]) - np.asarray(kept[1])).max() > 1e-2
   with pytest.raises(errors.ConfigError, match="conv_impl"):
     nnunet.build(plan, 3, conv_impl="fft")
+
+
+@pytest.mark.parametrize("spatial,kernel,strides", [
+    ((8, 8, 6), (3, 3, 3), (2, 2, 2)),  # 3D isotropic, even sizes
+    ((7, 9, 5), (3, 3, 3), (2, 2, 2)),  # odd sizes
+    ((8, 6, 4), (3, 3, 1), (2, 2, 1)),  # anisotropic: plans' kernel [1, 3, 3], stride [1, 2, 2]
+    ((7, 6, 5), (3, 3, 1), (2, 2, 1)),
+    ((8, 6), (3, 3), (2, 2)),  # 2D
+    ((7, 9), (3, 3), (2, 2)),
+    ((9, 10), (5, 3), (3, 2)),  # other kernels and strides, even kernel, kernel 1
+    ((7, 8), (2, 4), (2, 2)),
+    ((7, 8), (1, 1), (2, 2)),
+])
+def test_strided_conv_space_to_depth_equals_lax(spatial, kernel, strides):
+  rng = np.random.default_rng(sum(spatial))
+  nd = len(spatial)
+  x = jnp.asarray(rng.normal(size=(2,) + spatial + (3,)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel + (3, 4)), jnp.float32)
+  pad = [((n - 1) // 2, (n - 1) // 2) for n in kernel]
+  letters = "DHW"[-nd:]
+  dn = (f"N{letters}C", f"{letters}IO", f"N{letters}C")
+
+  def native(x, k):
+    return jax.lax.conv_general_dilated(x, k, strides, pad, dimension_numbers=dn)
+
+  def s2d(x, k):
+    return kernels.conv_space_to_depth(x, k, strides, pad)
+
+  want, got = jax.jit(native)(x, k), jax.jit(s2d)(x, k)
+  assert got.shape == want.shape
+  w = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  for a, b in [(want, got)] + list(zip(
+      *[jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(jnp.sin(f(x, k)) * w), (0, 1)))(x, k)
+        for f in (native, s2d)])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
+                               atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
