@@ -23,9 +23,10 @@ keeps them); an nnU-Net .pth keeps its segmentation outputs when their class cou
 task.n_class (nnU-Net counts the background: n_class=2 for one foreground label, softmax), else
 they are re-initialised; transfer_report.json says what was loaded. Fine-tuning uses genesis_jax's
 recipe: no deep supervision (the full-resolution output only), task.loss on it, the data's
-intensities mapped to [0, 1] by data.hu_window as in pre-training (InstanceNorm after the first
-conv makes the network nearly blind to such an affine change of its input). Predicting from a
-checkpoint_final.pth reproduces nnU-Net's CTNormalization instead (genesis_jax/predict.py).
+intensities mapped to [0, 1] by data.hu_window as in pre-training, not nnU-Net's normalisation
+(InstanceNorm after the first conv cancels an affine change of the input except where the convs'
+zero padding reaches, near the patch borders; fine-tuning adapts to the rest). Predicting from a
+checkpoint_final.pth reproduces nnU-Net's CTNormalization exactly (genesis_jax/predict.py).
 
 Defaults: the phantom NCS task (configs/finetune_ncs.py) with configs/nnunet_plans_phantom.json.
 """

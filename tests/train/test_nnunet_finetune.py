@@ -251,3 +251,22 @@ def test_predict_from_a_finetuned_run_and_from_a_checkpoint(tmp_path, scratch_ru
   assert out.shape == scan.shape and result["checkpoint"] == str(pth)
   np.testing.assert_allclose(out.affine, scan.affine, atol=1e-5)
   assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+
+
+def test_checkpoint_predictor_reproduces_nnunet_ct_normalization(tmp_path, plans, phantoms):
+  """predict.checkpoint's windows: HU clipped to the plans' percentiles, minus the mean, over the
+  std (nnU-Net's CTNormalization), fed to the checkpoint's network with its own seg layers."""
+  from genesis_jax.data import preprocess as preprocess_lib
+  plan = nnunet_plans.load_plans(plans, "3d_fullres")
+  params = random_params(plan, 2)
+  pth = tmp_path / "checkpoint_final.pth"
+  torch_pickle.save({"network_weights": nnunet_weights.export_state_dict(params, plan)}, str(pth))
+  config = task_config(plans, phantoms)
+  config.mode, config.predict.input, config.predict.checkpoint = "predict", "x.nii.gz", str(pth)
+  run_cfg, apply = predict.nnunet_checkpoint_predictor(validate.resolve_nnunet(config))
+  assert run_cfg.task.n_class == 2 and tuple(run_cfg.data.crop) == (16, 16, 8)
+  hu = np.random.default_rng(1).uniform(-1500, 1500, (2, 16, 16, 8, 1)).astype(np.float32)
+  ours = np.asarray(apply(preprocess_lib.normalize_intensity(hu, run_cfg.data)))
+  z = (np.clip(hu, -1000.0, 600.0) - (-300.0)) / 400.0
+  logits = nnunet.build(plan, 2).apply({"params": params}, z)
+  np.testing.assert_allclose(ours, np.asarray(jax.nn.softmax(logits, axis=-1)), atol=1e-5)
