@@ -1,11 +1,14 @@
 """Shared test fixtures: a tiny prepared phantom dataset and tiny configs for the CLI."""
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -56,6 +59,61 @@ def run_cli(args: list[str], *, env_extra: dict | None = None, timeout: float = 
     raise AssertionError(f"CLI failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                          f"STDERR:\n{proc.stderr[-6000:]}")
   return proc
+
+
+def tiny_cli_args(workdir, dataset, steps, *extra) -> list[str]:
+  """CLI arguments of a tiny demo pre-training on a prepared dataset (TINY_OVERRIDES, logs and
+  checkpoints every 2 steps, validation every 4); `extra` overrides come last and win."""
+  return ["--config", "configs/demo.py", "--workdir", str(workdir), *TINY_OVERRIDES,
+          "--config.data.source=prepared", f"--config.data.path={dataset}",
+          f"--config.num_steps={steps}", "--config.log_every=2", "--config.eval_every=4",
+          "--config.checkpoint_every=2", *extra]
+
+
+def final_params(workdir, step=None):
+  """The variables of a run's latest checkpoint (or of checkpoint `step`)."""
+  from genesis_jax.weights import transfer
+  # A relative path on purpose: users pass relative workdirs (Orbax itself needs absolute ones).
+  variables, _ = transfer.load_pretrained(os.path.relpath(workdir), which="latest", step=step)
+  return variables
+
+
+def assert_close(a, b, atol):
+  """Same tree structure and every leaf within `atol` (0: bit for bit)."""
+  import jax
+  fa, fb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  for (path, x), (_, y) in zip(fa, fb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def shared_once(tmp_path_factory, name: str, make) -> pathlib.Path:
+  """The folder `name`, filled by `make(folder)` once per test session, also across pytest-xdist
+  workers (the first one makes it under a lock while the others wait, then all read it): for an
+  expensive run that several tests only read."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # The workers' base temps lie side by side in the session's.
+  folder, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # What a failed attempt left.
+      make(folder)
+      done.touch()
+  return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory, tiny_dataset) -> pathlib.Path:
+  """An uninterrupted 12-step tiny CLI pre-training (`tiny_cli_args`), checkpoints at steps 4, 8
+  and 12: the run the resume, pre-emption, kill and multi-process tests must reproduce (the
+  cadence of logs, checkpoints and validation does not change the parameters)."""
+  def make(folder):
+    run_cli(tiny_cli_args(folder, tiny_dataset, 12, "--config.checkpoint_every=4",
+                          "--config.log_every=4"))
+  return shared_once(tmp_path_factory, "tiny_reference", make)
 
 
 @pytest.fixture(scope="session")

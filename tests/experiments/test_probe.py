@@ -9,29 +9,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, tiny_task_config, tiny_pretrain_config
+from conftest import REPO, shared_once, tiny_task_config, tiny_pretrain_config
 from genesis_jax import errors
 from genesis_jax.config import schema
 from genesis_jax.config.validate import validate
 from genesis_jax.experiments import probe
 from genesis_jax.train import step as step_lib
 
-STARTED: dict[str, list] = {}  # Pre-training workdir -> the variables its run initialised.
 
 
-@pytest.fixture(scope="module")
+def _flat(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="session")
 def tiny_pretraining(tmp_path_factory, tiny_dataset):
-  """A width-4 pre-training of 4 steps on 16x16x8 cubes: checkpoints at steps 2 and 4."""
+  """A width-4 pre-training of 4 steps on 16x16x8 cubes: checkpoints at steps 2 and 4, and in
+  started.npz the variables its run initialised. Made once per session (across workers)."""
   from genesis_jax.train import pretrain
-  c = tiny_pretrain_config(tiny_dataset, 4)
-  c.log_every = 2
-  workdir = tmp_path_factory.mktemp("probe_pre")
-  started = STARTED.setdefault(str(workdir), [])  # The initial weights the pre-training used.
-  with pytest.MonkeyPatch.context() as mp:
-    real = step_lib.init_variables
-    mp.setattr(step_lib, "init_variables", lambda *a: started.append(real(*a)) or started[-1])
-    pretrain.train(c, workdir)
-  return workdir
+
+  def make(workdir):
+    c = tiny_pretrain_config(tiny_dataset, 4)
+    c.log_every = 2
+    started = []  # The initial weights the pre-training used.
+    with pytest.MonkeyPatch.context() as mp:
+      real = step_lib.init_variables
+      mp.setattr(step_lib, "init_variables", lambda *a: started.append(real(*a)) or started[-1])
+      pretrain.train(c, workdir)
+    (only,) = started
+    np.savez(workdir / "started.npz", **_flat(only))
+  return shared_once(tmp_path_factory, "probe_pretraining", make)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +79,13 @@ def test_probe_classify_rows_plot_and_dispatch(tmp_path, tiny_pretraining, probe
 
 
 def test_random_init_is_the_pretrainings_own(tiny_pretraining):
-  (started,) = STARTED[str(tiny_pretraining)]
+  with np.load(tiny_pretraining / "started.npz") as npz:
+    started = dict(npz)
   pre = json.loads((tiny_pretraining / "config.json").read_text())
   _, init = probe.pretraining_init(pre, channels=1)
-  flat = lambda t: {"/".join(map(str, k)): v for k, v in
-                    jax.tree_util.tree_flatten_with_path(t)[0]}
-  assert flat(init).keys() == flat(started).keys()
-  for k, v in flat(started).items():
-    np.testing.assert_array_equal(flat(init)[k], v, err_msg=k)
+  assert _flat(init).keys() == started.keys()
+  for k, v in started.items():
+    np.testing.assert_array_equal(_flat(init)[k], v, err_msg=k)
 
 
 def test_probe_segment_best_checkpoint(tmp_path, tiny_pretraining, probe_phantoms):

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE, REPO, run_cli, tiny_pretrain_config
-from test_train_equivalence import _args, _assert_close, _final_params
+from conftest import (COMPILE_CACHE, REPO, assert_close, final_params, run_cli, tiny_cli_args,
+                      tiny_pretrain_config)
 
 
 def _run_and_kill(args, kill_after_lines: int, timeout: float = 300) -> int:
@@ -37,28 +37,28 @@ def _run_and_kill(args, kill_after_lines: int, timeout: float = 300) -> int:
   return seen
 
 
-def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, tiny_dataset):
-  steps = 16
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path, tiny_dataset,
+                                                                     tiny_reference):
+  steps = 12  # The three kills below land by step 11 at the latest.
   extra = ("--config.log_every=1", "--config.checkpoint_every=1")
-  run_cli(_args(tmp_path / "straight", tiny_dataset, steps) + list(extra))
   rng = np.random.default_rng(0)
   workdir = tmp_path / "killed"
   kills = 0
   for _ in range(3):
     at = int(rng.integers(1, 5))
-    seen = _run_and_kill(_args(workdir, tiny_dataset, steps) + list(extra), at)
+    seen = _run_and_kill(tiny_cli_args(workdir, tiny_dataset, steps, *extra), at)
     if seen >= at:
       kills += 1
     # Whatever the moment of the kill, the latest complete checkpoint loads.
     latest = workdir / "checkpoints" / "latest"
     if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
-      variables = _final_params(workdir)
+      variables = final_params(workdir)
       assert all(np.isfinite(np.asarray(x)).all() for x in
                  __import__("jax").tree.leaves(variables))
   assert kills >= 2
-  proc = run_cli(_args(workdir, tiny_dataset, steps) + list(extra))
+  proc = run_cli(tiny_cli_args(workdir, tiny_dataset, steps, *extra))
   assert "resumed from" in proc.stdout
-  _assert_close(_final_params(tmp_path / "straight"), _final_params(workdir), atol=0)
+  assert_close(final_params(tiny_reference, step=steps), final_params(workdir), atol=0)
 
 
 class _PoisonedIterator:

@@ -12,12 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (COMPILE_CACHE, REPO, TINY_OVERRIDES, run_cli, tiny_pretrain_config,
-                      tiny_task_config)
+from conftest import (COMPILE_CACHE, REPO, TINY_OVERRIDES, assert_close, final_params, run_cli,
+                      tiny_pretrain_config, tiny_task_config)
 # Imported here, not first inside a test using capsys: metric_writers.Progress binds
 # sys.stdout as a default argument when the module is imported.
 from genesis_jax.train import metric_writers  # noqa: F401
-from test_train_equivalence import _assert_close, _final_params
 
 
 def _cli_args(workdir, dataset, steps, *extra):
@@ -58,9 +57,9 @@ def _signal_after(args, after_lines: int, sig=signal.SIGTERM, timeout: float = 3
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(tmp_path,
-                                                                              tiny_dataset):
+                                                                              tiny_dataset,
+                                                                              tiny_reference):
   steps = 8
-  run_cli(_cli_args(tmp_path / "straight", tiny_dataset, steps))
   workdir = tmp_path / "stopped"
   rc, out = _signal_after(_cli_args(workdir, tiny_dataset, steps), after_lines=3)
   assert rc == 143, out[-3000:]
@@ -72,7 +71,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(t
   assert 3 <= stopped_at < steps and _steps(workdir) == [stopped_at]
   proc = run_cli(_cli_args(workdir, tiny_dataset, steps))
   assert f"resumed from {workdir / 'checkpoints' / 'latest' / str(stopped_at)}" in proc.stdout
-  _assert_close(_final_params(tmp_path / "straight"), _final_params(workdir), atol=0)
+  assert_close(final_params(tiny_reference, step=steps), final_params(workdir), atol=0)
 
 
 def test_a_second_signal_exits_at_once_and_handlers_are_restored():
@@ -145,7 +144,7 @@ def test_sigterm_during_an_async_save_and_a_damaged_latest_checkpoint(tmp_path, 
   assert _steps(workdir) == [2, 3]
   pretrain.train(config, workdir)
   assert "resumed from" in capsys.readouterr().out
-  _assert_close(_final_params(tmp_path / "straight"), _final_params(workdir), atol=0)
+  assert_close(final_params(tmp_path / "straight"), final_params(workdir), atol=0)
 
   # A damaged latest step: skipped (named, moved aside, never deleted) for the newest intact one.
   damaged = tmp_path / "damaged"
@@ -162,7 +161,7 @@ def test_sigterm_during_an_async_save_and_a_damaged_latest_checkpoint(tmp_path, 
   assert "resumed from step 4" in out and summary["final_step"] == 6
   assert (damaged / "checkpoints" / "damaged" / "latest-6" / "state").is_dir()
   assert _steps(damaged) == [2, 4, 6]  # Step 6 written again, and the rotation still works.
-  _assert_close(_final_params(tmp_path / "straight"), _final_params(damaged), atol=0)
+  assert_close(final_params(tmp_path / "straight"), final_params(damaged), atol=0)
 
   # Every step damaged: one error naming each, nothing moved.
   for step in (2, 4, 6):
