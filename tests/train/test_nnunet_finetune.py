@@ -105,7 +105,7 @@ def scratch_run(tmp_path_factory, plans, phantoms):
   return workdir, summary
 
 
-def test_finetune_from_scratch(scratch_run, plans):
+def test_finetune_from_scratch(scratch_run, plans, phantoms):
   workdir, summary = scratch_run
   assert summary["final_step"] == 2 and math.isfinite(summary["final_train_loss"])
   assert math.isfinite(summary["best_val_loss"])
@@ -118,6 +118,11 @@ def test_finetune_from_scratch(scratch_run, plans):
   best, _ = transfer.load_pretrained(str(workdir), which="best")
   assert set(best["params"]) == {"encoder", "decoder"}  # the plans' network
   assert not (workdir / "transfer_report.json").exists()
+  # mode=evaluate rebuilds the plans' network and tests the same best checkpoint again.
+  config = task_config(plans, phantoms)
+  config.mode = "evaluate"
+  again = finetune.evaluate(validate.resolve_nnunet(config), workdir)
+  assert again["mean_iou"] == pytest.approx(ev["mean_iou"], abs=1e-6)
 
 
 def test_finetune_from_pth(tmp_path, plans, phantoms):
