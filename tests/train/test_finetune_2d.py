@@ -126,7 +126,11 @@ def test_an_image_smaller_than_the_crop_is_a_named_error(tmp_path):
     images2d_tasks.load(c, tmp_path, tasks.split_ids)
 
 
-def test_config_errors_for_2d_tasks(tmp_path):
+def test_config_errors_for_2d_tasks(tmp_path, xrays):
+  c = _config("segment", xrays)
+  c.eval.write_predictions = True
+  with pytest.raises(errors.ConfigError, match="write_predictions"):
+    images2d_tasks.load(c, xrays, tasks.split_ids)
   c = _config("multilabel", tmp_path)
   c.data.source = "phantom"
   with pytest.raises(errors.ConfigError, match="multilabel' reads 2D images"):

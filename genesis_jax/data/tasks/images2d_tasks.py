@@ -233,6 +233,9 @@ def load(config, workdir, split_ids: Callable) -> dict[str, Any]:
   if kind == "multilabel":
     return load_multilabel(config, root, split_ids)
   if kind == "segment":
+    if config.eval.write_predictions:  # Checked before any training, not after it.
+      raise errors.ConfigError("config.eval.write_predictions writes NIfTI predictions on a "
+                               "scan's grid; 2D image tasks do not write them yet: set it False.")
     manifest_path = root / xray_dataset.MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     return load_segmentation(config, root, manifest, split_ids)
