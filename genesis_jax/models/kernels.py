@@ -370,7 +370,7 @@ def conv_space_to_depth(x: jax.Array, kernel: jax.Array, strides, padding) -> ja
   run of s input voxels moves onto channels (index (r.., c)); the kernel (*k, C_in, C_out), zero-
   padded along each axis and split as (q, r), becomes a stride-1 kernel over q. Same values as
   `lax.conv_general_dilated` with strides; XLA's gradient of a strided conv (an lhs-dilated conv)
-  is very slow on CPU, the stride-1 conv's is not.
+  is very slow on CPU, the stride-1 conv's is not. 2D or 3D.
   """
   nd = x.ndim - 2
   xs, kpad, cpad, outer, inner = [x.shape[0]], [], [], [], []
@@ -391,10 +391,18 @@ def conv_space_to_depth(x: jax.Array, kernel: jax.Array, strides, padding) -> ja
   k = k.reshape(*[a for t, s in zip(outer, inner) for a in (t, s)], c, o)
   k = k.transpose(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1)
   k = k.reshape(*outer, -1, o)
-  spatial = "DHW"[-nd:]
-  dn = lax.conv_dimension_numbers(x.shape, k.shape,
-                                  (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
-  return lax.conv_general_dilated(x, k, (1,) * nd, cpad, dimension_numbers=dn)
+  if nd != 3:
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(x, k, (1,) * nd, cpad, dimension_numbers=dn)
+  # 3D: x folded into the batch, 2D convs over (y, z) give every x tap's output (as
+  # `conv_unfold_3d`'s output side); output x sums tap i of q-row x + i - lo.
+  n, mx, (lo, hi), kx = x.shape[0], x.shape[1], cpad[0], outer[0]
+  k2 = k.transpose(1, 2, 3, 0, 4).reshape(*outer[1:], k.shape[3], kx * o)
+  dn = lax.conv_dimension_numbers((1, 1, 1, 1), k2.shape, ("NHWC", "HWIO", "NHWC"))
+  t = lax.conv_general_dilated(x.reshape(n * mx, *x.shape[2:]), k2, (1, 1), cpad[1:],
+                               dimension_numbers=dn)
+  t = jnp.pad(t.reshape(n, mx, *t.shape[1:3], kx, o), [(0, 0), (lo, max(hi, 0))] + [(0, 0)] * 4)
+  return sum(t[:, i:i + mx + lo + hi - kx + 1, :, :, i] for i in range(kx))
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
