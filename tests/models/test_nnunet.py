@@ -236,6 +236,7 @@ def test_conv_impls_and_skip_keep():
     ((7, 9, 5), (3, 3, 3), (2, 2, 2)),  # odd sizes
     ((8, 6, 4), (3, 3, 1), (2, 2, 1)),  # anisotropic: plans' kernel [1, 3, 3], stride [1, 2, 2]
     ((7, 6, 5), (3, 3, 1), (2, 2, 1)),
+    ((6, 8, 7), (1, 3, 3), (1, 2, 2)),  # the same along other axes (transpose_forward)
     ((9, 7, 6), (5, 3, 1), (3, 2, 2)),  # 3D: other kernels and strides
     ((7, 8, 5), (2, 2, 3), (2, 2, 1)),
     ((8, 6), (3, 3), (2, 2)),  # 2D
