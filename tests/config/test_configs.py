@@ -12,7 +12,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long",
                                       "faithful", "faithful_gpu", "nnunet", "2d3d"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
-            "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"]}
+            "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"],
+            "pretrain_xray2d.py": ["folder"]}
 CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))
          for v in [""] + VARIANTS.get(p.name, [])]
 
@@ -22,7 +23,7 @@ def test_config_loads_and_validates(name, variant, monkeypatch):
   monkeypatch.chdir(REPO)  # experiment configs name task configs relative to the repository
   path = f"configs/{name}" + (f":{variant}" if variant else "")
   config = loading.load_config_file(path)
-  if "data" in config and config.data.source in ("folder", "prepared", "npy"):
+  if "data" in config and config.data.source in ("folder", "prepared", "npy", "images2d"):
     config.data.path = str(REPO)  # a path that exists; the configs leave it to the user
   validate.validate(config)
   if config.mode != "experiment":
