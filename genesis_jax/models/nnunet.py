@@ -203,45 +203,96 @@ def ones(nd: int) -> tuple[int, ...]:
   return (1,) * nd
 
 
-class StackedConvs(Settings):
-  """StackedConvBlocks: n ConvNormAct `conv_{j}` with one kernel size, the first one strided."""
+class Block(Settings, kw_only=True):
+  """Settings plus how every conv block of a network is built (keyword only, handed down
+  unchanged by `block_settings`): conv_bias, norm_eps, negative_slope, nonlin_first."""
+  conv_bias: bool = True
+  norm_eps: float = 1e-5
+  negative_slope: float = 0.01
+  nonlin_first: bool = False
+
+
+def block_settings(module: Block) -> dict[str, Any]:
+  return {**settings(module), "conv_bias": module.conv_bias, "norm_eps": module.norm_eps,
+          "negative_slope": module.negative_slope, "nonlin_first": module.nonlin_first}
+
+
+def avg_pool(x: jax.Array, strides: Sequence[int]) -> jax.Array:
+  """AvgPoolNd(kernel=stride, stride=stride) on sizes divisible by the stride."""
+  if all(s == 1 for s in strides):
+    return x
+  shape = [x.shape[0]]
+  for n, s in zip(x.shape[1:-1], strides):
+    shape += [n // s, s]
+  y = x.reshape(tuple(shape) + (x.shape[-1],))
+  return jnp.mean(y, axis=tuple(range(2, 2 * len(strides) + 1, 2)), dtype=jnp.float32).astype(
+      x.dtype)
+
+
+class BasicBlockD(Block):
+  """ResNet-D basic block: conv1 (strided, norm, nonlin), conv2 (norm), skip (avg pool by the
+  stride, then 1x1 conv + norm where channels change), nonlin after the sum (no nonlin_first)."""
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    nd = x.ndim - 2
+    residual = avg_pool(x, self.strides)
+    if x.shape[-1] != self.features:
+      residual = ConvNormAct(self.features, ones(nd), ones(nd), False, self.norm_eps, None,
+                             **settings(self), name="skip")(residual)
+    out = ConvNormAct(self.features, self.kernel_size, self.strides, self.conv_bias,
+                      self.norm_eps, self.negative_slope, **settings(self), name="conv1")(x)
+    out = ConvNormAct(self.features, self.kernel_size, ones(nd), self.conv_bias, self.norm_eps,
+                      None, zero_norm=True, **settings(self), name="conv2")(out)
+    return leaky_relu(out + residual.astype(out.dtype), self.negative_slope)
+
+
+class StackedBlocks(Block):
+  """n blocks with one kernel size, the first one strided: StackedConvBlocks (ConvNormAct
+  `conv_{j}`) or, residual, StackedResidualBlocks (BasicBlockD `block_{j}`)."""
   n: int
   features: int
   kernel_size: tuple[int, ...]
   strides: tuple[int, ...]
-  conv_bias: bool
-  norm_eps: float
-  negative_slope: float
-  nonlin_first: bool = False
+  residual: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for j in range(self.n):
-      x = ConvNormAct(self.features, self.kernel_size,
-                      self.strides if j == 0 else ones(x.ndim - 2), self.conv_bias, self.norm_eps,
-                      self.negative_slope, self.nonlin_first, **settings(self),
-                      name=f"conv_{j}")(x)
+      strides = self.strides if j == 0 else ones(x.ndim - 2)
+      if self.residual:
+        x = BasicBlockD(self.features, self.kernel_size, strides, **block_settings(self),
+                        name=f"block_{j}")(x)
+      else:
+        x = ConvNormAct(self.features, self.kernel_size, strides, self.conv_bias, self.norm_eps,
+                        self.negative_slope, self.nonlin_first, **settings(self),
+                        name=f"conv_{j}")(x)
     return x
 
 
-class PlainConvEncoder(Settings):
-  """PlainConvEncoder: one StackedConvs `stage_{s}` per stage; returns every stage's output."""
+class Encoder(Block):
+  """PlainConvEncoder (one StackedBlocks `stage_{s}` of n_per_stage[s] convs per stage) or,
+  residual, ResidualEncoder (a StackedBlocks `stem`, 1 conv of stem_channels at stride 1, then
+  per stage n_per_stage[s] BasicBlockD); returns every stage's output."""
   features_per_stage: tuple[int, ...]
   kernel_sizes: tuple[tuple[int, ...], ...]
   strides: tuple[tuple[int, ...], ...]
-  n_conv_per_stage: tuple[int, ...]
-  conv_bias: bool
-  norm_eps: float
-  negative_slope: float
-  nonlin_first: bool = False
+  n_per_stage: tuple[int, ...]
+  residual: bool = False
+  stem_channels: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
+    if self.residual:
+      x = StackedBlocks(1, self.stem_channels or self.features_per_stage[0], self.kernel_sizes[0],
+                        ones(x.ndim - 2), **block_settings(self), name="stem")(x)
     skips = []
     for s, feats in enumerate(self.features_per_stage):
-      x = StackedConvs(self.n_conv_per_stage[s], feats, self.kernel_sizes[s], self.strides[s],
-                       self.conv_bias, self.norm_eps, self.negative_slope, self.nonlin_first,
-                       **settings(self), name=f"stage_{s}")(x)
+      x = StackedBlocks(self.n_per_stage[s], feats, self.kernel_sizes[s], self.strides[s],
+                        self.residual, **block_settings(self), name=f"stage_{s}")(x)
       skips.append(x)
     return skips
 
@@ -258,19 +309,15 @@ def keep_skips(skips: list[jax.Array], skip_keep: jax.Array | None) -> list[jax.
   return [s * k for s, k in zip(skips[:-1], scale)] + [skips[-1]]
 
 
-class UNetDecoder(Settings):
+class UNetDecoder(Block):
   """UNetDecoder: from the bottleneck up, transposed conv to the skip's channels, concat
   [up, skip], n_conv_per_stage_decoder convs, and a 1x1 seg layer per stage."""
   features_per_stage: tuple[int, ...]
   kernel_sizes: tuple[tuple[int, ...], ...]
   strides: tuple[tuple[int, ...], ...]
   n_conv_per_stage_decoder: tuple[int, ...]
-  conv_bias: bool
-  norm_eps: float
-  negative_slope: float
   num_classes: int
   deep_supervision: bool = False
-  nonlin_first: bool = False
 
   @nn.compact
   def __call__(self, skips: Sequence[jax.Array]) -> jax.Array | list[jax.Array]:
@@ -283,9 +330,8 @@ class UNetDecoder(Settings):
       x = TransposedConv(skip_feats, self.strides[-(d + 1)], self.conv_bias, **settings(self),
                          name=f"transpconv_{d}")(x)
       x = jnp.concatenate([x, skips[-(d + 2)].astype(x.dtype)], axis=-1)
-      x = StackedConvs(self.n_conv_per_stage_decoder[d], skip_feats, self.kernel_sizes[-(d + 2)],
-                       ones(nd), self.conv_bias, self.norm_eps, self.negative_slope,
-                       self.nonlin_first, **settings(self), name=f"stage_{d}")(x)
+      x = StackedBlocks(self.n_conv_per_stage_decoder[d], skip_feats, self.kernel_sizes[-(d + 2)],
+                        ones(nd), **block_settings(self), name=f"stage_{d}")(x)
       seg = Conv(self.num_classes, ones(nd), ones(nd), True, **settings(self), name=f"seg_{d}")
       # Every seg layer gets parameters at init, as PyTorch builds them all.
       if self.deep_supervision or d == n - 2 or self.is_initializing():
@@ -295,16 +341,40 @@ class UNetDecoder(Settings):
     return outputs[-1]
 
 
-class PlainConvUNet(Settings):
+class NnUNet(Settings):
+  """What both networks share: the fields every plan has first, and the call (check the input,
+  encode, scale the skips by skip_keep, decode with `UNetDecoder`). A subclass declares the rest
+  and says how its encoder is built (`encoder_fields`)."""
+  n_stages: int
+  features_per_stage: tuple[int, ...]
+  kernel_sizes: tuple[tuple[int, ...], ...]
+  strides: tuple[tuple[int, ...], ...]
+
+  def encoder_fields(self) -> dict[str, Any]:
+    """`Encoder`'s n_per_stage, residual, stem_channels and the nonlin_first of both halves."""
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               skip_keep: jax.Array | None = None) -> jax.Array | list[jax.Array]:
+    del train  # No dropout, no batch statistics.
+    check_input(x, self.strides, len(self.strides[0]))
+    fields = self.encoder_fields()
+    blocks = {**settings(self), "conv_bias": self.conv_bias, "norm_eps": self.norm_eps,
+              "negative_slope": self.negative_slope, "nonlin_first": fields.pop("nonlin_first")}
+    skips = Encoder(self.features_per_stage, self.kernel_sizes, self.strides, **fields, **blocks,
+                    name="encoder")(x)
+    return UNetDecoder(self.features_per_stage, self.kernel_sizes, self.strides,
+                       self.n_conv_per_stage_decoder, self.num_classes, self.deep_supervision,
+                       **blocks, name="decoder")(keep_skips(skips, skip_keep))
+
+
+class PlainConvUNet(NnUNet):
   """dynamic_network_architectures' PlainConvUNet (nnU-Net's default network).
 
   Fields as `NnUNetPlan.arch` for this class, plus num_classes, deep_supervision (a list of
   logits, full resolution first), dtype and conv_impl (`Settings`). skip_keep: as the U-Net's.
   """
-  n_stages: int
-  features_per_stage: tuple[int, ...]
-  kernel_sizes: tuple[tuple[int, ...], ...]
-  strides: tuple[tuple[int, ...], ...]
   n_conv_per_stage: tuple[int, ...]
   n_conv_per_stage_decoder: tuple[int, ...]
   conv_bias: bool = True
@@ -314,112 +384,15 @@ class PlainConvUNet(Settings):
   num_classes: int = 1
   deep_supervision: bool = False
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               skip_keep: jax.Array | None = None) -> jax.Array | list[jax.Array]:
-    del train  # No dropout, no batch statistics.
-    check_input(x, self.strides, len(self.strides[0]))
-    skips = PlainConvEncoder(self.features_per_stage, self.kernel_sizes, self.strides,
-                             self.n_conv_per_stage, self.conv_bias, self.norm_eps,
-                             self.negative_slope, self.nonlin_first, **settings(self),
-                             name="encoder")(x)
-    return UNetDecoder(self.features_per_stage, self.kernel_sizes, self.strides,
-                       self.n_conv_per_stage_decoder, self.conv_bias, self.norm_eps,
-                       self.negative_slope, self.num_classes, self.deep_supervision,
-                       self.nonlin_first, **settings(self), name="decoder")(
-                           keep_skips(skips, skip_keep))
+  def encoder_fields(self) -> dict[str, Any]:
+    return {"n_per_stage": self.n_conv_per_stage, "residual": False,
+            "nonlin_first": self.nonlin_first}
 
 
-def avg_pool(x: jax.Array, strides: Sequence[int]) -> jax.Array:
-  """AvgPoolNd(kernel=stride, stride=stride) on sizes divisible by the stride."""
-  if all(s == 1 for s in strides):
-    return x
-  shape = [x.shape[0]]
-  for n, s in zip(x.shape[1:-1], strides):
-    shape += [n // s, s]
-  y = x.reshape(tuple(shape) + (x.shape[-1],))
-  return jnp.mean(y, axis=tuple(range(2, 2 * len(strides) + 1, 2)), dtype=jnp.float32).astype(
-      x.dtype)
-
-
-class BasicBlockD(Settings):
-  """ResNet-D basic block: conv1 (strided, norm, nonlin), conv2 (norm), skip (avg pool by the
-  stride, then 1x1 conv + norm where channels change), nonlin after the sum."""
-  features: int
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  conv_bias: bool
-  norm_eps: float
-  negative_slope: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    nd = x.ndim - 2
-    residual = avg_pool(x, self.strides)
-    if x.shape[-1] != self.features:
-      residual = ConvNormAct(self.features, ones(nd), ones(nd), False, self.norm_eps, None,
-                             **settings(self), name="skip")(residual)
-    out = ConvNormAct(self.features, self.kernel_size, self.strides, self.conv_bias,
-                      self.norm_eps, self.negative_slope, **settings(self), name="conv1")(x)
-    out = ConvNormAct(self.features, self.kernel_size, ones(nd), self.conv_bias, self.norm_eps,
-                      None, zero_norm=True, **settings(self), name="conv2")(out)
-    return leaky_relu(out + residual.astype(out.dtype), self.negative_slope)
-
-
-class ResidualEncoder(Settings):
-  """ResidualEncoder: StackedConvs `stem` (1 conv, stride 1), then per stage `stage_{s}` its
-  BasicBlockD `block_{b}`; returns every stage's output."""
-  features_per_stage: tuple[int, ...]
-  kernel_sizes: tuple[tuple[int, ...], ...]
-  strides: tuple[tuple[int, ...], ...]
-  n_blocks_per_stage: tuple[int, ...]
-  conv_bias: bool
-  norm_eps: float
-  negative_slope: float
-  stem_channels: int | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
-    nd = x.ndim - 2
-    x = StackedConvs(1, self.stem_channels or self.features_per_stage[0], self.kernel_sizes[0],
-                     ones(nd), self.conv_bias, self.norm_eps, self.negative_slope,
-                     **settings(self), name="stem")(x)
-    skips = []
-    for s, feats in enumerate(self.features_per_stage):
-      x = ResidualStage(self.n_blocks_per_stage[s], feats, self.kernel_sizes[s], self.strides[s],
-                        self.conv_bias, self.norm_eps, self.negative_slope, **settings(self),
-                        name=f"stage_{s}")(x)
-      skips.append(x)
-    return skips
-
-
-class ResidualStage(Settings):
-  """StackedResidualBlocks: n BasicBlockD `block_{b}`, the first one strided."""
-  n: int
-  features: int
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  conv_bias: bool
-  norm_eps: float
-  negative_slope: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for b in range(self.n):
-      x = BasicBlockD(self.features, self.kernel_size,
-                      self.strides if b == 0 else ones(x.ndim - 2), self.conv_bias, self.norm_eps,
-                      self.negative_slope, **settings(self), name=f"block_{b}")(x)
-    return x
-
-
-class ResidualEncoderUNet(Settings):
+class ResidualEncoderUNet(NnUNet):
   """dynamic_network_architectures' ResidualEncoderUNet (nnU-Net ResEnc presets): stem conv,
   BasicBlockD stages, the plain UNetDecoder. Fields as `NnUNetPlan.arch` plus num_classes,
   deep_supervision, dtype, conv_impl; skip_keep as the U-Net's."""
-  n_stages: int
-  features_per_stage: tuple[int, ...]
-  kernel_sizes: tuple[tuple[int, ...], ...]
-  strides: tuple[tuple[int, ...], ...]
   n_blocks_per_stage: tuple[int, ...]
   n_conv_per_stage_decoder: tuple[int, ...]
   conv_bias: bool = True
@@ -429,19 +402,9 @@ class ResidualEncoderUNet(Settings):
   num_classes: int = 1
   deep_supervision: bool = False
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               skip_keep: jax.Array | None = None) -> jax.Array | list[jax.Array]:
-    del train
-    check_input(x, self.strides, len(self.strides[0]))
-    skips = ResidualEncoder(self.features_per_stage, self.kernel_sizes, self.strides,
-                            self.n_blocks_per_stage, self.conv_bias, self.norm_eps,
-                            self.negative_slope, self.stem_channels, **settings(self),
-                            name="encoder")(x)
-    return UNetDecoder(self.features_per_stage, self.kernel_sizes, self.strides,
-                       self.n_conv_per_stage_decoder, self.conv_bias, self.norm_eps,
-                       self.negative_slope, self.num_classes, self.deep_supervision,
-                       **settings(self), name="decoder")(keep_skips(skips, skip_keep))
+  def encoder_fields(self) -> dict[str, Any]:
+    return {"n_per_stage": self.n_blocks_per_stage, "residual": True,
+            "stem_channels": self.stem_channels, "nonlin_first": False}
 
 
 def build(plan, num_classes: int, deep_supervision: bool = False, dtype: Any = jnp.float32,
