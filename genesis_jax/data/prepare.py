@@ -10,13 +10,11 @@ and gives a byte-identical dataset.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import glob as globlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import pathlib
 import re
@@ -112,36 +110,6 @@ def _run_job(job: _Job, settings: sampling.CubeSettings, data_cfg: Any, seed: in
   return record, None
 
 
-def _run_jobs(todo: list[_Job], settings: sampling.CubeSettings, data_cfg: Any, seed: int,
-              total: int, progress: bool, workers: int):
-  """Yields (job, (record, error)); in `workers` spawned processes when > 0. Each shard depends
-  only on (seed, scan id), so the result does not depend on the worker count."""
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=total, initial=total - len(todo), desc="prepare", unit="scan")
-  try:
-    if workers <= 0 or len(todo) <= 1:
-      for job in todo:
-        yield job, _run_job(job, settings, data_cfg, seed)
-        if bar is not None:
-          bar.update()
-      return
-    context = multiprocessing.get_context("spawn")  # fork + threads (grain, XLA) can deadlock.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      futures = {pool.submit(_run_job, job, settings, data_cfg, seed): job for job in todo}
-      try:
-        for future in concurrent.futures.as_completed(futures):
-          yield futures[future], future.result()
-          if bar is not None:
-            bar.update()
-      finally:
-        pool.shutdown(cancel_futures=True)
-  finally:
-    if bar is not None:
-      bar.close()
-
-
 def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.PathLike, *,
             seed: int = 0, progress: bool = True) -> pathlib.Path:
   """Extracts cubes from every scan under `src_folder` into a prepared dataset at `out_dir`.
@@ -151,6 +119,7 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
   scans are skipped and reported (`data.on_error="skip"`) or raise (`"raise"`). Returns `out_dir`.
   """
   from genesis_jax.data import readers  # pylint: disable=import-outside-toplevel
+  from genesis_jax.data import prepare2d  # pylint: disable=import-outside-toplevel
 
   settings = sampling.CubeSettings.from_config(data_cfg)
   on_error = str(sampling.config_field(data_cfg, "on_error", "skip"))
@@ -199,13 +168,14 @@ def prepare(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | os.Path
     raise PrepareError(f"{next(j.path for j in jobs if j.key == key)}: {error}{SKIP_HINT}")
   for key in errors:
     records[key] = None
-  for job, (record, error) in _run_jobs(todo, settings, data_cfg, seed, len(scans), progress,
-                                        int(sampling.config_field(data_cfg, "num_workers", 0))):
+  # Each shard depends only on (seed, scan id): the result does not depend on the worker count.
+  for job, (record, error) in prepare2d.run_jobs(
+      _run_job, todo, (settings, data_cfg, seed),
+      int(sampling.config_field(data_cfg, "num_workers", 0)), progress, total=len(scans),
+      desc="prepare", unit="scan"):
     if error is not None:
       if on_error == "raise":
-        named = str(job.path) in str(error) or job.path.name in str(error)
-        raise PrepareError(("" if named else f"{job.path}: {type(error).__name__}: ")
-                           + f"{error}{SKIP_HINT}") from error
+        raise PrepareError(f"{prepare2d.error_message(job.path, error)}{SKIP_HINT}") from error
       logging.warning("prepare: skipping %s: %s", job.path, error)
       errors[job.key] = f"{type(error).__name__}: {error}"
     records[job.key] = record

@@ -217,33 +217,43 @@ def _run_chunk(chunk: _Chunk, settings: ImageSettings, seed: int, on_error: str
   return record, None
 
 
-def _run_chunks(todo: list[_Chunk], settings: ImageSettings, seed: int, on_error: str,
-                workers: int, progress: bool, total: int):
+def run_jobs(fn, todo: list, args: tuple, workers: int, progress: bool, *, total: int, desc: str,
+             unit: str, weight=lambda item: 1):
+  """Yields (item, fn(item, *args)) for each item of `todo` (both prepares' shard jobs): here in
+  order when workers <= 0 or there is one item, else in `workers` spawned processes as they
+  finish (fn must be a module-level function). progress: a tqdm bar over `total`, starting at what
+  `todo` leaves out, each item advancing it by weight(item)."""
   bar = None
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=total, initial=total - sum(len(c.members) for c in todo),
-               desc="prepare images", unit="image")
+    bar = tqdm(total=total, initial=total - sum(weight(item) for item in todo), desc=desc,
+               unit=unit)
   try:
     if workers <= 0 or len(todo) <= 1:
-      for chunk in todo:
-        yield chunk, _run_chunk(chunk, settings, seed, on_error)
+      for item in todo:
+        yield item, fn(item, *args)
         if bar is not None:
-          bar.update(len(chunk.members))
+          bar.update(weight(item))
       return
     context = multiprocessing.get_context("spawn")  # fork + threads (grain, XLA) can deadlock.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      futures = {pool.submit(_run_chunk, c, settings, seed, on_error): c for c in todo}
+      futures = {pool.submit(fn, item, *args): item for item in todo}
       try:
         for future in concurrent.futures.as_completed(futures):
           yield futures[future], future.result()
           if bar is not None:
-            bar.update(len(futures[future].members))
+            bar.update(weight(futures[future]))
       finally:
         pool.shutdown(cancel_futures=True)
   finally:
     if bar is not None:
       bar.close()
+
+
+def error_message(path: str | os.PathLike, error: BaseException) -> str:
+  """`error`'s message, led by the path and the error's type unless it names the file already."""
+  named = str(path) in str(error) or pathlib.Path(path).name in str(error)
+  return ("" if named else f"{path}: {type(error).__name__}: ") + str(error)
 
 
 def split_images(rels: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -311,14 +321,13 @@ def prepare_images(data_cfg: Any, src_folder: str | os.PathLike, out_dir: str | 
       if records[c.key] is not None and records[c.key]["skipped"]:
         rel, reason = next(iter(records[c.key]["skipped"].items()))
         raise PrepareImagesError(f"{src_folder / rel}: {reason}{SKIP_HINT}")
-  for chunk, (record, failure) in _run_chunks(
-      todo, settings, seed, on_error, int(sampling.config_field(data_cfg, "num_workers", 0)),
-      progress, len(paths)):
+  for chunk, (record, failure) in run_jobs(
+      _run_chunk, todo, (settings, seed, on_error),
+      int(sampling.config_field(data_cfg, "num_workers", 0)), progress, total=len(paths),
+      desc="prepare images", unit="image", weight=lambda c: len(c.members)):
     if failure is not None:
       path, error = failure
-      named = path in str(error) or pathlib.Path(path).name in str(error)
-      raise PrepareImagesError(("" if named else f"{path}: {type(error).__name__}: ")
-                               + f"{error}{SKIP_HINT}") from error
+      raise PrepareImagesError(f"{error_message(path, error)}{SKIP_HINT}") from error
     records[chunk.key] = record
   _remove_orphans(shard_dir, {c.key for c in chunks})
 
