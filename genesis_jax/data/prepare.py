@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import glob as globlib
 import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -81,13 +80,9 @@ class _Job:
 
 def _reusable_record(job: _Job) -> dict | None:
   """The sidecar of an up-to-date shard (or of a scan known to be bad), else None."""
-  if not job.sidecar.exists():
-    return None
-  try:
-    record = json.loads(job.sidecar.read_text())
-  except json.JSONDecodeError:
-    return None
-  if {k: record.get(k) for k in job.identity} != job.identity:
+  from genesis_jax.data import prepare2d  # pylint: disable=import-outside-toplevel
+  record = prepare2d.matching_sidecar(job.sidecar, job.identity)
+  if record is None:
     return None
   return record if "error" in record or job.npy.exists() else None
 

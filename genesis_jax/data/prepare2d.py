@@ -176,14 +176,21 @@ class _Chunk:
   identity: dict
 
 
-def _reusable(chunk: _Chunk) -> dict | None:
-  if not chunk.sidecar.exists():
+def matching_sidecar(sidecar: pathlib.Path, identity: dict) -> dict | None:
+  """A shard's sidecar record if it exists, parses and matches `identity` (what made the shard:
+  settings, source files, seed) on every key of it, else None (the shard must be redone)."""
+  if not sidecar.exists():
     return None
   try:
-    record = json.loads(chunk.sidecar.read_text())
+    record = json.loads(sidecar.read_text())
   except json.JSONDecodeError:
     return None
-  if {k: record.get(k) for k in chunk.identity} != chunk.identity or record.get("retry"):
+  return record if {k: record.get(k) for k in identity} == identity else None
+
+
+def _reusable(chunk: _Chunk) -> dict | None:
+  record = matching_sidecar(chunk.sidecar, chunk.identity)
+  if record is None or record.get("retry"):
     return None
   return record if record["count"] == 0 or chunk.npy.exists() else None
 
