@@ -154,9 +154,10 @@ def get_config(variant: str = ""):
   return c
 
 
-# The arm the `:faithful_budget` sweep runs beside scratch: set by the registered rule (lower mean
-# best validation loss over the `:faithful` NCC trials) once those trials have run.
-FAITHFUL_BUDGET_ARM = None
+# The arm the `:faithful_budget` sweep runs beside scratch, set by the registered rule (lower mean
+# best validation loss over the `:faithful` NCC trials): genesis_fix 0.5155 against genesis 0.7259
+# (runs/experiment_faithful, session 8, all 5 NCC trials of both arms finished).
+FAITHFUL_BUDGET_ARM = "genesis_fix"
 
 
 def faithful_setup(c) -> None:

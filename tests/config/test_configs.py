@@ -10,7 +10,8 @@ from genesis_jax.experiments import trials
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long",
-                                      "faithful", "faithful_gpu", "nnunet", "2d3d"],
+                                      "faithful", "faithful_gpu", "faithful_budget", "nnunet",
+                                      "2d3d"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
             "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"],
             "pretrain_xray2d.py": ["folder"]}
@@ -77,8 +78,12 @@ def test_pretrain_variants(monkeypatch):
   config.experiment.arms.genesis_fix.init = "@pretrian"
   with pytest.raises(ValueError, match="use '@pretrain', '@pretrain:<variant>'"):
     validate.validate(config)
-  with pytest.raises(ValueError, match="FAITHFUL_BUDGET_ARM"):
-    loading.load_config_file("configs/experiment_phantom.py:faithful_budget")
+  budget = loading.load_config_file("configs/experiment_phantom.py:faithful_budget")
+  validate.validate(budget)
+  trials.check_trial_configs(budget)
+  assert set(budget.experiment.arms.keys()) == {
+      "scratch", "scratch_2", "scratch_4", "genesis_fix", "genesis_fix_2", "genesis_fix_4"}
+  assert budget.experiment.arms.genesis_fix_2.init == "@pretrain:fix"
 
 
 def test_lung_rules_need_ct():
