@@ -179,16 +179,22 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127)]
 
 
-def draw_chart(summary: dict) -> Image.Image:
-  """One panel per task: every trial as a dot, the mean as a bar, ± one std as a whisker."""
+def panel_layout(summary: dict):
+  """(tasks, panel x starts, arm colours) shared by the charts: one panel per task, wide enough
+  for each arm's label and "mean±std" line (~95 px per arm)."""
   tasks = list(summary["tasks"].items())
-  # Wide enough for each arm's label and "mean±std" line (~95 px per arm).
   widths = [max(PANEL_W, MARGIN_L + 12 + 95 * len(entry["arms"])) for _, entry in tasks]
   starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+  colour = {arm: COLOURS[i % len(COLOURS)] for i, arm in enumerate(summary["arms"])}
+  return tasks, starts, colour
+
+
+def draw_chart(summary: dict) -> Image.Image:
+  """One panel per task: every trial as a dot, the mean as a bar, ± one std as a whisker."""
+  tasks, starts, colour = panel_layout(summary)
   img = Image.new("RGB", (int(starts[-1]), PANEL_H), "white")
   d = ImageDraw.Draw(img)
   font, small = visualize.font(14), visualize.font(11)
-  colour = {arm: COLOURS[i % len(COLOURS)] for i, arm in enumerate(summary["arms"])}
   for p, (task, entry) in enumerate(tasks):
     s = entry["scale"]
     x0, x1 = int(starts[p]) + MARGIN_L, int(starts[p + 1]) - 12
@@ -245,14 +251,11 @@ def draw_bars(summary: dict, test: str = "welch") -> Image.Image:
   mannwhitney p) against its baseline (experiment.compare, else the task's baseline arm). The
   footer names each arm's baseline. The value axis starts below the lowest mean - std, not at 0,
   so that differences of a few points stay visible; it is labelled at the left."""
-  tasks = list(summary["tasks"].items())
-  widths = [max(PANEL_W, MARGIN_L + 12 + 95 * len(entry["arms"])) for _, entry in tasks]
-  starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+  tasks, starts, colour = panel_layout(summary)
   footer = 20 + 16 * len(tasks)
   img = Image.new("RGB", (int(starts[-1]), PANEL_H + footer), "white")
   d = ImageDraw.Draw(img)
   font, small = visualize.font(14), visualize.font(11)
-  colour = {arm: COLOURS[i % len(COLOURS)] for i, arm in enumerate(summary["arms"])}
   for p, (task, entry) in enumerate(tasks):
     s = entry["scale"]
     x0, x1 = int(starts[p]) + MARGIN_L, int(starts[p + 1]) - 12
