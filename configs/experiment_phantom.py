@@ -62,6 +62,24 @@ fix. REGISTERED on 2026-12-01 before any of its trials ran; reported whatever it
   and 4 labelled training subjects (`data.train_subset`), 5 trials each, same rule; the 6-subject
   points are the `:faithful` NCC arms, reused.
 
+Variant ":faithful_ncs" (issue 17, item 5 follow-up; the `:faithful` workdir). REGISTERED on
+2026-12-01, after the `:faithful` NCS result (both Genesis arms IoU 0 in 10/10 trials) and before
+any of these trials ran; reported whatever it shows. Question: is that zero the pre-training, or
+the protocol (the restoration output conv kept as the segmentation head; 100 steps)?
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:faithful_ncs \
+      --workdir runs/experiment_faithful   # table in <workdir>/results_faithful_ncs.{md,json,png}
+
+- Task: `:faithful`'s NCS (configs/finetune_ncs.py:faithful, patience 10, 4 test subjects).
+- Arms, 5 trials each, seeds 0-4, the same split: the `:faithful` NCS arms reused (scratch,
+  genesis, genesis_fix: keep head, 100 steps); genesis_newhead and genesis_fix_newhead (the same
+  weights, the 1x1 output conv re-initialised: `finetune.keep_head=False`, 100 steps); at 200
+  steps: scratch_200, genesis_200 (head kept) and genesis_newhead_200.
+- Selection as `:faithful` (validation loss; the test split read once by the selected checkpoint).
+- Tests (Welch, Mann-Whitney, two-sided): genesis_newhead vs scratch, genesis_fix_newhead vs
+  scratch, genesis_newhead vs genesis (the head's effect), genesis_200 vs scratch_200,
+  genesis_newhead_200 vs scratch_200.
+
 Variant ":faithful_gpu" (issue 17, item 6; a new workdir, a GPU): `:faithful` at the original's
 scale where a phantom allows it: the full-width network (model.width 32), 64x64x32 cubes for
 pre-training and both tasks, bfloat16 compute, 3,000 pre-training steps per pre-training, NCS at
@@ -132,10 +150,12 @@ def get_config(variant: str = ""):
     c.experiment.arms = {"scratch": arm(""), "genesis": arm("@pretrain"),
                          "scratch_dice": arm("", dice), "genesis_dice": arm("@pretrain", dice)}
     c.experiment.compare = (("genesis", "scratch"), ("genesis_dice", "scratch_dice"))
-  elif variant in ("faithful", "faithful_budget", "faithful_gpu"):
+  elif variant in ("faithful", "faithful_budget", "faithful_gpu", "faithful_ncs"):
     faithful_setup(c)
     if variant == "faithful_budget":
       faithful_budget(c)
+    if variant == "faithful_ncs":
+      faithful_ncs(c)
     if variant == "faithful_gpu":
       faithful_gpu(c)
   elif variant == "nnunet":
@@ -150,7 +170,7 @@ def get_config(variant: str = ""):
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
                              f"(known: diagnose, budget, levels, ncs_dice, long, faithful, "
-                             f"faithful_budget, faithful_gpu, nnunet, 2d3d).")
+                             f"faithful_budget, faithful_ncs, faithful_gpu, nnunet, 2d3d).")
   return c
 
 
@@ -195,6 +215,24 @@ def faithful_budget(c) -> None:
     pairs.append((f"{FAITHFUL_BUDGET_ARM}{suffix}", f"scratch{suffix}"))
   c.experiment.arms = arms
   c.experiment.compare = tuple(pairs)
+
+
+def faithful_ncs(c) -> None:
+  """`:faithful_ncs`: the `:faithful` NCS arms with the output conv re-initialised and at 200
+  steps (see the module docstring)."""
+  c.experiment.report = "results_faithful_ncs"
+  c.experiment.tasks = {"finetune_ncs": c.experiment.tasks["finetune_ncs"]}
+  new_head = {"finetune.keep_head": False}
+  longer = {"num_steps": 200}
+  c.experiment.arms = {
+      "scratch": arm(""), "genesis": arm("@pretrain"), "genesis_fix": arm("@pretrain:fix"),
+      "genesis_newhead": arm("@pretrain", new_head),
+      "genesis_fix_newhead": arm("@pretrain:fix", new_head),
+      "scratch_200": arm("", longer), "genesis_200": arm("@pretrain", longer),
+      "genesis_newhead_200": arm("@pretrain", {**new_head, **longer})}
+  c.experiment.compare = (("genesis_newhead", "scratch"), ("genesis_fix_newhead", "scratch"),
+                          ("genesis_newhead", "genesis"), ("genesis_200", "scratch_200"),
+                          ("genesis_newhead_200", "scratch_200"))
 
 
 def faithful_gpu(c) -> None:

@@ -10,7 +10,8 @@ from genesis_jax.experiments import trials
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long",
-                                      "faithful", "faithful_gpu", "faithful_budget", "nnunet",
+                                      "faithful", "faithful_gpu", "faithful_budget", "faithful_ncs",
+                                      "nnunet",
                                       "2d3d"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
             "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"],
@@ -84,6 +85,30 @@ def test_pretrain_variants(monkeypatch):
   assert set(budget.experiment.arms.keys()) == {
       "scratch", "scratch_2", "scratch_4", "genesis_fix", "genesis_fix_2", "genesis_fix_4"}
   assert budget.experiment.arms.genesis_fix_2.init == "@pretrain:fix"
+
+
+def test_faithful_ncs_reuses_the_faithful_ncs_trials(monkeypatch):
+  """The registered follow-up's reused arms ask for exactly the `:faithful` NCS trials' configs
+  (so their finished trials are reused, not rerun); the new arms differ only in what they name."""
+  monkeypatch.chdir(REPO)
+  base = loading.load_config_file("configs/experiment_phantom.py:faithful")
+  ncs = loading.load_config_file("configs/experiment_phantom.py:faithful_ncs")
+  validate.validate(ncs)
+  trials.check_trial_configs(ncs)
+  assert list(ncs.experiment.tasks.keys()) == ["finetune_ncs"]
+
+  def cfg(exp, name):
+    t = exp.experiment.tasks.finetune_ncs
+    return trials.task_config(exp.experiment, str(t.config), t.get("overrides"),
+                              exp.experiment.arms[name].get("overrides"))
+
+  for name in ("scratch", "genesis", "genesis_fix"):
+    assert cfg(ncs, name).to_dict() == cfg(base, name).to_dict()
+    assert ncs.experiment.arms[name].init == base.experiment.arms[name].init
+  new = cfg(ncs, "genesis_newhead_200")
+  assert (new.finetune.keep_head, new.num_steps) == (False, 200)
+  assert cfg(ncs, "genesis_200").finetune.keep_head is True
+  assert cfg(ncs, "genesis_newhead").num_steps == 100
 
 
 def test_lung_rules_need_ct():
