@@ -160,6 +160,8 @@ def quiet_library_logs() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # Root level too, under absl's handler.
   for name in LIBRARY_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
+  from genesis_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+  checkpoints.install_quiet_hooks()  # Orbax's harmless restore WARNINGs too (e.g. in predict).
 
 
 def main(argv: list[str]) -> None:

@@ -89,15 +89,23 @@ def write_probe_cause(directory: pathlib.Path, *, sync: bool = True) -> str | No
   return None
 
 
+# Orbax's WARNING when a checkpointer restores one item's directory (weights/transfer.py reads
+# <step>/state, whose _CHECKPOINT_METADATA sits a level up): harmless, said on every restore.
+BENIGN_ORBAX_WARNINGS = ("Metadata file does not exist",)
+
+
 def quiet_orbax_errors(record: logging.LogRecord) -> bool:
   """Log filter: drops the ERROR records (with tracebacks) that Orbax's threads and their asyncio
-  tasks log for a failed save or restore, unless library logs were asked for (--verbosity); the
-  run reports the failure as one CheckpointError instead."""
-  if record.levelno < logging.ERROR:
+  tasks log for a failed save or restore, and Orbax's harmless BENIGN_ORBAX_WARNINGS, unless
+  library logs were asked for (--verbosity); the run reports a failure as one CheckpointError."""
+  if logging.getLogger("absl").getEffectiveLevel() <= logging.INFO:
     return True
+  if record.levelno < logging.ERROR:
+    return not ("orbax" in record.pathname
+                and str(record.msg).startswith(BENIGN_ORBAX_WARNINGS))
   from_orbax = "orbax" in record.pathname or (
       record.name == "asyncio" and "orbax" in record.getMessage())
-  return not from_orbax or logging.getLogger("absl").getEffectiveLevel() <= logging.INFO
+  return not from_orbax
 
 
 def is_orbax_teardown_noise(unraisable) -> bool:
