@@ -6,10 +6,14 @@
 
 The ChestX-ray8-style task on phantom radiographs (genesis_jax/data/phantoms/drr.py): PA and
 lateral DRRs of 120 phantom subjects (phantom_seed 1, as the 3D target tasks; a quarter drawn
-without nodules), labels from each phantom's own nodules: Nodule, Multiple_Nodules, Large_Nodule,
-Small_Nodule, Right_Nodule, Left_Nodule ("No Finding" = none). Split by subject: 64 train, 16
+without nodules), 10 findings: from each phantom's own nodules Nodule, Multiple_Nodules,
+Large_Nodule, Small_Nodule, Right_Nodule, Left_Nodule, and the radiograph findings drawn into a
+copy of its CT for the radiographs only (radiograph_findings.py; each in half the subjects): Mass,
+Cardiomegaly, Effusion, Consolidation ("No Finding" = none). Split by subject: 64 train, 16
 validation, 40 test. Images letterboxed to 64 x 64; a 2D Genesis encoder (width 8) + GAP ->
-Dense 1024 -> ReLU -> Dense 6, a sigmoid + BCE per finding; Adam 1e-3, early stop on mean AUC.
+Dense 1024 -> ReLU -> Dense 10, a sigmoid + BCE per finding; Adam 1e-3, early stop on mean AUC.
+How separable the findings are from raw pixels (a logistic-regression baseline per finding):
+bench/drr_separability.py.
 
 Use a folder of your radiographs instead with --config.data.source=folder
 --config.data.path=DIR (DIR/labels.csv in ChestX-ray8 columns, images in DIR/images/ or
@@ -22,7 +26,7 @@ from genesis_jax.config import schema as defaults
 def get_config(variant: str = ""):
   c = defaults.finetune_config()
   c.task.kind = "multilabel"
-  c.task.n_class = 6
+  c.task.n_class = 10  # len(genesis_jax.data.phantoms.drr.FINDINGS)
   c.model.spatial_dims = 2
   c.model.width = 8
   c.data.source = "phantom_xray"

@@ -205,3 +205,68 @@ def test_cli_writes_the_radiograph_set(tmp_path, capsys):
                  "--xray"])
   assert "4 radiographs of 2 subjects" in capsys.readouterr().out
   assert (tmp_path / "xr" / "labelsTr" / "phantom_001_lateral.png").is_file()
+
+
+# The 3D phantom of seed 3 at 48 x 48 x 32 (tissue codes and nodule mask), as generated before the
+# radiograph findings existed: the x-ray path must leave the 3D NCC/NCS phantoms as they were.
+PHANTOM_3_SHA256 = "22ae586cb659c6ceddddf1246a73cbb087bd1ccec8efded77c230a4386e7d7fa"
+FULL = (128, 128, 96)
+
+
+def test_radiograph_findings_leave_the_3d_phantom_byte_identical():
+  import hashlib
+  from genesis_jax.data.phantoms import subject
+  ph = make_phantom(3, SHAPE)
+  assert hashlib.sha256(ph.tissue.tobytes() + ph.nodule_mask.tobytes()).hexdigest() == (
+      PHANTOM_3_SHA256)
+  base, xr, lesions = xray_dataset.subject_phantom(0, 1, FULL, findings_prevalence=1.0)
+  fresh = make_phantom(subject.subject_seed(1, 0), FULL)
+  assert lesions and xr.volume is not base.volume
+  for a, b in ((base.volume.data, fresh.volume.data), (base.tissue, fresh.tissue),
+               (base.nodule_mask, fresh.nodule_mask)):
+    assert a.tobytes() == b.tobytes()  # The 3D phantom is not drawn into.
+  assert base.candidates == fresh.candidates
+  # Prevalence 0: the radiographs are those of the plain 3D phantom, with its nodule findings.
+  plain = xray_dataset.make_subject_drrs(0, 1, SHAPE, ("pa",), findings_prevalence=0.0)["pa"]
+  ph0 = xray_dataset.subject_phantom(0, 1, SHAPE, findings_prevalence=0.0)[1]
+  direct = drr.make_drr(ph0, "pa", np.random.default_rng([1, 0, 23, 0]))
+  np.testing.assert_array_equal(plain.log_integral, direct.log_integral)
+  assert plain.findings == drr.findings(ph0.candidates, SHAPE)
+
+
+@pytest.mark.parametrize("index", [1, 5])
+def test_radiograph_findings_agree_with_what_was_drawn_into_the_ct(index):
+  base, xr, lesions = xray_dataset.subject_phantom(index, 1, FULL, findings_prevalence=1.0)
+  names = [les.name for les in lesions]
+  assert {"Cardiomegaly", "Effusion", "Consolidation"} <= set(names)
+  from genesis_jax.data.phantoms import radiograph_findings as rf
+  lung = np.isin(base.tissue, rf.PAINTABLE)
+  changed = xr.volume.data != base.volume.data
+  assert not (changed & ~lung).any()  # Only lung is replaced: nodules, bone, heart stay.
+  assert (xr.nodule_mask == base.nodule_mask).all() and xr.candidates == base.candidates
+  spacing = np.asarray(base.volume.spacing)
+  centre = (np.asarray(FULL) - 1) / 2
+  taken = np.zeros(FULL, bool)
+  lung_x = np.flatnonzero(lung.any(axis=(1, 2)))
+  lung_z = np.flatnonzero(lung.any(axis=(0, 1)))
+  for les in lesions:
+    assert les.mask.any() and not (les.mask & taken).any() and (les.mask <= lung).all()
+    taken |= les.mask
+    idx = np.argwhere(les.mask)
+    mean_hu = float(xr.volume.data[les.mask].mean())
+    assert mean_hu > float(base.volume.data[les.mask].mean()) + 300  # Denser than the lung was.
+    if les.side:  # One lung: the patient's right is +x.
+      assert np.all(np.sign(idx[:, 0] - centre[0]) == les.side)
+    if les.name == "Mass":
+      diameter = (6 * len(idx) * float(np.prod(spacing)) / np.pi) ** (1 / 3)
+      assert diameter >= rf.MASS_MM and mean_hu > 0
+    if les.name == "Cardiomegaly":  # Heart wider than half the chest (the lungs' outer width).
+      assert np.ptp(idx[:, 0]) >= 0.5 * np.ptp(lung_x)
+      assert idx[:, 2].mean() < lung_z.mean()  # The lower chest.
+    if les.name == "Effusion":  # Fluid at the base, below half the lung's height.
+      assert idx[:, 2].max() <= lung_z[0] + 0.5 * 1.5 * np.ptp(lung_z) + 1
+      assert abs(mean_hu - 10) < 40
+  image = xray_dataset.make_subject_drrs(index, 1, FULL, ("pa",), findings_prevalence=1.0)["pa"]
+  assert image.findings == drr.findings(base.candidates, FULL) + tuple(
+      f for f in rf.RADIOGRAPH_FINDINGS if f in names)
+  assert set(image.findings) <= set(drr.FINDINGS)

@@ -53,7 +53,7 @@ def test_multilabel_finetune_on_drrs_end_to_end(tmp_path, xrays):
   summary = finetune.train(config, tmp_path)
   ev = json.loads((tmp_path / "eval.json").read_text())
   assert ev["kind"] == "multilabel" and ev["n"] == 4  # 2 test subjects x 2 views.
-  assert ev["classes"] == list(drr.FINDINGS) and len(ev["auc_per_class"]) == 6
+  assert ev["classes"] == list(drr.FINDINGS) and len(ev["auc_per_class"]) == len(drr.FINDINGS)
   defined = [a for a in ev["auc_per_class"] if a is not None]
   assert defined and ev["auc"] == pytest.approx(np.mean(defined))
   assert summary["test"]["auc"] == ev["auc"] and summary["monitor"] == "auc"

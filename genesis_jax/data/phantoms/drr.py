@@ -19,9 +19,11 @@ bottom), as a PNG's width and height; `png_array` gives the (row, column) array 
 holds. The nodule mask of a view is the projection of the 3D nodule mask: a pixel is 1 when any
 nodule voxel lies on its ray.
 
-Per-image findings come from the phantom's own nodule list (`Phantom.candidates` with label 1),
-never from pixels: `findings()` and FINDINGS. `write_xray_dataset` (xray_dataset.py) writes the
-images, masks and a ChestX-ray8-style CSV.
+Per-image findings come from the phantom, never from pixels: the nodule findings from its own
+nodule list (`Phantom.candidates` with label 1, `findings()`), and the radiograph findings
+(Cardiomegaly, Effusion, Mass, Consolidation) from the lesions radiograph_findings.py drew into a
+copy of its CT for the radiograph only (`lesion_findings()`); FINDINGS lists both, in class order.
+`write_xray_dataset` (xray_dataset.py) writes the images, masks and a ChestX-ray8-style CSV.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from genesis_jax import errors
+from genesis_jax.data.phantoms.radiograph_findings import RADIOGRAPH_FINDINGS
 
 MU_WATER_PER_MM = 0.0206  # Linear attenuation of water at about 60 keV, 1/mm.
 # View -> the volume axis the beam runs along (x = 0 left-right, y = 1 anterior-posterior).
@@ -39,9 +42,11 @@ VIEWS = {"pa": 1, "lateral": 0}
 # ChestX-ray8's "View Position" column for each view.
 VIEW_POSITION = {"pa": "PA", "lateral": "LL"}
 # Findings of the multi-label task, in class order. Large/Small: nodule diameter >= or <
-# LARGE_NODULE_MM; Right/Left: the lung (patient side) a nodule's centre lies in.
-FINDINGS = ("Nodule", "Multiple_Nodules", "Large_Nodule", "Small_Nodule", "Right_Nodule",
-            "Left_Nodule")
+# LARGE_NODULE_MM; Right/Left: the lung (patient side) a nodule's centre lies in. Then the
+# radiograph findings drawn for the DRRs only (radiograph_findings.py).
+NODULE_FINDINGS = ("Nodule", "Multiple_Nodules", "Large_Nodule", "Small_Nodule", "Right_Nodule",
+                   "Left_Nodule")
+FINDINGS = NODULE_FINDINGS + RADIOGRAPH_FINDINGS
 NO_FINDING = "No Finding"
 LARGE_NODULE_MM = 10.0
 DISPLAY_PERCENTILES = (0.5, 99.5)
@@ -153,6 +158,12 @@ def findings(candidates, shape: Sequence[int], large_mm: float = LARGE_NODULE_MM
   return tuple(f for f in FINDINGS if f in found)
 
 
+def lesion_findings(lesions) -> tuple[str, ...]:
+  """The radiograph findings of the lesions drawn into a phantom's CT (radiograph_findings.py)."""
+  names = {les.name for les in lesions}
+  return tuple(f for f in RADIOGRAPH_FINDINGS if f in names)
+
+
 def finding_labels(found: Sequence[str]) -> str:
   """ChestX-ray8's "Finding Labels" cell: findings joined by "|", or "No Finding"."""
   return "|".join(found) if found else NO_FINDING
@@ -165,9 +176,11 @@ def parse_finding_labels(cell: str) -> tuple[str, ...]:
 
 
 def make_drr(phantom, view: str, rng: np.random.Generator, *, i0: float = 2e4,
-             electronic_sigma: float = 5.0, large_mm: float = LARGE_NODULE_MM) -> DRR:
+             electronic_sigma: float = 5.0, large_mm: float = LARGE_NODULE_MM,
+             lesions=()) -> DRR:
   """The `view` radiograph of a phantom with square pixels, its projected nodule mask and its
-  findings (see the module docstring for each step)."""
+  findings (see the module docstring for each step); `lesions` are the radiograph findings
+  already drawn into `phantom`'s CT (radiograph_findings.add_findings), for the labels."""
   vol = phantom.volume
   spacing = np.asarray(vol.spacing, np.float64)
   axis = VIEWS[check_view(view)]
@@ -177,4 +190,5 @@ def make_drr(phantom, view: str, rng: np.random.Generator, *, i0: float = 2e4,
   p_hat = display_orientation(detector(integral, rng, i0, electronic_sigma))
   return DRR(image=to_unit(p_hat), log_integral=p_hat, mask=display_orientation(mask),
              spacing=pixel, view=view,
-             findings=findings(phantom.candidates, vol.data.shape, large_mm))
+             findings=findings(phantom.candidates, vol.data.shape, large_mm)
+             + lesion_findings(lesions))

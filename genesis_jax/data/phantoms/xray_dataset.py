@@ -12,7 +12,11 @@ projected nodule masks in an MSD / nnU-Net 2D layout.
 Case <case> is `phantom_XXX_<view>` (patient phantom_XXX, view "pa" or "lateral"); subject i is
 the 3D phantom `make_phantom(subject_seed(seed, i), shape)`, except that a share
 `nodule_free_fraction` of subjects (drawn per subject from the seed) is generated without
-nodules, so that "No Finding" images exist. Both views of a subject carry the subject's findings.
+nodules, so that "No Finding" images exist. Each subject's radiograph findings (Cardiomegaly,
+Effusion, Mass, Consolidation; each with probability `findings_prevalence`, drawn with a generator
+of their own) are drawn into a copy of its CT before projection (radiograph_findings.py): the 3D
+phantom, and so the 3D NCC/NCS tasks, are unchanged. Both views of a subject carry the subject's
+findings; the masks are the projected nodules only.
 
 Kill-safe: every file goes through data/store's atomic writer and the manifest lists each case
 once its files are complete, so a rerun writes only what is missing; labels.csv and dataset.json
@@ -34,9 +38,10 @@ import numpy as np
 from genesis_jax import errors
 from genesis_jax.data import store
 from genesis_jax.data.phantoms import drr as drr_lib
-from genesis_jax.data.phantoms import subject
+from genesis_jax.data.phantoms import radiograph_findings, subject
 
-VERSION = 1
+# 2: the radiograph findings (Cardiomegaly, Effusion, Mass, Consolidation) drawn into the CT.
+VERSION = 2
 MANIFEST = "xray_manifest.json"
 LABELS_CSV = "labels.csv"
 CSV_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
@@ -47,11 +52,12 @@ def case_name(index: int, view: str) -> str:
 
 
 def _params(subjects: int, seed: int, shape, views, i0: float, nodule_free_fraction: float,
-            large_mm: float) -> dict:
+            large_mm: float, findings_prevalence: float) -> dict:
   return {"generator": "genesis_jax.data.phantoms.drr", "version": VERSION,
           "subjects": int(subjects), "seed": int(seed), "shape": [int(n) for n in shape],
           "views": list(views), "i0": float(i0),
-          "nodule_free_fraction": float(nodule_free_fraction), "large_mm": float(large_mm)}
+          "nodule_free_fraction": float(nodule_free_fraction), "large_mm": float(large_mm),
+          "findings_prevalence": float(findings_prevalence)}
 
 
 def _files(root: pathlib.Path, case: str) -> list[pathlib.Path]:
@@ -89,17 +95,30 @@ def _nodule_free(seed: int, index: int, fraction: float) -> bool:
   return bool(rng.uniform() < fraction)
 
 
-def make_subject_drrs(index: int, seed: int, shape, views, *, i0: float = 2e4,
-                      nodule_free_fraction: float = 0.25,
-                      large_mm: float = drr_lib.LARGE_NODULE_MM) -> dict[str, drr_lib.DRR]:
-  """{view: DRR} of subject `index` of the set drawn with `seed` (in memory, no files)."""
+def subject_phantom(index: int, seed: int, shape, *, nodule_free_fraction: float = 0.25,
+                    findings_prevalence: float = radiograph_findings.PREVALENCE):
+  """(the 3D phantom of subject `index`, the copy the radiographs project with the radiograph
+  findings drawn into it, the lesions drawn)."""
   free = _nodule_free(seed, index, nodule_free_fraction)
   ph = subject.make_phantom(subject.subject_seed(seed, index), shape,
                             n_nodules=0 if free else None)
+  rng = np.random.default_rng([int(seed), int(index), 29])
+  xr, lesions = radiograph_findings.add_findings(ph, rng, findings_prevalence)
+  return ph, xr, lesions
+
+
+def make_subject_drrs(index: int, seed: int, shape, views, *, i0: float = 2e4,
+                      nodule_free_fraction: float = 0.25,
+                      large_mm: float = drr_lib.LARGE_NODULE_MM,
+                      findings_prevalence: float = radiograph_findings.PREVALENCE
+                      ) -> dict[str, drr_lib.DRR]:
+  """{view: DRR} of subject `index` of the set drawn with `seed` (in memory, no files)."""
+  _, xr, lesions = subject_phantom(index, seed, shape, nodule_free_fraction=nodule_free_fraction,
+                                   findings_prevalence=findings_prevalence)
   out = {}
   for k, view in enumerate(views):
     rng = np.random.default_rng([int(seed), int(index), 23, k])
-    out[view] = drr_lib.make_drr(ph, view, rng, i0=i0, large_mm=large_mm)
+    out[view] = drr_lib.make_drr(xr, view, rng, i0=i0, large_mm=large_mm, lesions=lesions)
   return out
 
 
@@ -114,6 +133,7 @@ def write_xray_dataset(root, subjects: int, seed: int = 0, shape=(128, 128, 96),
                        views: Sequence[str] = ("pa", "lateral"), *, i0: float = 2e4,
                        nodule_free_fraction: float = 0.25,
                        large_mm: float = drr_lib.LARGE_NODULE_MM,
+                       findings_prevalence: float = radiograph_findings.PREVALENCE,
                        progress=None) -> pathlib.Path:
   """Writes (or completes, or reuses) the DRR data set at `root`; returns its path.
 
@@ -129,7 +149,11 @@ def write_xray_dataset(root, subjects: int, seed: int = 0, shape=(128, 128, 96),
   if not 0.0 <= nodule_free_fraction <= 1.0:
     raise errors.ConfigError(f"write_xray_dataset({root}): nodule_free_fraction must be in "
                              f"[0, 1], got {nodule_free_fraction}.")
-  params = _params(subjects, seed, shape, views, i0, nodule_free_fraction, large_mm)
+  if not 0.0 <= findings_prevalence <= 1.0:
+    raise errors.ConfigError(f"write_xray_dataset({root}): findings_prevalence must be in "
+                             f"[0, 1], got {findings_prevalence}.")
+  params = _params(subjects, seed, shape, views, i0, nodule_free_fraction, large_mm,
+                   findings_prevalence)
   found = _load_manifest(root)
   if found is None and root.exists() and any(root.iterdir()):
     raise errors.ConfigError(f"{root} exists, is not empty and holds no {MANIFEST}: refusing to "
@@ -157,7 +181,8 @@ def write_xray_dataset(root, subjects: int, seed: int = 0, shape=(128, 128, 96),
       continue
     for view, image in make_subject_drrs(i, seed, shape, views, i0=i0,
                                          nodule_free_fraction=nodule_free_fraction,
-                                         large_mm=large_mm).items():
+                                         large_mm=large_mm,
+                                         findings_prevalence=findings_prevalence).items():
       case = case_name(i, view)
       png, label, flt = _files(root, case)
       store.write_bytes(png, png_bytes(image.image, 16))
