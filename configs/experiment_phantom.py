@@ -86,6 +86,17 @@ pre-training and both tasks, bfloat16 compute, 3,000 pre-training steps per pre-
 the task's 200 steps and 8 test subjects. Run it with `bench/gpu_experiment.sh`, which bounds the
 wall time and collects the report (it can be run again: finished work is reused).
 
+Variants ":2d3d" and ":xray" (issue 19; the `:faithful` workdir, REGISTERED on 2026-12-01 before
+any of their trials ran): the paper's 2D-vs-3D comparison on the `:faithful` NCC and NCS tasks
+(Scratch 2D, Genesis CT 2D, Genesis X-ray 2D, and `:faithful`'s Scratch 3D and Genesis CT 3D
+trials, reused), and the 2D arms on the built-in radiographs' multi-label task; see setup_2d3d
+and setup_xray below:
+
+  python -m genesis_jax.main --config configs/experiment_phantom.py:2d3d \\
+      --workdir runs/experiment_faithful   # <workdir>/results_2d3d.{md,json,png}, _bars.png
+  python -m genesis_jax.main --config configs/experiment_phantom.py:xray \\
+      --workdir runs/experiment_faithful   # <workdir>/results_xray.{md,json,png}
+
 Variant ":long" (NCC only, a new workdir): the same comparison after 2x longer pre-training
 (1,200 steps; the scratch arm repeats the main run's trials, a check of determinism):
 
@@ -162,6 +173,8 @@ def get_config(variant: str = ""):
     nnunet_setup(c)
   elif variant == "2d3d":
     setup_2d3d(c)
+  elif variant == "xray":
+    setup_xray(c)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = NCC
@@ -170,7 +183,8 @@ def get_config(variant: str = ""):
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
                              f"(known: diagnose, budget, levels, ncs_dice, long, faithful, "
-                             f"faithful_budget, faithful_ncs, faithful_gpu, nnunet, 2d3d).")
+                             f"faithful_budget, faithful_ncs, faithful_gpu, nnunet, 2d3d, "
+                             f"xray).")
   return c
 
 
@@ -294,35 +308,57 @@ USER_2D_OVERRIDES: dict = {}
 # tasks' (32, 32, 16)); segmentation trains on the cases' axial slices and is tested slice by
 # slice over each whole test volume; classification sees each candidate's central axial slice.
 TWO_D = {"model.spatial_dims": 2, "data.crop": (32, 32)}
+# The 2D pre-trainings' crops: the in-plane size of the `:faithful` 3D cubes (32 x 32 x 16) and of
+# the 2D arms' input. On CT the original's lung filter (under 15% of a crop at >= -150 HU) keeps
+# no 64 x 64 or 48 x 48 axial crop of a phantom (wider than a phantom lung: every crop holds chest
+# wall or mediastinum) and every 32 x 32 one. 480 shuffled blocks cover a 32 x 32 slice as the
+# original's 10,000 cover 64 x 64 x 32 (blocks of 1-3 pixels a side: 480 * 2 * 2 / 1,024 = 1.9
+# blocks per pixel, against 10,000 * 3.5 * 3.5 * 2 / 131,072 = 1.9).
+PRETRAIN_2D = {"data.crop": (32, 32), "corruption.local_blocks": 480}
+
+
+def pretrain_variants_2d() -> dict:
+  """The `:2d3d` and `:xray` pre-trainings: "ct2d" (configs/pretrain_phantom.py:faithful on 2D
+  axial slices) and "xray2d" (configs/pretrain_xray2d.py:faithful, the same optimiser recipe, on
+  the built-in radiographs), both at PRETRAIN_2D."""
+  return {"ct2d": nest({"model.spatial_dims": 2, **PRETRAIN_2D}),
+          "xray2d": {"config": "configs/pretrain_xray2d.py:faithful",
+                     "overrides": nest(PRETRAIN_2D)}}
 
 
 def setup_2d3d(c) -> None:
-  """`:2d3d` (issue 19; the main workdir, whose "scratch" and "genesis" trials and pre-training it
-  reuses): the paper's 3D-vs-2D comparison (poster Result 2) on the phantom NCC and NCS tasks.
+  """`:2d3d` (issue 19; the `:faithful` workdir, whose "scratch" and "genesis" trials and
+  pre-training it reuses): the paper's 3D-vs-2D comparison (poster Result 2) on the phantom NCC
+  and NCS tasks. Re-registered on the `:faithful` basis on 2026-12-01, before any of its trials
+  ran (it had never run; it used to reuse the Adam-recipe main workdir runs/experiment).
 
     python -m genesis_jax.main --config configs/experiment_phantom.py:2d3d \\
-        --workdir runs/experiment   # table and bar chart: <workdir>/results_2d3d{.md,.json,
-                                    # .png,_bars.png}
+        --workdir runs/experiment_faithful   # table and bar chart: <workdir>/results_2d3d{.md,
+                                             # .json,.png,_bars.png}
 
-  Arms: scratch_2d; genesis_ct_2d (2D Genesis on axial slices of the pre-training phantoms' CT:
-  configs/pretrain_phantom.py with model.spatial_dims=2, 64 x 64 crops, batch 16 and the 2D
-  local_blocks of configs/pretrain_xray2d.py, in <workdir>/pretrain_ct2d: the X-ray recipe, the
-  same 1,536 crops, on CT instead of radiographs); genesis_xray_2d
-  (configs/pretrain_xray2d.py: the phantoms' radiographs, in <workdir>/pretrain_xray2d);
-  scratch (Scratch 3D) and genesis (Genesis CT 3D: configs/pretrain_phantom.py), the main
-  experiment's arms; user_2d when USER_2D_WEIGHTS is set. The 2D arms apply a 2D model the way
-  the paper does: classification on the candidate's central axial slice (data.slices='axial';
-  'orthogonal' gives the three orthogonal central slices as 3 channels instead), segmentation
-  slice by slice along z, the predictions stacked into the volume's mask. Tests: each 2D arm
-  against scratch_2d, genesis against scratch (Welch and Mann-Whitney, two-sided); 5 trials.
+  - Tasks: exactly `:faithful`'s (faithful_setup): configs/finetune_ncc.py:faithful and
+    configs/finetune_ncs.py:faithful (100 steps, 4 test subjects, the output conv kept), both
+    with patience 10 evaluations; selection by validation loss, the test split read once.
+  - Arms: scratch (Scratch 3D) and genesis (Genesis CT 3D: configs/pretrain_phantom.py:faithful
+    in <workdir>/pretrain), the finished `:faithful` trials, reused; scratch_2d; genesis_ct_2d
+    (2D Genesis on axial CT slices: configs/pretrain_phantom.py:faithful, i.e. SGD lr 1.0
+    momentum 0.9 batch 6, step decay, the lung filter and lung-centred crops, with
+    model.spatial_dims=2 and PRETRAIN_2D, in <workdir>/pretrain_ct2d); genesis_xray_2d
+    (configs/pretrain_xray2d.py:faithful, the same optimiser recipe and PRETRAIN_2D on the
+    built-in radiographs with their radiograph findings, in <workdir>/pretrain_xray2d); user_2d
+    when USER_2D_WEIGHTS is set. Both 2D pre-trainings: 600 steps, 1,536 crops of 24 seed-0
+    subjects (64 slices a CT; 32 crops a radiograph, PA and lateral), the same corruptions.
+  - The 2D arms apply a 2D model the way the paper does (TWO_D): classification on the
+    candidate's central axial slice (data.slices='axial'; 'orthogonal' gives the three
+    orthogonal central slices as 3 channels instead), segmentation slice by slice along z, the
+    predictions stacked into the volume's mask.
+  - Tests (Welch and Mann-Whitney, two-sided): each 2D Genesis arm against scratch_2d, genesis
+    against scratch; 5 trials per arm, seeds 0-4, the same split.
   """
   import os  # pylint: disable=import-outside-toplevel
+  faithful_setup(c)
   c.experiment.report = "results_2d3d"
-  c.experiment.tasks = {**NCC, **NCS_CPU}
-  c.experiment.pretrain_variants = {
-      "ct2d": nest({"model.spatial_dims": 2, "data.crop": (64, 64), "train.batch_size": 16,
-                    "corruption.local_blocks": 625}),
-      "xray2d": {"config": "configs/pretrain_xray2d.py", "overrides": {}}}
+  c.experiment.pretrain_variants = pretrain_variants_2d()  # No arm uses `:faithful`'s "fix".
   arms = {"scratch_2d": arm("", TWO_D), "genesis_ct_2d": arm("@pretrain:ct2d", TWO_D),
           "genesis_xray_2d": arm("@pretrain:xray2d", TWO_D),
           "scratch": arm(""), "genesis": arm("@pretrain")}
@@ -337,4 +373,32 @@ def setup_2d3d(c) -> None:
     pairs.append(("user_2d", "scratch_2d"))
   c.experiment.arms = arms
   c.experiment.compare = tuple(pairs)
+  c.experiment.trials = 5
+
+
+def setup_xray(c) -> None:
+  """`:xray` (issue 19; the `:faithful` workdir and `:2d3d`'s 2D pre-trainings, reused): Genesis
+  X-ray 2D and Genesis CT 2D against Scratch 2D on the built-in radiographs' multi-label task.
+  Registered on 2026-12-01, before any of its trials ran.
+
+    python -m genesis_jax.main --config configs/experiment_phantom.py:xray \\
+        --workdir runs/experiment_faithful   # table in <workdir>/results_xray.{md,json,png}
+
+  - Task: configs/finetune_xray_cls.py (PA and lateral DRRs of 120 seed-1 subjects, 10
+    findings, split 64/16/40 subjects, 64 x 64), with selection and early stopping by validation
+    loss (`train.monitor="val_loss"`, the `:faithful` rule) and patience 10 evaluations.
+  - Arms: scratch_2d; genesis_xray_2d and genesis_ct_2d (`:2d3d`'s pretrain_xray2d and
+    pretrain_ct2d); 5 trials per arm, seeds 0-4, the same split.
+  - Metric: test mean AUC over the findings (per-finding AUC in each trial's eval.json).
+  - Tests (Welch and Mann-Whitney, two-sided): genesis_xray_2d vs scratch_2d, genesis_ct_2d vs
+    scratch_2d.
+  """
+  setup_2d3d(c)
+  c.experiment.report = "results_xray"
+  c.experiment.tasks = {"finetune_xray_cls": task(
+      "configs/finetune_xray_cls.py",
+      {"train.monitor": "val_loss", "train.early_stop_patience": 10})}
+  c.experiment.arms = {"scratch_2d": arm(""), "genesis_xray_2d": arm("@pretrain:xray2d"),
+                       "genesis_ct_2d": arm("@pretrain:ct2d")}
+  c.experiment.compare = (("genesis_xray_2d", "scratch_2d"), ("genesis_ct_2d", "scratch_2d"))
   c.experiment.trials = 5

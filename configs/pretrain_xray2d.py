@@ -20,6 +20,14 @@ pixel about 30 times over).
 
 Variant ":folder": the same on a folder of your own radiographs (PNG, JPEG, TIFF, DICOM),
 prepared by the 2D image prepare (data.source="images2d"): give --config.data.path=DIR.
+
+Variant ":faithful": the original's optimiser recipe instead of Adam, as
+configs/pretrain_phantom.py:faithful has it (docs/method.md#pre-training-recipe): SGD lr 1.0
+momentum 0.9, batch 6, the learning rate halved every 40 evaluations ("epochs") and early stop
+after 50 evaluations without a better validation loss. Adam with this recipe's short runs
+collapses the deep features (bench/RESULTS.md, "The collapse is the optimiser's"). Only the
+optimiser changes: the radiographs, crops and corruptions are the default's. (The original's
+lung filter and lung-centred cubes are CT rules: radiographs have no Hounsfield units.)
 """
 from genesis_jax import errors
 from genesis_jax.config import schema as defaults
@@ -48,7 +56,13 @@ def get_config(variant: str = ""):
   c.checkpoint_every = 200
   if variant == "folder":
     c.data.source = "images2d"
+  elif variant == "faithful":
+    base = defaults.pretrain_config().train  # The original's optimiser, as pretrain_phantom.py.
+    for key in ("batch_size", "optimizer", "learning_rate", "momentum", "schedule",
+                "decay_factor", "early_stop_patience"):
+      c.train[key] = base[key]
+    c.train.decay_every = 40 * c.eval_every
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for pretrain_xray2d.py (known: "
-                             f"folder).")
+                             f"folder, faithful).")
   return c

@@ -17,7 +17,8 @@ from genesis_jax.config.loading import apply_overrides, load_config_file, ordere
 from genesis_jax.config.validate import validate
 from genesis_jax.experiments import report
 
-TASK_METRIC = {"classify": ("auc", "AUC"), "segment": ("mean_iou", "IoU")}
+TASK_METRIC = {"classify": ("auc", "AUC"), "segment": ("mean_iou", "IoU"),
+               "multilabel": ("auc", "AUC")}  # multilabel: the mean over the findings.
 
 
 def arms_of(exp) -> list[tuple[str, str, object]]:
@@ -131,7 +132,7 @@ def _check_reusable(run_dir: pathlib.Path, tcfg, base) -> None:
   saved = flat(saved_file.read_text())
   wanted = flat(tcfg.to_json_best_effort())
   default = flat(base.to_json_best_effort())
-  if saved.get("data.source") == wanted.get("data.source") == "phantom":
+  if saved.get("data.source") == wanted.get("data.source") in ("phantom", "phantom_xray"):
     saved.pop("data.path", None)
     wanted.pop("data.path", None)
   # Keys the fine-tuning schema no longer has (e.g. the pre-training sections older fine-tuning
@@ -195,6 +196,8 @@ def run_locked(config, workdir: pathlib.Path) -> dict:
         tcfg.finetune.init = pretrained.get(arm, init)
         if tcfg.data.source == "phantom" and not tcfg.data.path:
           tcfg.data.path = str(shared_phantom_path(tcfg, workdir))
+        if tcfg.data.source == "phantom_xray" and not tcfg.data.path:  # Radiographs: shared too.
+          tcfg.data.path = str(shared_phantom_path(tcfg, workdir / "xray"))
         if eval_file.exists():
           _check_reusable(run_dir, tcfg, tcfg0)
         else:

@@ -12,7 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long",
                                       "faithful", "faithful_gpu", "faithful_budget", "faithful_ncs",
                                       "nnunet",
-                                      "2d3d"],
+                                      "2d3d", "xray"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
             "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"],
             "pretrain_xray2d.py": ["folder"]}
@@ -109,6 +109,37 @@ def test_faithful_ncs_reuses_the_faithful_ncs_trials(monkeypatch):
   assert (new.finetune.keep_head, new.num_steps) == (False, 200)
   assert cfg(ncs, "genesis_200").finetune.keep_head is True
   assert cfg(ncs, "genesis_newhead").num_steps == 100
+
+
+def test_2d3d_reuses_the_faithful_trials(monkeypatch):
+  """`:2d3d`'s 3D arms ask for exactly the `:faithful` trials' configs (so its finished scratch
+  and genesis trials and its pre-training are reused, not rerun); its 2D arms run the same tasks
+  on 2D axial slices, and nothing uses `:faithful`'s "fix" pre-training."""
+  monkeypatch.chdir(REPO)
+  base = loading.load_config_file("configs/experiment_phantom.py:faithful")
+  new = loading.load_config_file("configs/experiment_phantom.py:2d3d")
+  validate.validate(new)
+  trials.check_trial_configs(new)
+  assert list(new.experiment.tasks.keys()) == list(base.experiment.tasks.keys())
+  assert new.experiment.pretrain_config == base.experiment.pretrain_config
+  assert trials.pretrain_config(new.experiment).to_dict() == trials.pretrain_config(
+      base.experiment).to_dict()
+  assert set(new.experiment.pretrain_variants.keys()) == {"ct2d", "xray2d"}
+
+  def cfg(exp, task, name):
+    t = exp.experiment.tasks[task]
+    return trials.task_config(exp.experiment, str(t.config), t.get("overrides"),
+                              exp.experiment.arms[name].get("overrides"))
+
+  for task in ("finetune_ncc", "finetune_ncs"):
+    for name in ("scratch", "genesis"):
+      assert cfg(new, task, name).to_dict() == cfg(base, task, name).to_dict()
+      assert new.experiment.arms[name].init == base.experiment.arms[name].init
+    flat2d = loading.flatten(cfg(new, task, "genesis_ct_2d"))
+    flat3d = loading.flatten(cfg(base, task, "genesis"))
+    assert {k for k in flat3d if flat2d.get(k) != flat3d[k]} == {"model.spatial_dims",
+                                                                  "data.crop"}
+  assert new.experiment.trials == base.experiment.trials == 5
 
 
 def test_lung_rules_need_ct():

@@ -88,14 +88,25 @@ def test_the_variant_and_its_pretraining_variants(monkeypatch):
   assert [a for a, _, _ in trials.arms_of(exp)] == [
       "scratch_2d", "genesis_ct_2d", "genesis_xray_2d", "scratch", "genesis"]
   xray, ct2d, ct3d = (trials.pretrain_config(exp, v) for v in ("xray2d", "ct2d", ""))
-  assert trials.pretrain_file(exp, "xray2d") == "configs/pretrain_xray2d.py"
+  assert trials.pretrain_file(exp, "xray2d") == "configs/pretrain_xray2d.py:faithful"
   assert (xray.data.source, ct2d.data.source, ct3d.data.source) == (
       "phantom_xray", "phantom", "phantom")
   assert xray.model.spatial_dims == ct2d.model.spatial_dims == 2 and ct3d.model.spatial_dims == 3
-  # The 2D pre-trainings differ in their data only.
+  # Genesis CT 3D is `:faithful`'s pre-training; the 2D ones its recipe on 32 x 32 crops.
+  faithful = loading.load_config_file("configs/pretrain_phantom.py:faithful")
+  assert ct3d.to_dict() == faithful.to_dict()
+  assert tuple(ct2d.data.crop) == tuple(xray.data.crop) == (32, 32)
+  assert (ct2d.data.lung_filter, ct2d.data.sampler) == (True, "lung_centred")
+  # The 2D pre-trainings differ in their data only; the optimiser is the faithful recipe's.
   for key in ("num_steps", "train.batch_size", "data.crop", "corruption.local_blocks",
-              "train.schedule", "model.width"):
+              "train.schedule", "model.width", "train.optimizer", "train.learning_rate",
+              "train.momentum", "train.decay_every", "train.decay_factor",
+              "train.early_stop_patience", "eval_every", "data.phantom_subjects"):
     assert loading.flatten(xray)[key] == loading.flatten(ct2d)[key], key
+    if key not in ("data.crop", "corruption.local_blocks"):
+      assert loading.flatten(ct2d)[key] == loading.flatten(faithful)[key], key
+  assert (xray.train.optimizer, xray.train.learning_rate, xray.train.momentum) == ("sgd", 1.0, 0.9)
+  assert xray.data.cubes_per_scan * 2 == ct2d.data.cubes_per_scan  # 1,536 crops each (2 views).
   # experiment.pretrain_overrides are for experiment.pretrain_config, not a variant's own file.
   exp.pretrain_overrides = {"num_steps": 7}
   assert trials.pretrain_config(exp, "ct2d").num_steps == 7
@@ -111,7 +122,7 @@ def test_a_bad_own_config_variant_is_refused_before_anything_runs(monkeypatch):
   with pytest.raises(errors.ConfigError, match="pretrain_variants.xray2d: a variant with its own "
                      "config file"):
     validate.validate(config)
-  config.experiment.pretrain_variants.xray2d.config = "configs/pretrain_xray2d.py"
+  config.experiment.pretrain_variants.xray2d.config = "configs/pretrain_xray2d.py:faithful"
   config.experiment.pretrain_variants.xray2d.overrides = {"model": {"spatial_dims": 3}}
   with pytest.raises(errors.ConfigError, match=r"variant 'xray2d' of configs/pretrain_xray2d.py"):
     trials.check_trial_configs(config)
@@ -168,6 +179,80 @@ def test_runner_pretrains_each_variant_from_its_file_and_charts(monkeypatch, tmp
   assert ncc["comparisons"][2]["welch_p"] < 1e-3
   for suffix in (".md", ".json", ".png", "_bars.png"):
     assert (tmp_path / f"results_2d3d{suffix}").is_file()
+
+
+def test_the_2d_lung_filter_keeps_lung_centred_32_pixel_slices_and_no_64_pixel_ones(
+    monkeypatch, tmp_path):
+  """ct2d's data: the original's lung filter and lung-centred crops on 2D axial slices of the CT
+  phantoms. Every kept 32 x 32 slice is centred on lung and under 15% of it is >= -150 HU; a 64 x
+  64 slice is wider than a phantom lung, so the filter keeps none (hence PRETRAIN_2D)."""
+  from genesis_jax.data import manifest, pipeline, prepare, sampling
+  monkeypatch.chdir(REPO)
+  exp = loading.load_config_file(CONFIG).experiment
+  c = trials.pretrain_config(exp, "ct2d").data
+  c.phantom_subjects, c.cubes_per_scan = 2, 8
+  out = prepare.ensure_dataset(c, tmp_path / "a", seed=0)
+  assert sum(s["count"] for s in manifest.validate_dataset(out)["shards"]) == 16
+  lo, hi = c.hu_window
+  threshold = (sampling.LUNG_HU_THRESHOLD - lo) / (hi - lo)
+  source = pipeline.CubeSource(out, "train")
+  for i in range(len(source)):
+    crop = source[i][..., 0]
+    assert crop.shape == (32, 32) and np.mean(crop >= threshold) < sampling.LUNG_MAX_FRACTION
+    centre = crop[15:17, 15:17]  # Lung-centred: the centre pixel is in the lung window.
+    assert np.any((centre >= (sampling.LUNG_WINDOW_HU[0] - lo) / (hi - lo))
+                  & (centre <= (sampling.LUNG_WINDOW_HU[1] - lo) / (hi - lo)))
+  c.crop = (64, 64)
+  with pytest.raises(errors.DataError, match="no cube passed the filters"):
+    prepare.ensure_dataset(c, tmp_path / "b", seed=0)
+
+
+def test_xray_variant_shares_the_2d_pretrainings_and_the_radiographs(monkeypatch, tmp_path):
+  """`:xray`: the DRR multi-label task, scratch_2d vs the two 2D Genesis arms, selection by
+  validation loss; its pre-training variants are `:2d3d`'s (the same workdirs, reused); every
+  trial reads one shared radiograph set; the report has the mean AUC per arm."""
+  from genesis_jax.train import finetune, pretrain
+  monkeypatch.chdir(REPO)
+  config = loading.load_config_file("configs/experiment_phantom.py:xray")
+  validate.validate(config)
+  trials.check_trial_configs(config)
+  exp = config.experiment
+  two = loading.load_config_file(CONFIG).experiment
+  for v in ("ct2d", "xray2d"):
+    assert trials.pretrain_config(exp, v).to_dict() == trials.pretrain_config(two, v).to_dict()
+  assert [a for a, _, _ in trials.arms_of(exp)] == ["scratch_2d", "genesis_xray_2d",
+                                                   "genesis_ct_2d"]
+  (name, file, overrides), = trials.tasks_of(exp)
+  tcfg = trials.task_config(exp, file, overrides, None)
+  assert (name, tcfg.task.kind, tcfg.train.monitor) == ("finetune_xray_cls", "multilabel",
+                                                         "val_loss")
+  exp.trials = 2
+  seen = {}
+
+  def fake_pretrain(cfg, run_dir):
+    pathlib.Path(run_dir).mkdir(parents=True)
+    (pathlib.Path(run_dir) / "summary.json").write_text(json.dumps({"final_step": cfg.num_steps}))
+
+  def fake_finetune(cfg, run_dir):
+    run_dir = pathlib.Path(run_dir)
+    seen[(run_dir.parent.name, cfg.seed)] = (cfg.data.path, cfg.finetune.init)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(cfg.to_json_best_effort())
+    (run_dir / "eval.json").write_text(json.dumps({"auc": 0.6 + 0.01 * cfg.seed}))
+
+  monkeypatch.setattr(pretrain, "train", fake_pretrain)
+  monkeypatch.setattr(finetune, "train", fake_finetune)
+  summary = trials.run(config, tmp_path)
+  assert len({path for path, _ in seen.values()}) == 1  # One radiograph set for every trial.
+  assert seen[("genesis_xray_2d", 0)][1] == str(tmp_path / "pretrain_xray2d")
+  assert seen[("scratch_2d", 1)][1] == ""
+  task = summary["tasks"]["finetune_xray_cls"]
+  assert [(c["arm"], c["vs"]) for c in task["comparisons"]] == [
+      ("genesis_xray_2d", "scratch_2d"), ("genesis_ct_2d", "scratch_2d")]
+  assert (tmp_path / "results_xray.md").is_file()
+  seen.clear()
+  trials.run(config, tmp_path)  # Finished trials are reused (their saved configs match).
+  assert not seen
 
 
 def test_significance_marks():
