@@ -27,8 +27,10 @@ pipeline can also generate the same subjects in memory, on the fly, without the 
 Modules: `geometry` (grid, fields, soft shapes), `anatomy` (body, bones, lungs, airways, vessels),
 `lesions` (nodules and look-alikes), `subject` (one subject: `make_phantom`), `dataset` (the
 folder on disk: `write_phantom_dataset`), `cli` (the command line above), `drr` (digitally
-reconstructed radiographs of a phantom, PA and lateral, with findings from its nodules) and
-`xray_dataset` (the built-in radiograph set on disk: `write_xray_dataset`).
+reconstructed radiographs of a phantom, PA and lateral, with findings from its nodules),
+`radiograph_findings` (mass, cardiomegaly, effusion and consolidation drawn into a copy of a
+phantom's CT for its radiographs only) and `xray_dataset` (the built-in radiograph set on disk:
+`write_xray_dataset`).
 """
 from __future__ import annotations
 
