@@ -15,7 +15,7 @@ VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice"
                                       "2d3d", "xray"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
             "finetune_ncs.py": ["faithful"], "pretrain_phantom.py": ["faithful"],
-            "pretrain_xray2d.py": ["folder"]}
+            "pretrain_xray2d.py": ["folder", "faithful"]}
 CASES = [(p.name, v) for p in sorted((REPO / "configs").glob("*.py"))
          for v in [""] + VARIANTS.get(p.name, [])]
 
