@@ -71,9 +71,10 @@ def test_missing_data_path_is_an_error(tmp_path):
 
 
 def test_genesis_2d_variant_runs(tmp_path):
+  # Depth 1: the 2D convs, data and samples run end to end; a deeper net only adds compile time.
   workdir = tmp_path / "run2d"
   proc = run_cli(["--config", "configs/demo_2d.py", "--workdir", str(workdir),
-                  "--config.model.width=4", "--config.data.crop=(32,32)",
+                  "--config.model.width=4", "--config.model.depth=1", "--config.data.crop=(32,32)",
                   "--config.data.phantom_subjects=3", "--config.data.phantom_shape=(48,48,32)",
                   "--config.data.cubes_per_scan=8", "--config.train.batch_size=8",
                   "--config.corruption.local_blocks=500", "--config.num_steps=4",
