@@ -27,6 +27,32 @@ def pytest_configure(config):
   import jax
   jax.config.update("jax_compilation_cache_dir", str(COMPILE_CACHE))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if getattr(config.option, "loadscopereorder", None):  # pytest-xdist >= 3.7 (see HEAVY_FIRST)
+    config.option.loadscopereorder = False
+
+
+# The files with the most XLA compile time (cold cache) first. pyproject's --dist loadfile runs
+# each file on one xdist worker (a module fixture is made once, not once per worker), in
+# collection order (xdist >= 3.7 would sort the files by test count; pytest_configure turns that
+# off): the long files start first and the short ones fill in at the end, instead of a long file
+# running alone while the other worker idles.
+HEAVY_FIRST = ("train/test_train_equivalence.py", "test_predict.py", "train/test_preemption.py",
+               "test_bench.py", "train/test_finetune.py", "train/test_fault_tolerance.py",
+               "test_corruptions.py", "train/test_nnunet_pretrain.py",
+               "train/test_nnunet_finetune.py", "test_pretrain_cli.py", "models/test_models.py",
+               "weights/test_transfer.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+
+  def key(item):
+    path = pathlib.Path(str(item.fspath))
+    tests = REPO / "tests"
+    return rank.get(path.relative_to(tests).as_posix() if path.is_relative_to(tests) else "",
+                    len(rank))
+  items.sort(key=key)  # Stable: the other files, and the tests within a file, keep their order.
+
 
 # Small enough for a 2-core CPU: width-4 U-Net on 16x16x8 cubes.
 TINY_OVERRIDES = [

@@ -201,6 +201,7 @@ def test_2d_segmentation_runs_its_test_pass_and_predicts_slice_by_slice(tmp_path
   run = tmp_path / "seg2d"
   config = tiny_task_config("segment", phantoms)
   config.model.spatial_dims = 2
+  config.model.depth = 1  # Slice by slice is the point here, not the depth (less to compile).
   config.data.crop = (32, 32)
   config.num_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
   config.eval.write_predictions = True
