@@ -31,16 +31,17 @@ def pytest_configure(config):
     config.option.loadscopereorder = False
 
 
-# The files with the most XLA compile time (cold cache) first. pyproject's --dist loadfile runs
-# each file on one xdist worker (a module fixture is made once, not once per worker), in
-# collection order (xdist >= 3.7 would sort the files by test count; pytest_configure turns that
-# off): the long files start first and the short ones fill in at the end, instead of a long file
-# running alone while the other worker idles.
-HEAVY_FIRST = ("train/test_train_equivalence.py", "test_predict.py", "train/test_preemption.py",
-               "test_bench.py", "train/test_finetune.py", "train/test_fault_tolerance.py",
-               "test_corruptions.py", "train/test_nnunet_pretrain.py",
-               "train/test_nnunet_finetune.py", "test_pretrain_cli.py", "models/test_models.py",
-               "weights/test_transfer.py")
+# The files that took longest in a cold -n 2 run (most XLA compile time) first. pyproject's
+# --dist loadfile runs each file on one xdist worker (a module fixture is made once, not once per
+# worker), in collection order (xdist >= 3.7 would sort the files by test count; pytest_configure
+# turns that off): the long files start first and the short ones fill in at the end, instead of a
+# long file running alone while the other worker idles.
+HEAVY_FIRST = ("train/test_train_equivalence.py", "train/test_preemption.py", "test_corruptions.py",
+               "test_predict.py", "train/test_finetune.py", "train/test_fault_tolerance.py",
+               "models/test_models.py", "test_torch_control.py", "test_bench.py",
+               "train/test_nnunet_pretrain.py", "test_pretrain_cli.py",
+               "models/test_skip_mask_and_init.py", "train/test_nnunet_finetune.py",
+               "train/test_finetune_2d.py", "train/test_pretrain_step.py")
 
 
 def pytest_collection_modifyitems(config, items):
