@@ -175,6 +175,8 @@ def get_config(variant: str = ""):
     setup_2d3d(c)
   elif variant == "xray":
     setup_xray(c)
+  elif variant == "2d3d_ncs":
+    setup_2d3d_ncs(c)
   elif variant == "long":
     c.experiment.report = "results_long"
     c.experiment.tasks = NCC
@@ -184,7 +186,7 @@ def get_config(variant: str = ""):
     raise errors.ConfigError(f"Unknown variant {variant!r} for experiment_phantom.py "
                              f"(known: diagnose, budget, levels, ncs_dice, long, faithful, "
                              f"faithful_budget, faithful_ncs, faithful_gpu, nnunet, 2d3d, "
-                             f"xray).")
+                             f"2d3d_ncs, xray).")
   return c
 
 
@@ -401,4 +403,37 @@ def setup_xray(c) -> None:
   c.experiment.arms = {"scratch_2d": arm(""), "genesis_xray_2d": arm("@pretrain:xray2d"),
                        "genesis_ct_2d": arm("@pretrain:ct2d")}
   c.experiment.compare = (("genesis_xray_2d", "scratch_2d"), ("genesis_ct_2d", "scratch_2d"))
+  c.experiment.trials = 5
+
+
+def setup_2d3d_ncs(c) -> None:
+  """`:2d3d_ncs` (issue 19; the `:faithful` workdir): `:2d3d`'s NCS with the 2D Genesis arms'
+  output conv re-initialised. Registered on 2026-12-01 after `:2d3d` (both 2D Genesis arms IoU
+  ~0 with the restoration head kept, as Genesis 3D in `:faithful`) and `:faithful_ncs`'s 100-step
+  arms (with a fresh head Genesis 3D is level with scratch), before any of these trials ran.
+
+    python -m genesis_jax.main --config configs/experiment_phantom.py:2d3d_ncs \
+        --workdir runs/experiment_faithful   # table in <workdir>/results_2d3d_ncs.{md,json,png}
+
+  - Task: `:2d3d`'s NCS (configs/finetune_ncs.py:faithful, 100 steps, 4 test subjects, patience
+    10; selection by validation loss).
+  - Arms, 5 trials each, seeds 0-4: scratch_2d and scratch (reused from `:2d3d`/`:faithful`);
+    genesis_ct_2d_newhead and genesis_xray_2d_newhead (`:2d3d`'s 2D pre-trainings with
+    `finetune.keep_head=False`); genesis_newhead (Genesis CT 3D, fresh head: reused from
+    `:faithful_ncs`).
+  - Tests (Welch and Mann-Whitney, two-sided): each 2D *_newhead arm against scratch_2d,
+    genesis_newhead against scratch.
+  """
+  setup_2d3d(c)
+  c.experiment.report = "results_2d3d_ncs"
+  c.experiment.tasks = {"finetune_ncs": c.experiment.tasks["finetune_ncs"]}
+  new_head = {"finetune.keep_head": False}
+  c.experiment.arms = {
+      "scratch_2d": arm("", TWO_D),
+      "genesis_ct_2d_newhead": arm("@pretrain:ct2d", {**TWO_D, **new_head}),
+      "genesis_xray_2d_newhead": arm("@pretrain:xray2d", {**TWO_D, **new_head}),
+      "scratch": arm(""), "genesis_newhead": arm("@pretrain", new_head)}
+  c.experiment.compare = (("genesis_ct_2d_newhead", "scratch_2d"),
+                          ("genesis_xray_2d_newhead", "scratch_2d"),
+                          ("genesis_newhead", "scratch"))
   c.experiment.trials = 5

@@ -10,7 +10,7 @@ from genesis_jax.experiments import trials
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VARIANTS = {"experiment_phantom.py": ["diagnose", "budget", "levels", "ncs_dice", "long",
-                                      "faithful", "faithful_gpu", "faithful_budget", "faithful_ncs",
+                                      "faithful", "faithful_gpu", "faithful_budget", "faithful_ncs", "2d3d_ncs",
                                       "nnunet",
                                       "2d3d", "xray"],
             "pretrain_genesis.py": ["plateau"], "finetune_ncc.py": ["faithful"],
@@ -140,6 +140,32 @@ def test_2d3d_reuses_the_faithful_trials(monkeypatch):
     assert {k for k in flat3d if flat2d.get(k) != flat3d[k]} == {"model.spatial_dims",
                                                                   "data.crop"}
   assert new.experiment.trials == base.experiment.trials == 5
+
+
+def test_2d3d_ncs_reuses_the_2d3d_and_faithful_ncs_trials(monkeypatch):
+  """`:2d3d_ncs`'s reused arms ask for exactly the finished trials' configs: scratch_2d and
+  scratch as in `:2d3d`, genesis_newhead as in `:faithful_ncs`."""
+  monkeypatch.chdir(REPO)
+  new = loading.load_config_file("configs/experiment_phantom.py:2d3d_ncs")
+  validate.validate(new)
+  trials.check_trial_configs(new)
+  d3 = loading.load_config_file("configs/experiment_phantom.py:2d3d")
+  fncs = loading.load_config_file("configs/experiment_phantom.py:faithful_ncs")
+
+  def cfg(exp, name):
+    t = exp.experiment.tasks.finetune_ncs
+    return trials.task_config(exp.experiment, str(t.config), t.get("overrides"),
+                              exp.experiment.arms[name].get("overrides")).to_dict()
+
+  for name, source in (("scratch_2d", d3), ("scratch", d3), ("genesis_newhead", fncs)):
+    assert cfg(new, name) == cfg(source, name)
+    assert new.experiment.arms[name].init == source.experiment.arms[name].init
+  assert (new.experiment.pretrain_variants.to_dict()
+          == d3.experiment.pretrain_variants.to_dict())  # The same 2D pre-trainings, reused.
+  for name in ("genesis_ct_2d_newhead", "genesis_xray_2d_newhead"):
+    changed = {k for k, v in cfg(new, name)["finetune"].items()
+               if v != cfg(d3, name.removesuffix("_newhead"))["finetune"][k]}
+    assert changed == {"keep_head"} and cfg(new, name)["finetune"]["keep_head"] is False
 
 
 def test_lung_rules_need_ct():
