@@ -250,7 +250,9 @@ def draw_bars(summary: dict, test: str = "welch") -> Image.Image:
   ± one std, and above it the significance mark of the arm's first comparison (`test`: welch or
   mannwhitney p) against its baseline (experiment.compare, else the task's baseline arm). The
   footer names each arm's baseline. The value axis starts below the lowest mean - std, not at 0,
-  so that differences of a few points stay visible; it is labelled at the left."""
+  so that differences of a few points stay visible, unless that is near 0 (within a quarter of
+  the highest mean + std): then it starts at 0. Bars rise from 0 where the axis holds 0 (a mean
+  of 0 is no bar), else from the axis' foot; the axis is labelled at the left."""
   tasks, starts, colour = panel_layout(summary)
   footer = 20 + 16 * len(tasks)
   img = Image.new("RGB", (int(starts[-1]), PANEL_H + footer), "white")
@@ -263,8 +265,9 @@ def draw_bars(summary: dict, test: str = "welch") -> Image.Image:
     lo = min(a["mean"] - a["std"] for a in entry["arms"].values()) * s
     hi = max(a["mean"] + a["std"] for a in entry["arms"].values()) * s
     pad = (hi - lo) * 0.15 or max(abs(hi) * 0.05, 1e-3)
-    lo, hi = lo - pad, hi + pad * 0.5
+    lo, hi = (0.0 if 0 <= lo <= 0.25 * hi else lo - pad), hi + pad * 0.5
     to_y = lambda v: y1 - (v * s - lo) / (hi - lo) * (y1 - y0)
+    foot = to_y(0.0) if lo <= 0 <= hi else y1 - 1  # Where bars start.
     d.text(((x0 + x1) / 2, 8), f"{task} ({entry['metric']})", fill="black", font=font, anchor="mt")
     d.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
     for t in np.linspace(lo, hi, 6)[1:-1]:
@@ -280,7 +283,8 @@ def draw_bars(summary: dict, test: str = "welch") -> Image.Image:
       cx = x0 + slot * (i + 0.5)
       half = min(slot * 0.3, 30)
       top = to_y(st["mean"])
-      d.rectangle([cx - half, top, cx + half, y1 - 1], fill=colour[arm])
+      if abs(top - foot) >= 1:
+        d.rectangle([cx - half, min(top, foot), cx + half, max(top, foot)], fill=colour[arm])
       ylo, yhi = to_y(st["mean"] - st["std"]), to_y(st["mean"] + st["std"])
       d.line([(cx, ylo), (cx, yhi)], fill="black", width=2)
       for yy in (ylo, yhi):

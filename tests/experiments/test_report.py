@@ -124,3 +124,26 @@ def test_write_report_files(tmp_path):
   pix = np.asarray(img.convert("RGB")).reshape(-1, 3)
   for colour in report.COLOURS[:3]:  # Every arm was drawn in its colour.
     assert np.any(np.all(pix == colour, axis=1)), colour
+
+
+def test_bars_rise_from_zero_and_a_zero_mean_is_no_bar():
+  """A task whose values reach 0 (an IoU of 0 in every trial) gets an axis from 0: the 0 arm draws
+  no bar, the other arm's bar ends at the axis line; values far from 0 keep a cut axis."""
+  results = {"NCS": {"scratch": [0.02, 0.10, 0.08, 0.10, 0.03], "genesis": [0.0] * 5}}
+  summary = report.summarize_trials(results, {"NCS": "IoU"}, scale={"NCS": 100})
+  img = np.asarray(report.draw_bars(summary).convert("RGB"))
+  area = img[:report.PANEL_H]
+  for i, colour in enumerate(report.COLOURS[:2]):
+    hit = np.all(area == colour, axis=-1)
+    if i == 0:  # scratch: a bar whose foot sits on the axis line (y1 = PANEL_H - MARGIN_B).
+      ys = np.nonzero(hit.any(axis=1))[0]
+      assert ys.size and ys.max() >= report.PANEL_H - report.MARGIN_B - 2
+    else:  # genesis, mean 0: nothing drawn in its colour above the labels.
+      assert not hit[:report.PANEL_H - report.MARGIN_B].any()
+  far = report.summarize_trials({"NCC": {"a": [0.80, 0.82, 0.81], "b": [0.70, 0.71, 0.69]}},
+                                {"NCC": "AUC"}, scale={"NCC": 100})
+  img = np.asarray(report.draw_bars(far).convert("RGB"))[:report.PANEL_H]
+  b = np.nonzero(np.all(img == report.COLOURS[1], axis=-1).any(axis=1))[0]
+  a = np.nonzero(np.all(img == report.COLOURS[0], axis=-1).any(axis=1))[0]
+  # A cut axis: the 0.70 bar is far shorter than 70/81 of the 0.81 bar.
+  assert (b.max() - b.min()) < 0.5 * (a.max() - a.min())
