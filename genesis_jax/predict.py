@@ -17,6 +17,8 @@ probabilities (`predict.probabilities`). Classification: every candidate of `pre
 (LUNA16 columns; `class` optional) gets a probability in `<output>/predictions.csv`.
 `<output>/predictions.json` lists what was written (and, for classification with labels, AUC),
 also when a run stops part-way (the reason under `stopped`).
+A run fine-tuned on 2D images (radiographs; data/tasks/images2d_tasks.py) predicts on image files
+instead, mapped back onto each original image: see predict2d.py.
 Files are written under a temporary name and renamed, so an output is complete or absent; outputs
 already there are kept (a rerun continues) unless `predict.overwrite`.
 """
@@ -36,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from genesis_jax import errors
+from genesis_jax import predict2d
 from genesis_jax.eval import inference
 from genesis_jax.data import preprocess as preprocess_lib
 from genesis_jax.data import readers
@@ -59,13 +62,23 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     run_cfg = run_config(workdir)
   kind, n_class = str(run_cfg.task.kind), int(run_cfg.task.n_class)
   out_dir = pathlib.Path(p.output) if p.output else workdir / "predict"
-  inputs = by_scan_id(find_inputs(str(p.input)))  # Before loading or writing anything.
+  # Inputs are checked before loading or writing anything.
+  image_run = not p.checkpoint and predict2d.is_image_run(run_cfg)
+  if image_run:  # Fine-tuned on 2D images: outputs on each original image (predict2d).
+    inputs = predict2d.by_stem(predict2d.find_images(str(p.input)))
+  else:
+    predict2d.check_not_images(str(p.input))
+    inputs = by_scan_id(find_inputs(str(p.input)))
   if not p.checkpoint:
-    apply = _apply_fn(run_cfg, workdir, str(p.which))
+    apply = apply_fn(run_cfg, workdir, str(p.which))
   out_dir.mkdir(parents=True, exist_ok=True)
   result: dict[str, Any] = {"written": [], "kept": [], "failed": []}
   try:
-    if kind == "segment":
+    if image_run and kind == "segment":
+      predict2d.segment_all(config, run_cfg, apply, inputs, out_dir, result)
+    elif image_run:
+      predict2d.classify_all(config, run_cfg, apply, inputs, workdir, out_dir, result)
+    elif kind == "segment":
       _segment_all(config, run_cfg, apply, inputs, out_dir, result)
     else:
       result = _classify_all(config, run_cfg, apply, inputs, out_dir, n_class)
@@ -94,7 +107,7 @@ def run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _apply_fn(run_cfg, workdir: pathlib.Path, which: str) -> Callable:
+def apply_fn(run_cfg, workdir: pathlib.Path, which: str) -> Callable:
   """batch (B, *window, C) -> probabilities (B, *window, K) or (B, K), with the run's weights."""
   from genesis_jax.train import finetune
   from genesis_jax.weights import transfer

@@ -16,7 +16,7 @@ LAYERS = (
     ("genesis_jax.models", "genesis_jax.weights", "genesis_jax.data", "genesis_jax.corruptions"),
     ("genesis_jax.eval",),
     ("genesis_jax.train",),
-    ("genesis_jax.predict", "genesis_jax.experiments", "genesis_jax.run"),
+    ("genesis_jax.predict", "genesis_jax.predict2d", "genesis_jax.experiments", "genesis_jax.run"),
     ("genesis_jax.main",),
 )
 
