@@ -67,7 +67,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   if image_run:  # Fine-tuned on 2D images: outputs on each original image (predict2d).
     inputs = predict2d.by_stem(predict2d.find_images(str(p.input)))
   else:
-    predict2d.check_not_images(str(p.input))
+    predict2d.check_not_images(str(p.input), run_cfg)
     inputs = by_scan_id(find_inputs(str(p.input)))
   if not p.checkpoint:
     apply = apply_fn(run_cfg, workdir, str(p.which))

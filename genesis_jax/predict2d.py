@@ -152,8 +152,14 @@ def _volume_given(path: pathlib.Path, what: str = "") -> DimensionMismatchError:
       f"or single-slice NIfTI).")
 
 
-def check_not_images(spec: str) -> None:
+def check_not_images(spec: str, run_cfg=None) -> None:
   """For a 3D run: refuses 2D image files (PNG, JPEG, TIFF) as input, naming one."""
+  hint = ""
+  if run_cfg is not None and int(run_cfg.model.get("spatial_dims", 3)) == 2:
+    d = run_cfg.data
+    if d.get("source") == "folder" and not pathlib.Path(str(d.get("path", ""))).is_dir():
+      hint = (f" (the run's training folder config.data.path={d.get('path')!r} is gone, so "
+              f"predict cannot tell whether it was fine-tuned on 2D image files: restore it)")
   path = pathlib.Path(str(spec)).expanduser()
   if path.is_dir():
     candidates = (p for p in path.rglob("*") if p.is_file())
@@ -164,8 +170,8 @@ def check_not_images(spec: str) -> None:
   for p in candidates:
     if p.name.lower().endswith(PLAIN_IMAGE_SUFFIXES) and not p.name.startswith("."):
       raise DimensionMismatchError(
-          f"{p}: a 2D image, but this run segments or classifies 3D volumes; predict 2D images "
-          f"with a run fine-tuned on 2D images (configs/finetune_xray_seg.py, "
+          f"{p}: a 2D image, but this run segments or classifies 3D volumes{hint}; predict 2D "
+          f"images with a run fine-tuned on 2D images (configs/finetune_xray_seg.py, "
           f"configs/finetune_xray_cls.py), or give 3D scans.")
 
 

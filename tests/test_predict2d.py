@@ -228,3 +228,9 @@ def test_a_2d_run_refuses_a_3d_volume_and_a_3d_run_refuses_images(tmp_path, seg_
   (run3d / "config.json").write_text(c.to_json())
   with pytest.raises(predict2d.DimensionMismatchError, match=r"\.png: a 2D image.*3D volumes"):
     experiment.run(_predict_config(new_images, output=str(tmp_path / "o")), run3d)
+  # A 2D run whose training folder is gone cannot be told from a slice-wise 2D run on CT: said so.
+  moved = json.loads((seg_run / "config.json").read_text())
+  moved["data"]["path"] = str(tmp_path / "moved_away")
+  (run3d / "config.json").write_text(json.dumps(moved))
+  with pytest.raises(predict2d.DimensionMismatchError, match=r"moved_away'? is gone"):
+    experiment.run(_predict_config(new_images, output=str(tmp_path / "o")), run3d)
