@@ -153,7 +153,9 @@ def _volume_given(path: pathlib.Path, what: str = "") -> DimensionMismatchError:
 
 
 def check_not_images(spec: str, run_cfg=None) -> None:
-  """For a 3D run: refuses 2D image files (PNG, JPEG, TIFF) as input, naming one."""
+  """For a 3D run: refuses 2D image files (PNG, JPEG, TIFF) given as input, naming one: a file
+  or glob match, or a folder that holds images but no scans (a folder of scans may also hold
+  images, e.g. previews, which the 3D path ignores)."""
   hint = ""
   if run_cfg is not None and int(run_cfg.model.get("spatial_dims", 3)) == 2:
     d = run_cfg.data
@@ -162,6 +164,11 @@ def check_not_images(spec: str, run_cfg=None) -> None:
               f"predict cannot tell whether it was fine-tuned on 2D image files: restore it)")
   path = pathlib.Path(str(spec)).expanduser()
   if path.is_dir():
+    try:
+      if readers.find_scans(path):
+        return
+    except readers.VolumeReadError:
+      pass
     candidates = (p for p in path.rglob("*") if p.is_file())
   elif path.exists():
     candidates = iter([path])

@@ -234,3 +234,8 @@ def test_a_2d_run_refuses_a_3d_volume_and_a_3d_run_refuses_images(tmp_path, seg_
   (run3d / "config.json").write_text(json.dumps(moved))
   with pytest.raises(predict2d.DimensionMismatchError, match=r"moved_away'? is gone"):
     experiment.run(_predict_config(new_images, output=str(tmp_path / "o")), run3d)
+  # A folder of scans may hold previews: the 3D path ignores them, so no error.
+  (vol.parent / "preview.png").write_bytes((new_images / "square.png").read_bytes())
+  predict2d.check_not_images(str(vol.parent))
+  with pytest.raises(predict2d.DimensionMismatchError, match=r"preview\.png"):
+    predict2d.check_not_images(str(vol.parent / "*.png"))
