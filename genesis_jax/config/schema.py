@@ -324,7 +324,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
     },
     "predict": {
         "input": declare("", "mode=predict: a scan (file or DICOM folder), a folder of scans, or a "
-                    "glob.", families=_F),
+                    "glob; for a run fine-tuned on 2D images, an image file, a folder of "
+                    "images or a glob.", families=_F),
         "output": declare("", "Folder for the outputs (default <workdir>/predict).", families=_F),
         "candidates": declare("", "classify: CSV seriesuid,coordX,coordY,coordZ[,class] (LPS mm).",
                          families=_F),
