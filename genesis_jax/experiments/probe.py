@@ -233,6 +233,11 @@ def run(config, workdir: str | pathlib.Path) -> dict:
                              f"'probe'.")
   pretrain_dir = pathlib.Path(p.pretrain_dir or workdir).expanduser().absolute()
   pre = pretraining_config(pretrain_dir)
+  kind = pre.get("model", {}).get("kind", "genesis")
+  if kind != "genesis":
+    raise errors.ConfigError(f"{pretrain_dir} pre-trained model.kind={kind!r}; mode=probe reads "
+                             f"the encoder levels of the Models Genesis U-Net (model.kind="
+                             f"'genesis') only.")
   steps = checkpoints_to_probe(pretrain_dir, p.which)
   lacking = [k for k in ("model", "data", "seed") if k not in pre]
   if lacking or "crop" not in pre["data"]:

@@ -175,3 +175,11 @@ def test_clear_errors(tmp_path, tiny_pretraining, probe_phantoms):
     probe.run(probe_config("classify", probe_phantoms, empty), tmp_path / "out")
   with pytest.raises(errors.MissingPathError, match="does not exist"):
     probe.run(probe_config("classify", probe_phantoms, tmp_path / "nope"), tmp_path / "out")
+  # An nnU-Net pre-training: another network, named.
+  other = tmp_path / "nnunet"
+  other.mkdir()
+  saved = json.loads((tiny_pretraining / "config.json").read_text())
+  saved["model"]["kind"] = "nnunet"
+  (other / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(errors.ConfigError, match="model.kind='nnunet'; mode=probe reads"):
+    probe.run(probe_config("classify", probe_phantoms, other), tmp_path / "out")
