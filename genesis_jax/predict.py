@@ -210,14 +210,8 @@ def _segment_all(config, run_cfg, apply, inputs: dict[str, pathlib.Path],
       src = readers.load_volume(path)
       readers.check_volume(src)
       pre = preprocess_lib.preprocess(src, run_cfg.data)
-    except (readers.VolumeReadError, ValueError) as e:
-      if p.on_error == "raise":
-        bad = type(e) if isinstance(e, readers.VolumeReadError) else errors.DataError
-        raise bad(("" if str(path) in str(e) else f"{path}: ") + f"{e} Set "
-                  "config.predict.on_error='skip' to skip such scans (they are listed under "
-                  "'failed' in predictions.json).") from e
-      print(f"predict: skipped {path}: {e}", flush=True)
-      failed.append({"scan": str(path), "error": str(e)})
+    except ValueError as e:  # VolumeReadError and the other DataErrors
+      predict2d.skip_or_raise(path, e, p, failed, "scans")
       continue
     try:
       probs = inference.segment_volume(

@@ -196,18 +196,25 @@ def by_stem(paths: list[pathlib.Path]) -> dict[str, pathlib.Path]:
   return out
 
 
+def skip_or_raise(path, error: ValueError, p, failed: list, noun: str) -> None:
+  """An input that could not be read or preprocessed (2D images here, 3D scans in predict.py):
+  with predict.on_error="raise" a DataError naming `path` (a DataError keeps its class), with
+  "skip" printed and recorded in `failed`."""
+  if p.on_error == "raise":
+    bad = type(error) if isinstance(error, errors.DataError) else errors.DataError
+    raise bad(("" if str(path) in str(error) else f"{path}: ") + f"{error} Set "
+              f"config.predict.on_error='skip' to skip such {noun} (they are listed under "
+              "'failed' in predictions.json).") from error
+  print(f"predict: skipped {path}: {error}", flush=True)
+  failed.append({"scan": str(path), "error": str(error)})
+
+
 def _read_or_skip(path, crop, p, failed: list):
   """load_for_model, or None after recording a failure (on_error="skip")."""
   try:
     return load_for_model(path, crop)
   except ValueError as e:  # DataError / ImageReadError / ImageTooSmallError
-    if p.on_error == "raise":
-      bad = type(e) if isinstance(e, errors.DataError) else errors.DataError
-      raise bad(("" if str(path) in str(e) else f"{path}: ") + f"{e} Set "
-                "config.predict.on_error='skip' to skip such images (they are listed under "
-                "'failed' in predictions.json).") from e
-    print(f"predict: skipped {path}: {e}", flush=True)
-    failed.append({"scan": str(path), "error": str(e)})
+    skip_or_raise(path, e, p, failed, "images")
     return None
 
 
@@ -279,7 +286,7 @@ def classify_all(config, run_cfg, apply: Callable, images: dict[str, pathlib.Pat
   out = out_dir / "predictions.csv"
   if out.exists() and not p.overwrite:
     raise errors.ConfigError(f"{out} exists; set config.predict.overwrite=True to replace it, or "
-                       f"choose another config.predict.output.")
+                             f"choose another config.predict.output.")
   n_class = int(run_cfg.task.n_class)
   names = class_names(run_cfg, workdir, n_class)
   crop = tuple(int(c) for c in run_cfg.data.crop)
