@@ -40,11 +40,7 @@ def get_config(variant: str = ""):
   c.eval_batches = 8
   c.checkpoint_every = 200
   if variant == "faithful":
-    base = defaults.pretrain_config().train  # The original's optimiser, as pretrain_genesis.py.
-    for key in ("batch_size", "optimizer", "learning_rate", "momentum", "schedule",
-                "decay_factor", "early_stop_patience"):
-      c.train[key] = base[key]
-    c.train.decay_every = 40 * c.eval_every
+    defaults.original_optimizer(c)  # The original's optimiser, as pretrain_genesis.py.
     c.data.lung_filter = True
     c.data.sampler = "lung_centred"
   elif variant:

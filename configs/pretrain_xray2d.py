@@ -57,11 +57,7 @@ def get_config(variant: str = ""):
   if variant == "folder":
     c.data.source = "images2d"
   elif variant == "faithful":
-    base = defaults.pretrain_config().train  # The original's optimiser, as pretrain_phantom.py.
-    for key in ("batch_size", "optimizer", "learning_rate", "momentum", "schedule",
-                "decay_factor", "early_stop_patience"):
-      c.train[key] = base[key]
-    c.train.decay_every = 40 * c.eval_every
+    defaults.original_optimizer(c)  # The original's optimiser, as pretrain_genesis.py.
   elif variant:
     raise errors.ConfigError(f"Unknown variant {variant!r} for pretrain_xray2d.py (known: "
                              f"folder, faithful).")

@@ -75,6 +75,17 @@ def task(config: str, overrides: dict | None = None) -> dict:
   return {"config": config, "overrides": nest(overrides or {})}
 
 
+def original_optimizer(c) -> None:
+  """Sets a pre-training config's optimiser to the original's (pretrain_config()'s defaults:
+  batch, SGD, learning rate, momentum, step decay and its factor, patience), the decay every 40
+  evaluations (c.eval_every must be set first). Used by the configs' `:faithful` variants."""
+  base = pretrain_config().train
+  for key in ("batch_size", "optimizer", "learning_rate", "momentum", "schedule", "decay_factor",
+              "early_stop_patience"):
+    c.train[key] = base[key]
+  c.train.decay_every = 40 * c.eval_every
+
+
 def nest(mapping: dict) -> dict:
   """{"a.b": 1, "c": {"d": 2}} -> {"a": {"b": 1}, "c": {"d": 2}} (ConfigDicts take no dots)."""
   out: dict = {}
