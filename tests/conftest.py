@@ -180,6 +180,17 @@ def tiny_task_config(kind, phantoms_root, init=""):
   return c
 
 
+def predict_config(input_path, **predict_keys):
+  """A mode=predict config reading `input_path`, with config.predict.<key> = value overrides."""
+  from genesis_jax.config import schema
+  c = schema.finetune_config()
+  c.mode = "predict"
+  c.predict.input = str(input_path)
+  for k, v in predict_keys.items():
+    setattr(c.predict, k, v)
+  return c
+
+
 def tiny_pretrain_config(dataset, steps, *, eval_every=4, nonfinite="stop"):
   """A width-4 in-process pre-training on a prepared tiny dataset (16x16x8, SGD, checkpoints
   every 2 steps): the config the train, probe and lifecycle tests share."""

@@ -12,7 +12,7 @@ import pytest
 
 from genesis_jax import predict, run as experiment
 from genesis_jax.config import schema as defaults
-from conftest import tiny_task_config
+from conftest import predict_config, tiny_task_config
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,6 @@ def seg_run(tmp_path_factory, phantoms):
   return workdir
 
 
-def _predict_config(input_path, **kw):
-  c = defaults.finetune_config()
-  c.mode = "predict"
-  c.predict.input = str(input_path)
-  for k, v in kw.items():
-    setattr(c.predict, k, v)
-  return c
-
-
 def _test_scans(phantoms, tmp_path):
   """Cases 5 and 6 (the run's test split) in a folder of their own."""
   folder = tmp_path / "new_scans"
@@ -55,7 +46,7 @@ def _test_scans(phantoms, tmp_path):
 def test_segment_matches_the_runs_own_test_predictions(tmp_path, seg_run, phantoms):
   scans = _test_scans(phantoms, tmp_path)
   out = tmp_path / "out"
-  result = experiment.run(_predict_config(scans, output=str(out)), seg_run)
+  result = experiment.run(predict_config(scans, output=str(out)), seg_run)
   assert [os.path.basename(e["scan"]) for e in result["written"]] == [
       "phantom_005_0000.nii.gz", "phantom_006_0000.nii.gz"]
   for entry in result["written"]:
@@ -79,10 +70,10 @@ def test_segment_matches_the_runs_own_test_predictions(tmp_path, seg_run, phanto
 
   # A rerun keeps what is there; overwrite replaces it; probabilities are float32 in [0, 1].
   before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
-  again = experiment.run(_predict_config(scans, output=str(out)), seg_run)
+  again = experiment.run(predict_config(scans, output=str(out)), seg_run)
   assert not again["written"] and len(again["kept"]) == 2
   assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == before
-  probs = experiment.run(_predict_config(scans, output=str(out), overwrite=True,
+  probs = experiment.run(predict_config(scans, output=str(out), overwrite=True,
                                          probabilities=True), seg_run)
   assert len(probs["written"]) == 2
   p = np.asarray(nib.load(probs["written"][0]["output"]).dataobj)
@@ -96,7 +87,7 @@ def test_two_inputs_with_one_case_id_are_an_error(tmp_path, seg_run, phantoms):
     (tmp_path / sub / "phantom_005_0000.nii.gz").write_bytes(
         (phantoms / "imagesTr" / "phantom_005_0000.nii.gz").read_bytes())
   with pytest.raises(predict.PredictError, match="two inputs have the scan id 'phantom_005'"):
-    experiment.run(_predict_config(tmp_path, output=str(tmp_path / "out")), seg_run)
+    experiment.run(predict_config(tmp_path, output=str(tmp_path / "out")), seg_run)
   assert not (tmp_path / "out").exists()
 
 
@@ -106,9 +97,9 @@ def test_bad_scan_raises_or_is_skipped(tmp_path, seg_run, phantoms):
   (scans / "broken.nii.gz").write_bytes(good[: len(good) // 3])  # truncated download
   out = tmp_path / "out"
   with pytest.raises(ValueError, match="broken.nii.gz"):
-    experiment.run(_predict_config(scans, output=str(out)), seg_run)
+    experiment.run(predict_config(scans, output=str(out)), seg_run)
   assert not (out / "broken_pred.nii.gz").exists()
-  result = experiment.run(_predict_config(scans, output=str(out), on_error="skip"), seg_run)
+  result = experiment.run(predict_config(scans, output=str(out), on_error="skip"), seg_run)
   assert [os.path.basename(f["scan"]) for f in result["failed"]] == ["broken.nii.gz"]
   assert len(result["written"]) + len(result["kept"]) == 2
 
@@ -122,7 +113,7 @@ def test_a_nan_scan_names_on_error_skip_and_predictions_json_lists_what_was_writ
   nib.save(nib.Nifti1Image(data, img.affine), str(scans / "zz_nan.nii.gz"))  # sorted last
   out = tmp_path / "out"
   with pytest.raises(ValueError) as e:
-    experiment.run(_predict_config(scans, output=str(out)), seg_run)
+    experiment.run(predict_config(scans, output=str(out)), seg_run)
   msg = str(e.value)
   assert "zz_nan.nii.gz: 3 of" in msg and "NaN or Inf" in msg
   assert "config.predict.on_error='skip'" in msg and "\n" not in msg
@@ -130,7 +121,7 @@ def test_a_nan_scan_names_on_error_skip_and_predictions_json_lists_what_was_writ
   assert [os.path.basename(w["output"]) for w in saved["written"]] == [
       "phantom_005_pred.nii.gz", "phantom_006_pred.nii.gz"]
   assert "zz_nan.nii.gz" in saved["stopped"]
-  result = experiment.run(_predict_config(scans, output=str(out), on_error="skip"), seg_run)
+  result = experiment.run(predict_config(scans, output=str(out), on_error="skip"), seg_run)
   assert [os.path.basename(f["scan"]) for f in result["failed"]] == ["zz_nan.nii.gz"]
   assert len(result["kept"]) == 2 and "stopped" not in result
 
@@ -146,7 +137,7 @@ def test_out_of_device_memory_stops_with_the_setting_to_lower(tmp_path, seg_run,
   # Not a bad scan: even with on_error=skip it stops, instead of skipping every scan.
   with pytest.raises(predict.PredictError,
                      match=r"ran out of device memory .*config.predict.batch_size \(now 4 "):
-    experiment.run(_predict_config(_test_scans(phantoms, tmp_path), output=str(out),
+    experiment.run(predict_config(_test_scans(phantoms, tmp_path), output=str(out),
                                    on_error="skip", batch_size=4), seg_run)
   assert not list(out.glob("*_pred.nii.gz"))
 
@@ -161,7 +152,7 @@ def test_classify_probabilities_match_the_runs_test_auc(tmp_path, phantoms):
   cands = tmp_path / "cands.csv"
   cands.write_text("\n".join(",".join(r) for r in [rows[0], *test_rows]) + "\n")
   out = tmp_path / "out"
-  result = experiment.run(_predict_config(phantoms / "imagesTr", output=str(out),
+  result = experiment.run(predict_config(phantoms / "imagesTr", output=str(out),
                                           candidates=str(cands)), run)
   assert result["n"] == len(test_rows) and result["auc"] == pytest.approx(test_auc, abs=1e-6)
   written = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
@@ -172,9 +163,9 @@ def test_classify_probabilities_match_the_runs_test_auc(tmp_path, phantoms):
   (tmp_path / "new.csv").write_text("seriesuid,coordX,coordY,coordZ\n" + "\n".join(
       ",".join(r[:4]) for r in test_rows[:3]) + "\n")
   with pytest.raises(predict.PredictError, match="overwrite"):
-    experiment.run(_predict_config(phantoms / "imagesTr", output=str(out),
+    experiment.run(predict_config(phantoms / "imagesTr", output=str(out),
                                    candidates=str(tmp_path / "new.csv")), run)
-  result = experiment.run(_predict_config(phantoms / "imagesTr", output=str(out), overwrite=True,
+  result = experiment.run(predict_config(phantoms / "imagesTr", output=str(out), overwrite=True,
                                           candidates=str(tmp_path / "new.csv")), run)
   assert result["n"] == 3 and "auc" not in result
   written = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
@@ -183,14 +174,14 @@ def test_classify_probabilities_match_the_runs_test_auc(tmp_path, phantoms):
 
 def test_predict_errors_name_the_problem(tmp_path, phantoms):
   with pytest.raises(ValueError, match="config.predict.input"):
-    experiment.run(_predict_config(""), tmp_path)
+    experiment.run(predict_config(""), tmp_path)
   with pytest.raises(ValueError, match="no config.json"):
-    experiment.run(_predict_config(phantoms), tmp_path)
+    experiment.run(predict_config(phantoms), tmp_path)
   (tmp_path / "config.json").write_text(defaults.pretrain_config().to_json())
   with pytest.raises(ValueError, match="'pretrain' run"):
-    experiment.run(_predict_config(phantoms), tmp_path)
+    experiment.run(predict_config(phantoms), tmp_path)
   with pytest.raises(ValueError, match="config.predict.which='bset'"):
-    experiment.run(_predict_config(phantoms, which="bset"), tmp_path)
+    experiment.run(predict_config(phantoms, which="bset"), tmp_path)
   with pytest.raises(FileNotFoundError, match="nowhere"):
     predict.find_inputs(str(tmp_path / "nowhere" / "*.nii.gz"))
 
@@ -208,7 +199,7 @@ def test_2d_segmentation_runs_its_test_pass_and_predicts_slice_by_slice(tmp_path
   finetune.train(config, run)
   assert len(json.loads((run / "eval.json").read_text())["iou"]) == 2
   scans = _test_scans(phantoms, tmp_path)
-  result = experiment.run(_predict_config(scans, batch_size=16), run)
+  result = experiment.run(predict_config(scans, batch_size=16), run)
   for entry in result["written"]:
     name = os.path.basename(entry["scan"]).split("_0000")[0]
     np.testing.assert_array_equal(

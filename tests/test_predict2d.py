@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from genesis_jax import errors, predict, predict2d, run as experiment
+from conftest import predict_config
 from genesis_jax.config import schema as defaults
 from genesis_jax.data.tasks import images2d_tasks
 from genesis_jax.eval import inference
@@ -49,15 +50,6 @@ def _config(kind, root, n_class):
   c.num_steps = c.eval_every = c.checkpoint_every = c.log_every = 2
   if kind == "multilabel":
     c.train.monitor = "auc"
-  return c
-
-
-def _predict_config(input_path, **kw):
-  c = defaults.finetune_config()
-  c.mode = "predict"
-  c.predict.input = str(input_path)
-  for k, v in kw.items():
-    setattr(c.predict, k, v)
   return c
 
 
@@ -139,7 +131,7 @@ def test_preprocessing_is_the_training_runs(new_images):
 # ---------------------------------------------------------------------------- end to end
 def test_segment_writes_a_mask_per_image_at_its_original_size(tmp_path, seg_run, new_images):
   out = tmp_path / "out"
-  result = experiment.run(_predict_config(new_images, output=str(out), probabilities=True),
+  result = experiment.run(predict_config(new_images, output=str(out), probabilities=True),
                           seg_run)
   assert sorted((e["scan"].rsplit("/", 1)[1], tuple(e["shape"])) for e in result["written"]) == (
       sorted((f"{n}.png", size) for n, size in SIZES.items()))
@@ -161,7 +153,7 @@ def test_segment_writes_a_mask_per_image_at_its_original_size(tmp_path, seg_run,
   manifest = json.loads((out / "predictions.json").read_text())
   assert manifest["kind"] == "segment" and len(manifest["written"]) == len(SIZES)
   # A rerun keeps what is there.
-  again = experiment.run(_predict_config(new_images, output=str(out), probabilities=True), seg_run)
+  again = experiment.run(predict_config(new_images, output=str(out), probabilities=True), seg_run)
   assert len(again["kept"]) == len(SIZES) and not again["written"]
 
 
@@ -186,8 +178,8 @@ def test_a_dicom_radiograph_and_a_bad_image(tmp_path, seg_run):
   ds.save_as(folder / "cxr.dcm", enforce_file_format=True)
   (folder / "broken.png").write_bytes(b"\x89PNG not really")
   with pytest.raises(errors.DataError, match=r"broken\.png.*on_error='skip'"):
-    experiment.run(_predict_config(folder, output=str(tmp_path / "a")), seg_run)
-  result = experiment.run(_predict_config(folder, output=str(tmp_path / "b"), on_error="skip"),
+    experiment.run(predict_config(folder, output=str(tmp_path / "a")), seg_run)
+  result = experiment.run(predict_config(folder, output=str(tmp_path / "b"), on_error="skip"),
                           seg_run)
   assert [f["scan"] for f in result["failed"]] == [str(folder / "broken.png")]
   assert np.asarray(Image.open(tmp_path / "b" / "cxr_pred.png")).shape == (20, 30)
@@ -196,7 +188,7 @@ def test_a_dicom_radiograph_and_a_bad_image(tmp_path, seg_run):
 def test_multilabel_writes_one_csv_row_per_image_with_the_runs_findings(tmp_path, cls_run,
                                                                          new_images):
   out = tmp_path / "out"
-  result = experiment.run(_predict_config(new_images, output=str(out)), cls_run)
+  result = experiment.run(predict_config(new_images, output=str(out)), cls_run)
   with open(out / "predictions.csv", newline="") as f:
     table = list(csv.reader(f))
   assert table[0] == ["image", "Mass", "Nodule"]  # The CSV's findings, sorted, as in training.
@@ -208,7 +200,7 @@ def test_multilabel_writes_one_csv_row_per_image_with_the_runs_findings(tmp_path
     expected = np.asarray(apply(x[None, ..., None]))[0]
     np.testing.assert_allclose([float(v) for v in r[1:]], expected, atol=2e-6)
   with pytest.raises(errors.ConfigError, match="overwrite"):
-    experiment.run(_predict_config(new_images, output=str(out)), cls_run)
+    experiment.run(predict_config(new_images, output=str(out)), cls_run)
 
 
 # --------------------------------------------------------------------------- mismatches
@@ -217,9 +209,9 @@ def test_a_2d_run_refuses_a_3d_volume_and_a_3d_run_refuses_images(tmp_path, seg_
   vol.parent.mkdir()
   nib.save(nib.Nifti1Image(np.zeros((20, 20, 6), np.float32), np.eye(4)), vol)
   with pytest.raises(predict2d.DimensionMismatchError, match=r"scan\.nii\.gz.*3D volume.*2D"):
-    experiment.run(_predict_config(vol.parent, output=str(tmp_path / "o")), seg_run)
+    experiment.run(predict_config(vol.parent, output=str(tmp_path / "o")), seg_run)
   with pytest.raises(predict2d.DimensionMismatchError, match=r"scan\.nii\.gz"):
-    experiment.run(_predict_config(vol, output=str(tmp_path / "o")), seg_run)
+    experiment.run(predict_config(vol, output=str(tmp_path / "o")), seg_run)
   # A 3D run (its config.json is all predict reads before checking the inputs).
   run3d = tmp_path / "run3d"
   run3d.mkdir()
@@ -227,13 +219,13 @@ def test_a_2d_run_refuses_a_3d_volume_and_a_3d_run_refuses_images(tmp_path, seg_
   c.task.kind = "segment"
   (run3d / "config.json").write_text(c.to_json())
   with pytest.raises(predict2d.DimensionMismatchError, match=r"\.png: a 2D image.*3D volumes"):
-    experiment.run(_predict_config(new_images, output=str(tmp_path / "o")), run3d)
+    experiment.run(predict_config(new_images, output=str(tmp_path / "o")), run3d)
   # A 2D run whose training folder is gone cannot be told from a slice-wise 2D run on CT: said so.
   moved = json.loads((seg_run / "config.json").read_text())
   moved["data"]["path"] = str(tmp_path / "moved_away")
   (run3d / "config.json").write_text(json.dumps(moved))
   with pytest.raises(predict2d.DimensionMismatchError, match=r"moved_away'? is gone"):
-    experiment.run(_predict_config(new_images, output=str(tmp_path / "o")), run3d)
+    experiment.run(predict_config(new_images, output=str(tmp_path / "o")), run3d)
   # A folder of scans may hold previews: the 3D path ignores them, so no error.
   (vol.parent / "preview.png").write_bytes((new_images / "square.png").read_bytes())
   predict2d.check_not_images(str(vol.parent))
